@@ -1,0 +1,54 @@
+# r1-factory: `make demo` and `make test` install everything they need first.
+VENV    ?= .venv
+PYTHON  ?= python3
+# The CPU wheel on a machine without a GPU; set TORCH_SPEC to a CUDA build's spec on GPU hosts.
+TORCH_SPEC ?= torch==2.13.0
+WORKDIR ?= .r1
+STAMP   := $(VENV)/.installed
+BIN     := $(VENV)/bin
+export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup demo test test-fast ui ui-stop lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/r1 run pipeline $(ARGS)
+
+test: setup
+	$(BIN)/pytest -v $(ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow" $(ARGS)
+
+ui: setup
+	@mkdir -p $(WORKDIR)
+	@$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(WORKDIR)/prefect-server.log 2>&1 & echo $$! > $(WORKDIR)/ui.pids
+	@$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
+		--backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db \
+		--default-artifact-root $(abspath $(WORKDIR))/mlartifacts > $(WORKDIR)/mlflow-server.log 2>&1 & echo $$! >> $(WORKDIR)/ui.pids
+	@echo "Prefect UI: http://127.0.0.1:4200   (log: $(WORKDIR)/prefect-server.log)"
+	@echo "MLflow UI:  http://127.0.0.1:5000   (log: $(WORKDIR)/mlflow-server.log)"
+	@echo "Stop both with: make ui-stop"
+
+ui-stop:
+	@test -f $(WORKDIR)/ui.pids && (kill $$(cat $(WORKDIR)/ui.pids) 2>/dev/null; rm -f $(WORKDIR)/ui.pids; echo stopped) || echo "no UI running"
+
+lint: setup
+	$(BIN)/ruff check r1core tasks flows tests bench
+
+bench: setup
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python bench/grpo_vs_trl.py
+
+clean:
+	rm -rf $(WORKDIR)

@@ -1,0 +1,138 @@
+"""`r1`: run the pipeline or one stage, evaluate a model, show the resolved config.
+
+    r1 run pipeline [--config FILE] [--set key=value ...]
+    r1 run stage NAME [--config FILE] [--set key=value ...] [--base-model DIR]
+    r1 eval --model PATH_OR_MODELS_URI --data FILE [--k K] [--base-url URL --served-model NAME]
+    r1 config [--config FILE] [--set key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from r1core.config import ConfigError, load_config
+
+STAGES = ("pretrain_base", "r1_zero")
+
+
+def local_defaults(workdir: str) -> None:
+    """Project-local Prefect home unless PREFECT_API_URL / PREFECT_HOME point elsewhere."""
+    os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the ephemeral API server gets 20 s to start by default: too tight on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="profile YAML (default configs/tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set r1_zero.steps=10 (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="r1", description="DeepSeek-R1 recipe: Prefect + Ray + MLflow")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline or one stage as Prefect flows")
+    run_sub = run.add_subparsers(dest="what", required=True)
+    _config_args(run_sub.add_parser("pipeline", help="all stages"))
+    stage = run_sub.add_parser("stage", help="one stage")
+    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("--base-model", help="r1_zero: base model dir (default: this run's pretrain_base)")
+    _config_args(stage)
+    ev = sub.add_parser("eval", help="held-out pass@1 / cons@k / format rate of a model")
+    ev.add_argument("--model", required=True, help="HF model dir, or models:/name@alias, runs:/id/model")
+    ev.add_argument("--data", required=True, help="JSONL or parquet rows {prompt, answer, task}")
+    ev.add_argument("--k", type=int, help="samples per prompt (default: eval.k)")
+    ev.add_argument("--num-prompts", type=int, help="first N rows (default: eval.num_prompts)")
+    ev.add_argument("--base-url", help="OpenAI-compatible server (e.g. vllm serve) instead of in-process")
+    ev.add_argument("--served-model", help="model name on that server")
+    _config_args(ev)
+    _config_args(sub.add_parser("config", help="print the resolved configuration"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "eval":
+            overrides = {"k": args.k, "num_prompts": args.num_prompts}
+            cfg.eval = cfg.eval.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+            if not Path(args.data).is_file():
+                raise ConfigError(f"--data: file not found: '{args.data}'")
+    except ConfigError as e:
+        print(f"r1: {e}", file=sys.stderr)
+        return 2
+
+    if args.command == "config":
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+    local_defaults(cfg.runtime.workdir)
+    if args.command == "eval":
+        print(json.dumps(run_eval(cfg, args), indent=None))
+        return 0
+    if args.what == "pipeline":
+        from flows.pipeline import r1_pipeline
+
+        results = r1_pipeline(config=cfg)
+        print_summary(cfg, results)
+        return 0
+    from flows.stages import STAGE_FLOWS
+
+    kwargs = {"base_model_dir": args.base_model} if args.name == "r1_zero" and args.base_model else {}
+    result = STAGE_FLOWS[args.name](config=cfg, **kwargs)
+    print(json.dumps(result.model_dump(), indent=1))
+    return 0
+
+
+def run_eval(cfg, args) -> dict:
+    from r1core.reasoning_tasks import read_rows
+
+    rows = read_rows(args.data)
+    if args.base_url:
+        from r1core.engine import OpenAIEngine, Sampling
+        from r1core.evaluation import evaluate
+
+        if not args.served_model:
+            raise SystemExit("r1: --base-url needs --served-model")
+        tokenizer = None
+        if Path(args.model).is_dir():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        engine = OpenAIEngine(args.base_url, args.served_model, tokenizer)
+        return evaluate(engine, rows[: cfg.eval.num_prompts], cfg.eval.k,
+                        Sampling.from_config(cfg.eval.sampling, seed=1234))
+    from tasks.evaluate import evaluate_locally, resolve_model
+
+    return evaluate_locally(resolve_model(args.model, cfg), rows, cfg.eval, cfg.rollout.batch_size,
+                            threads=cfg.runtime.num_cpus or os.cpu_count())
+
+
+def print_summary(cfg, results) -> None:
+    from tasks.tracking import tracking_uri
+
+    print("\n=== r1_pipeline finished ===")
+    for name, r in results.items():
+        m = r.metrics
+        print(f"{name:>14}: pass@1={m.get('pass@1', 0):.3f}  cons@{cfg.eval.k}={m.get(f'cons@{cfg.eval.k}', 0):.3f}"
+              f"  format={m.get('format_rate', 0):.3f}  any-format acc={m.get('answer_accuracy_any', 0):.3f}"
+              f"  len={m.get('mean_length', 0):.1f}  ({r.seconds:.0f}s{', cached' if r.skipped else ''})"
+              f"  -> {r.registered}")
+    uri = tracking_uri(cfg.runtime)
+    print(f"\nOutputs:  {cfg.run_dir()}")
+    print(f"MLflow:   {uri}  (experiment '{cfg.runtime.experiment}')")
+    if uri.startswith("sqlite"):
+        print(f"          see it with `make ui`, or: mlflow ui --backend-store-uri {uri}")
+    print(f"Prefect:  flow runs in {os.environ.get('PREFECT_API_URL') or os.environ['PREFECT_HOME']}"
+          " (`make ui` shows them)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""`r1_pipeline`: the DeepSeek-R1 recipe as one Prefect flow, stage after stage.
+
+    synthetic tasks ──► pretrain_base ──► r1_zero (GRPO, rule rewards)
+                           │ eval, register      │ eval, register r1-zero
+                           ▼                     ▼
+                        r1-base               r1-zero
+
+Later stages (cold start, reasoning RL, rejection sampling, SFT, general RL, distillation)
+append here. One MLflow parent run per pipeline run; each stage is a nested run.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.stages import pretrain_base_flow, r1_zero_flow
+from r1core.config import PipelineConfig
+from tasks import tracking
+from tasks.stages import StageResult, prepare_data
+
+
+@flow(name="r1_pipeline", log_prints=True)
+def r1_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, StageResult]:
+    """Run the R1 recipe end to end on one profile; returns each stage's result."""
+    logger = get_run_logger()
+    parent = tracking.start_run(
+        config.runtime, f"r1_pipeline/{config.resolved_run_name()}",
+        params=config.model_dump(mode="json", exclude={"runtime"}),
+        tags={"profile": config.profile, "run_name": config.resolved_run_name(), "stage": "pipeline",
+              "config_digest": config.digest()},
+        description="DeepSeek-R1 recipe: base model, then R1-Zero (pure GRPO with rule rewards).",
+    )
+    status = "FAILED"
+    try:
+        data = prepare_data(config)
+        base = pretrain_base_flow(config, parent_run_id=parent, data=data)
+        zero = r1_zero_flow(config, base_model_dir=base.model_dir, parent_run_id=parent, data=data)
+        results = {"pretrain_base": base, "r1_zero": zero}
+        client = tracking.client_for(config.runtime)
+        for name, r in results.items():
+            tracking.log_metrics(client, parent, {f"{name}/{k}": v for k, v in r.metrics.items()})
+        status = "FINISHED"
+        logger.info("pipeline done: %s", {n: r.metrics.get("pass@1") for n, r in results.items()})
+        return results
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(config.runtime, parent, status)

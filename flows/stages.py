@@ -1,0 +1,50 @@
+"""One Prefect flow per R1 stage. Each can run alone (`r1 run stage NAME`) or as a subflow of
+`r1_pipeline`; its parameters are the typed pipeline config, shown as a form in the Prefect UI."""
+from __future__ import annotations
+
+from prefect import flow
+
+from r1core.config import PipelineConfig
+from tasks.stages import (
+    DataPaths,
+    StageResult,
+    evaluate_stage,
+    prepare_data,
+    pretrain_base,
+    r1_zero,
+    register,
+)
+
+
+def _evaluate_and_register(config: PipelineConfig, result: StageResult, data: DataPaths) -> StageResult:
+    metrics = evaluate_stage(config, result, data.heldout_file)
+    registered = result.registered or register(config, result, metrics)
+    return result.model_copy(update={"metrics": metrics, "registered": registered})
+
+
+@flow(name="pretrain_base", log_prints=True)
+def pretrain_base_flow(config: PipelineConfig = PipelineConfig(), parent_run_id: str | None = None,
+                       data: DataPaths | None = None) -> StageResult:
+    """Stage 0: pretrain the tiny base model (or take `model.pretrained_path`), evaluate, register."""
+    data = data or prepare_data(config)
+    if not config.pretrain.enabled:
+        from tasks.stages import use_pretrained_base
+
+        result = use_pretrained_base(config, parent_run_id)
+    else:
+        result = pretrain_base(config, data, parent_run_id)
+    return _evaluate_and_register(config, result, data)
+
+
+@flow(name="r1_zero", log_prints=True)
+def r1_zero_flow(config: PipelineConfig = PipelineConfig(), base_model_dir: str | None = None,
+                 parent_run_id: str | None = None, data: DataPaths | None = None) -> StageResult:
+    """Stage 1 (R1-Zero): GRPO from the base with accuracy and format rewards, evaluate, register."""
+    data = data or prepare_data(config)
+    if base_model_dir is None:
+        base_model_dir = str(config.run_dir() / "pretrain_base" / "model")
+    result = r1_zero(config, base_model_dir, data, parent_run_id)
+    return _evaluate_and_register(config, result, data)
+
+
+STAGE_FLOWS = {"pretrain_base": pretrain_base_flow, "r1_zero": r1_zero_flow}

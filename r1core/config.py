@@ -1,0 +1,261 @@
+"""Typed configuration for every stage of the R1 recipe.
+
+One pydantic model per stage; `PipelineConfig` composes them. Profiles are YAML files
+(`configs/tiny.yaml`, ...) loaded by `load_config`, with `key.sub=value` overrides from the
+command line. Every model forbids unknown fields so that a typo fails before training starts,
+with a message that names the field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "configs"
+DEFAULT_PROFILE = CONFIG_DIR / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """The base model: built from scratch (tiny profile) or loaded from a local HF directory."""
+
+    architecture: Literal["llama", "qwen2"] = Field("llama", description="transformers architecture")
+    hidden_size: int = Field(192, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(6, ge=1)
+    num_kv_heads: int = Field(6, ge=1)
+    intermediate_size: int = Field(576, ge=8)
+    max_positions: int = Field(320, ge=16, description="context length (prompt + completion)")
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary size of the from-scratch tokenizer")
+    pretrained_path: str | None = Field(
+        None, description="local HF causal-LM directory used as the base instead of pretraining"
+    )
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _path_exists(cls, v: str | None) -> str | None:
+        if v is not None and not (Path(v) / "config.json").is_file():
+            raise ValueError(f"no HF model directory (config.json) at '{v}'")
+        return v
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must be divisible by num_heads, num_heads by num_kv_heads")
+        return self
+
+
+class DataConfig(Strict):
+    """Verifiable reasoning tasks: synthetic generators, or the user's own JSONL/parquet files."""
+
+    seed: int = 0
+    num_train: int = Field(4000, ge=1)
+    num_heldout: int = Field(200, ge=1)
+    task_mix: dict[str, float] = Field(
+        default_factory=lambda: {"chain_sum": 0.8, "countdown": 0.2},
+        description="task name -> share of rows (synthetic generators in r1core.reasoning_tasks)",
+    )
+    chain_min_terms: int = Field(2, ge=2)
+    chain_max_terms: int = Field(3, ge=2)
+    max_operand: int = Field(9, ge=1, description="largest operand of the synthetic tasks")
+    countdown_numbers: int = Field(2, ge=2, le=6, description="how many numbers a Countdown row gives")
+    train_file: str | None = Field(None, description="your own train rows {prompt, answer, task} (jsonl/parquet)")
+    heldout_file: str | None = Field(None, description="your own held-out rows (jsonl/parquet)")
+
+    @field_validator("train_file", "heldout_file")
+    @classmethod
+    def _file_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"data file not found: '{v}'")
+        return v
+
+    @field_validator("task_mix")
+    @classmethod
+    def _known_tasks(cls, v: dict[str, float]) -> dict[str, float]:
+        from r1core.reasoning_tasks import GENERATORS
+
+        unknown = sorted(set(v) - set(GENERATORS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {sorted(GENERATORS)}")
+        if not v or sum(v.values()) <= 0 or min(v.values()) < 0:
+            raise ValueError("task shares must be non-negative and sum to more than 0")
+        return v
+
+
+class ComputeConfig(Strict):
+    """How a Ray Train job is scaled."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: int = Field(2, ge=1)
+    use_gpu: bool = False
+    bf16: bool = Field(False, description="autocast to bfloat16 (GPU)")
+
+
+class PretrainConfig(Strict):
+    """Stage 0: next-token pretraining of the tiny base model on a synthetic corpus."""
+
+    enabled: bool = Field(True, description="false: use model.pretrained_path as the base")
+    corpus_docs: int = Field(60000, ge=10, description="documents in the synthetic corpus")
+    format_share: float = Field(
+        0.1, ge=0, le=1, description="share of documents already in the think/answer format"
+    )
+    seq_len: int = Field(256, ge=16)
+    batch_size: int = Field(32, ge=1, description="sequences per optimizer step (all workers)")
+    steps: int = Field(600, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    checkpoint_every: int = Field(200, ge=1)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)
+
+
+class GRPOConfig(Strict):
+    """Stage 1 (R1-Zero): GRPO from the base with rule rewards only."""
+
+    steps: int = Field(40, ge=1)
+    prompts_per_step: int = Field(16, ge=1, description="prompts per step (all workers)")
+    group_size: int = Field(8, ge=2, description="completions sampled per prompt (G)")
+    inner_epochs: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu)")
+    lr: float = Field(1e-4, gt=0)
+    clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the importance-ratio clip")
+    clip_high: float = Field(0.28, ge=0, description="epsilon above 1 (clip-higher)")
+    beta: float = Field(0.02, ge=0, description="KL coefficient to the frozen reference")
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    scale_rewards: bool = Field(True, description="divide advantages by the group std")
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 1.0, "format": 0.5}, description="reward name -> weight"
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    checkpoint_every: int = Field(10, ge=1)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, v: dict[str, float]) -> dict[str, float]:
+        from r1core.rewards import REWARDS
+
+        unknown = sorted(set(v) - set(REWARDS))
+        if unknown:
+            raise ValueError(f"unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+        return v
+
+
+class EvalConfig(Strict):
+    """Held-out evaluation after every stage: pass@1 over k samples and cons@k."""
+
+    k: int = Field(4, ge=1)
+    num_prompts: int = Field(200, ge=1, description="held-out prompts evaluated (first N)")
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=48)
+    )
+
+
+class RolloutConfig(Strict):
+    """In-pipeline rollouts use the in-process torch engine on the checkpoint being trained or
+    evaluated. An OpenAI-compatible server (vLLM) is used by pointing `r1 eval` at it."""
+
+    batch_size: int = Field(256, ge=1, description="sequences per generate call (torch engine)")
+
+
+class RuntimeConfig(Strict):
+    """Where things run and are stored. Servers are chosen by environment variables too:
+    RAY_ADDRESS, PREFECT_API_URL and MLFLOW_TRACKING_URI override the local defaults."""
+
+    workdir: str = Field(".r1", description="project-local folder for runs, checkpoints and stores")
+    mlflow_tracking_uri: str | None = Field(None, description="default: sqlite under workdir")
+    experiment: str = "r1-factory"
+    ray_address: str | None = Field(None, description="default: a local Ray with num_cpus")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+    seed: int = 0
+
+
+class PipelineConfig(Strict):
+    """The whole R1 recipe (stages 0-1 so far) on one profile."""
+
+    profile: str = "tiny"
+    run_name: str | None = Field(None, description="output folder name; default: profile + config hash")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    r1_zero: GRPOConfig = Field(default_factory=GRPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _base_model_source(self) -> "PipelineConfig":
+        if not self.pretrain.enabled and self.model.pretrained_path is None:
+            raise ValueError("pretrain.enabled is false but model.pretrained_path is not set")
+        return self
+
+    def digest(self) -> str:
+        """Hash of everything that changes results (run_name and runtime excluded)."""
+        payload = self.model_dump(mode="json", exclude={"run_name", "runtime"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.profile}-{self.digest()}"
+
+    def run_dir(self) -> Path:
+        return Path(self.runtime.workdir).resolve() / "runs" / self.resolved_run_name()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (numbers, bools, lists...)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  field '{field}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a profile (default `configs/tiny.yaml`), apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_PROFILE
+    if not path.is_file():
+        raise ConfigError(f"config file not found: '{path}'")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return validate_config(apply_overrides(raw, overrides or []), source=str(path))

@@ -1,0 +1,71 @@
+"""Held-out evaluation as in the paper: k samples per prompt (temperature 0.6, top-p 0.95).
+
+- pass@1   = mean over prompts of the share of the k samples that are correct, where correct
+             means well-formed (format reward 1) and the final <answer> verifies;
+- cons@k   = share of prompts whose majority-vote answer (over well-formed samples) verifies;
+- format_rate, answer_accuracy_any (the last number stated anywhere, format-agnostic),
+  mean_length (completion tokens), and pass@1 per task.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from r1core.engine import RolloutEngine, Sampling
+from r1core.rewards import answer_accuracy_any, final_answer, is_correct, parse_format
+
+
+def _vote_key(answer: str) -> str:
+    return " ".join(answer.split())
+
+
+def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling) -> dict:
+    prompts = [r["prompt"] for r in rows]
+    rollouts = engine.generate(prompts, k, sampling)
+    per_prompt_correct: list[float] = []
+    per_task: dict[str, list[float]] = defaultdict(list)
+    cons, formatted, lengths, scorable = [], [], [], 0
+    loose = answer_accuracy_any(
+        [r.text for r in rollouts],
+        [rows[r.prompt_index]["answer"] for r in rollouts],
+        [rows[r.prompt_index]["task"] for r in rollouts],
+        [rows[r.prompt_index].get("numbers") for r in rollouts],
+    )
+    for i, row in enumerate(rows):
+        group = rollouts[i * k : (i + 1) * k]
+        votes: Counter[str] = Counter()
+        correct = []
+        for ro in group:
+            ok_format = parse_format(ro.text) is not None
+            formatted.append(float(ok_format))
+            lengths.append(len(ro.completion_ids))
+            pred = final_answer(ro.text) if ok_format else None
+            verdict = is_correct(pred, row["answer"], row["task"], row.get("numbers"))
+            correct.append(verdict)
+            if pred is not None:
+                votes[_vote_key(pred)] += 1
+        if any(c is None for c in correct):  # unscorable reference: excluded, counted
+            continue
+        scorable += 1
+        share = sum(map(float, correct)) / k
+        per_prompt_correct.append(share)
+        per_task[row["task"]].append(share)
+        majority = votes.most_common(1)[0][0] if votes else None
+        cons.append(float(bool(is_correct(majority, row["answer"], row["task"], row.get("numbers")))))
+    loose_scored = [x for x in loose if x is not None]
+    metrics = {
+        "pass@1": _mean(per_prompt_correct),
+        f"cons@{k}": _mean(cons),
+        "format_rate": _mean(formatted),
+        "answer_accuracy_any": _mean(loose_scored),
+        "mean_length": _mean(lengths),
+        "num_prompts": len(rows),
+        "num_scorable": scorable,
+        "k": k,
+    }
+    metrics.update({f"pass@1/{t}": _mean(v) for t, v in sorted(per_task.items())})
+    return metrics
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0

@@ -1,0 +1,108 @@
+"""Group Relative Policy Optimization (DeepSeekMath / DeepSeek-R1, eq. 1-3).
+
+For each question q, sample a group of G outputs {o_1..o_G} from the old policy, score them
+with rule rewards r_i, and maximise
+
+    J(θ) = E[ 1/G Σ_i 1/|o_i| Σ_t ( min( ρ_it A_i, clip(ρ_it, 1-ε_low, 1+ε_high) A_i ) - β D_KL ) ]
+
+    ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | q, o_i<t)          (importance ratio)
+    A_i  = (r_i - mean(r_1..r_G)) / std(r_1..r_G)                   (group-relative advantage)
+    D_KL = π_ref/π_θ - log(π_ref/π_θ) - 1                           (k3, unbiased, always >= 0)
+
+There is no value model: the group mean is the baseline. A group whose rewards are all equal
+carries no signal; its advantage is 0 (never NaN). With `loss_aggregation="token"` every token
+of the batch weighs the same (DAPO); "sequence" is the paper's 1/|o_i| per-output mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6):
+    """A_i = (r_i - mean_group) / std_group, for rewards laid out group after group.
+
+    Returns (advantages, zero_variance) where zero_variance marks outputs of groups whose
+    rewards are all equal: their advantage is exactly 0."""
+    r = rewards.view(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    zero_variance = std < eps
+    centered = r - mean
+    advantages = torch.where(zero_variance, torch.zeros_like(r), centered / (std + eps) if scale else centered)
+    return advantages.view(-1), zero_variance.expand_as(r).reshape(-1)
+
+
+def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ || π_ref) from samples of π_θ (Schulman's k1 / k3)."""
+    log_ratio = ref_logp - logp  # log π_ref/π_θ
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"unknown KL estimator '{estimator}' (k1 or k3)")
+
+
+@dataclass
+class GRPOLoss:
+    loss: torch.Tensor
+    policy_loss: float
+    kl: float
+    clip_fraction: float
+
+
+def grpo_loss(
+    logp: torch.Tensor,  # [B, T] log π_θ of the sampled tokens
+    old_logp: torch.Tensor,  # [B, T] log π_θold (the policy that sampled them)
+    ref_logp: torch.Tensor | None,  # [B, T] log π_ref (frozen reference), None when β = 0
+    advantages: torch.Tensor,  # [B] one advantage per output, shared by its tokens
+    mask: torch.Tensor,  # [B, T] 1 on completion tokens, 0 on padding
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    aggregation: str = "token",
+) -> GRPOLoss:
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    A = advantages.unsqueeze(1)
+    unclipped = ratio * A
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * A
+    per_token = -torch.min(unclipped, clipped)  # pessimistic bound: gradient ascent on J
+    kl = torch.zeros_like(logp) if ref_logp is None else kl_to_reference(logp, ref_logp, kl_estimator)
+    if beta:
+        per_token = per_token + beta * kl
+
+    if aggregation == "token":  # every completion token of the batch weighs the same
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif aggregation == "sequence":  # the paper: mean over each output's tokens, then over outputs
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        raise ValueError(f"unknown loss aggregation '{aggregation}' (token or sequence)")
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        was_clipped = (unclipped != clipped).to(mask.dtype)
+        stats = ((-torch.min(unclipped, clipped) * mask).sum() / n, (kl * mask).sum() / n,
+                 (was_clipped * mask).sum() / n)
+    return GRPOLoss(loss, *(float(s) for s in stats))
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
+                   return_entropy: bool = False):
+    """log π(token_t | tokens_<t) for the completion part (positions >= completion_start).
+
+    Sequences are laid out [left-padded prompt | completion | right padding]; logits at t-1
+    predict token t."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, completion_start - 1 : -1].float()
+    targets = input_ids[:, completion_start:]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

@@ -1,0 +1,214 @@
+"""Rule rewards, as a registry of named callables `(completions, **columns) -> list[float | None]`.
+
+`None` means "cannot be scored" (for example an unparseable reference answer): it is never
+silently turned into 0 or 1; GRPO gives such groups zero advantage and the share is logged.
+
+The completion is the model's text after the prompt, tags kept. The R1 format is
+    <think> reasoning </think> <answer> final answer </answer>
+with nothing before or after but whitespace.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from collections import Counter
+from collections.abc import Callable
+from fractions import Fraction
+
+from math_verify import parse, verify
+
+RewardFn = Callable[..., list[float | None]]
+REWARDS: dict[str, RewardFn] = {}
+REWARD_VERSIONS: dict[str, str] = {}
+
+
+def register(name: str, version: str = "1") -> Callable[[RewardFn], RewardFn]:
+    def add(fn: RewardFn) -> RewardFn:
+        REWARDS[name] = fn
+        REWARD_VERSIONS[name] = version
+        return fn
+
+    return add
+
+
+TAG = re.compile(r"</?(think|answer)>")
+FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def parse_format(completion: str) -> tuple[str, str] | None:
+    """(think, answer) when the completion is exactly one non-empty think block followed by
+    one non-empty answer block and nothing else; otherwise None."""
+    m = FORMAT.fullmatch(completion)
+    if not m or len(TAG.findall(completion)) != 4:
+        return None
+    think, answer = m["think"].strip(), m["answer"].strip()
+    return (think, answer) if think and answer else None
+
+
+def final_answer(completion: str) -> str | None:
+    """The content of the last <answer> block that stands after the reasoning.
+
+    An answer written inside <think> does not count: only text after the last </think>
+    (or the whole completion when there is no think block) is searched."""
+    tail = completion.rsplit("</think>", 1)[-1]
+    blocks = ANSWER_BLOCK.findall(tail)
+    return blocks[-1].strip() if blocks else None
+
+
+def loose_answer(completion: str, task: str) -> str | None:
+    """The last answer the text states wherever it stands (format-agnostic accuracy)."""
+    text = TAG.sub(" ", completion)
+    if task == "countdown":
+        exprs = [e.strip() for e in re.findall(r"[\d\s+\-*/()]+", text) if re.search(r"\d", e)]
+        return exprs[-1] if exprs else None
+    numbers = NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """A single exact number (integer, decimal or fraction), or None. '3 or 5' is not one."""
+    s = text.strip().rstrip(".").replace(",", "").replace("$", "").strip()
+    s = re.sub(r"^\\boxed\{(.*)\}$", r"\1", s).strip()
+    if not re.fullmatch(r"-?\d+(\.\d+)?(/\d+)?", s):
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_equal(prediction: str, reference: str) -> bool:
+    """Exact numeric comparison when both sides are numbers; math-verify otherwise."""
+    ref = parse_number(reference)
+    if ref is not None:
+        pred = parse_number(prediction)
+        if pred is not None:
+            return pred == ref
+    if _several_candidates(prediction):
+        return False
+    gold, target = _math_parse(reference), _math_parse(prediction)
+    return bool(gold and target and verify(gold, target, timeout_seconds=None))
+
+
+def reference_parses(reference: str) -> bool:
+    """A reference is scorable if it is a number, or a math expression that math-verify parses.
+    Prose is not ("banana" would parse as the product b*a*n*a*n*a)."""
+    if parse_number(reference) is not None:
+        return True
+    without_commands = re.sub(r"\\[a-zA-Z]+", " ", reference)
+    return not re.search(r"[a-zA-Z]{2,}", without_commands) and bool(_math_parse(reference))
+
+
+def _math_parse(text: str):
+    # timeouts off: math-verify uses signal.alarm, which fails off the main thread (Ray workers)
+    return parse(text if "$" in text else f"${text}$", parsing_timeout=None)
+
+
+def _several_candidates(text: str) -> bool:
+    return len(NUMBER.findall(text)) > 1 and bool(re.search(r"\bor\b|,|;|\band\b", text))
+
+
+ALLOWED_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult,
+                 ast.Div, ast.USub)
+
+
+def countdown_value(expression: str, numbers: list[int]) -> Fraction | None:
+    """Exact value of an arithmetic expression that uses each given number exactly once;
+    None if it is not such an expression."""
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        return None
+    if not all(isinstance(n, ALLOWED_NODES) for n in ast.walk(tree)):
+        return None
+    used = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)]
+    if not all(isinstance(u, int) for u in used) or Counter(used) != Counter(int(x) for x in numbers):
+        return None
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp):
+            return -ev(node.operand)
+        a, b = ev(node.left), ev(node.right)
+        if isinstance(node.op, ast.Add):
+            return a + b
+        if isinstance(node.op, ast.Sub):
+            return a - b
+        if isinstance(node.op, ast.Mult):
+            return a * b
+        return a / b
+
+    try:
+        return ev(tree)
+    except ZeroDivisionError:
+        return None
+
+
+def is_correct(prediction: str | None, answer: str, task: str, numbers=None) -> bool | None:
+    """Verify one prediction against a row's reference. None: the reference is unscorable."""
+    if task == "countdown":
+        target = parse_number(str(answer))
+        if target is None or not numbers:
+            return None
+        return prediction is not None and countdown_value(prediction, list(numbers)) == target
+    if not reference_parses(str(answer)):
+        return None
+    if prediction is None or not prediction.strip():
+        return False
+    return math_equal(prediction, str(answer))
+
+
+def _columns(n: int, value, default):
+    return value if value is not None else [default] * n
+
+
+@register("accuracy")
+def accuracy(completions: list[str], answer: list[str], task: list[str] | None = None,
+             numbers: list | None = None, **_) -> list[float | None]:
+    """1 if the final <answer> (after the reasoning) verifies against the reference, else 0."""
+    task = _columns(len(completions), task, "math")
+    numbers = _columns(len(completions), numbers, [])
+    out = []
+    for c, a, t, nums in zip(completions, answer, task, numbers):
+        ok = is_correct(final_answer(c), a, t, nums)
+        out.append(None if ok is None else float(ok))
+    return out
+
+
+@register("format")
+def format_reward(completions: list[str], **_) -> list[float | None]:
+    """1 for exactly `<think>non-empty</think><answer>non-empty</answer>` and nothing after."""
+    return [float(parse_format(c) is not None) for c in completions]
+
+
+def answer_accuracy_any(completions: list[str], answer: list[str], task: list[str],
+                        numbers: list | None = None) -> list[float | None]:
+    """Format-agnostic accuracy: the last answer the text states, wherever it stands."""
+    numbers = _columns(len(completions), numbers, [])
+    out = []
+    for c, a, t, nums in zip(completions, answer, task, numbers):
+        ok = is_correct(loose_answer(c, t), a, t, nums)
+        out.append(None if ok is None else float(ok))
+    return out
+
+
+def combine(per_reward: dict[str, list[float | None]], weights: dict[str, float]) -> list[float | None]:
+    """Weighted sum per completion; None if any weighted reward is None for it."""
+    n = len(next(iter(per_reward.values())))
+    total: list[float | None] = []
+    for i in range(n):
+        vals = [(per_reward[k][i], w) for k, w in weights.items()]
+        total.append(None if any(v is None for v, _ in vals) else sum(v * w for v, w in vals))
+    return total
+
+
+def score(completions: list[str], rows: list[dict], weights: dict[str, float]):
+    """All weighted rewards for completions of `rows` (one row per completion)."""
+    columns = {k: [r.get(k) for r in rows] for k in ("answer", "task", "numbers")}
+    per_reward = {name: REWARDS[name](completions, **columns) for name in weights}
+    return combine(per_reward, weights), per_reward

@@ -1,0 +1,246 @@
+"""The training recipes, framework-free: stage 0 (pretraining) and GRPO (R1-Zero).
+
+Each recipe is one function driven by one typed config and a `TrainContext`, which says who
+this worker is (rank, world size, device), how to wrap the model for data parallelism, where
+metrics and checkpoints go, and which checkpoint to resume from. `tasks/` provides the Ray
+Train context; `LocalContext` runs a recipe in-process (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from r1core import checkpoint as ckpt
+from r1core.engine import Sampling, TorchEngine
+from r1core.grpo import group_advantages, grpo_loss, token_logprobs
+from r1core.rewards import score
+
+
+class TrainContext:
+    """Single-process defaults; a distributed runner overrides what differs."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    bf16: bool = False
+
+    def __init__(self, checkpoint_dir: str | Path, log_fn=None):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.history: list[tuple[int, dict]] = []
+        self._log_fn = log_fn
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        return metrics
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.history.append((step, metrics))
+        if self._log_fn:
+            self._log_fn(metrics, step)
+
+    def latest_checkpoint(self) -> Path | None:
+        return ckpt.latest_complete(self.checkpoint_dir)
+
+    def on_checkpoint(self, path: Path | None, step: int, metrics: dict) -> None:
+        """Called on every rank after rank 0 wrote a checkpoint (path is None elsewhere)."""
+
+    def autocast(self):
+        if self.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+LocalContext = TrainContext
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(ctx: TrainContext, model, tokenizer, optimizer, scheduler, step: int, metrics: dict):
+    """Rank 0 writes the checkpoint atomically; every rank then calls `on_checkpoint`
+    (distributed runners need all ranks to take part in reporting it)."""
+    path = None
+    if ctx.rank == 0:
+        path = ckpt.write_atomically(
+            ctx.checkpoint_dir / f"step_{step:06d}",
+            lambda d: ckpt.save_training_state(d, unwrap(model), tokenizer, optimizer, scheduler, step),
+            meta={"step": step},
+        )
+    ctx.on_checkpoint(path, step, metrics)
+
+
+def resume(ctx: TrainContext, model, optimizer, scheduler) -> int:
+    """Step to start from: 0, or the step of the latest complete checkpoint (weights loaded)."""
+    path = ctx.latest_checkpoint()
+    return ckpt.load_training_state(path, unwrap(model), optimizer, scheduler) if path else 0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Data order is a function of (seed, step): a resumed run sees what it would have seen."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# --------------------------------------------------------------------------- stage 0: pretraining
+def pack(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
+    """Concatenate documents separated by EOS and cut into [N, seq_len] blocks."""
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"corpus of {len(ids)} tokens is shorter than one block of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def pretrain(cfg, model, tokenizer, blocks: torch.Tensor, ctx: TrainContext, seed: int = 0,
+             log_every: int = 10) -> dict:
+    """Next-token prediction on packed blocks; `cfg` is a `PretrainConfig`."""
+    model = ctx.wrap(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    start = resume(ctx, model, optimizer, scheduler)
+    model.train()
+    tokens_per_step = cfg.batch_size * blocks.shape[1]
+    metrics: dict = {}
+    t0, window = time.perf_counter(), 0.0
+    for step in range(start, cfg.steps):
+        idx = torch.randint(len(blocks), (cfg.batch_size,), generator=step_generator(seed, step))
+        x = blocks[idx[ctx.rank :: ctx.world_size]].to(ctx.device)
+        with ctx.autocast():
+            loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        window += loss.item()
+        done = step + 1
+        if done % log_every == 0 or done == cfg.steps:
+            n = (done - start) % log_every or log_every
+            elapsed = time.perf_counter() - t0
+            metrics = ctx.all_reduce_mean({"loss": window / n, "grad_norm": float(grad_norm)})
+            metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens_per_step * n / elapsed)
+            ctx.log(metrics, done)
+            t0, window = time.perf_counter(), 0.0
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(ctx, model, tokenizer, optimizer, scheduler, done, metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------- GRPO (R1-Zero)
+def collate(tokenizer, prompts: list[str], rollouts, device) -> tuple[torch.Tensor, ...]:
+    """[left-padded prompt | completion | right padding] with masks; returns
+    (input_ids, attention_mask, completion_mask, completion_start)."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+    width = max(1, max(len(r.completion_ids) for r in rollouts))
+    comp = torch.full((len(rollouts), width), tokenizer.pad_token_id, dtype=torch.long)
+    comp_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
+    for j, r in enumerate(rollouts):
+        comp[j, : len(r.completion_ids)] = torch.tensor(r.completion_ids, dtype=torch.long)
+        comp_mask[j, : len(r.completion_ids)] = 1
+    rows = torch.tensor([r.prompt_index for r in rollouts])
+    input_ids = torch.cat([prompt_ids[rows], comp], dim=1).to(device)
+    attention_mask = torch.cat([prompt_mask[rows], comp_mask], dim=1).to(device)
+    return input_ids, attention_mask, comp_mask.to(device), prompt_ids.shape[1]
+
+
+def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainContext,
+               seed: int = 0, batch_size: int = 256) -> dict:
+    """R1-Zero: GRPO with rule rewards from `cfg.rewards`; `cfg` is a `GRPOConfig`."""
+    model = ctx.wrap(policy)
+    reference = reference.to(ctx.device).eval().requires_grad_(False) if cfg.beta > 0 else None
+    engine = TorchEngine(unwrap(model), tokenizer, batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    start = resume(ctx, model, optimizer, scheduler)
+    G = cfg.group_size
+    metrics: dict = {}
+    for step in range(start, cfg.steps):
+        # 1. sample a group of G outputs for each question from the current (old) policy
+        picked = random.Random(seed * 1_000_003 + step).sample(range(len(rows)), cfg.prompts_per_step)
+        batch = [rows[i] for i in picked[ctx.rank :: ctx.world_size]]
+        t0 = time.perf_counter()
+        rollouts = engine.generate([r["prompt"] for r in batch], G,
+                                   Sampling.from_config(cfg.sampling, seed=seed * 7919 + step * 101 + ctx.rank))
+        gen_s = time.perf_counter() - t0
+
+        # 2. rule rewards and group-relative advantages
+        texts = [r.text for r in rollouts]
+        total, per_reward = score(texts, [batch[r.prompt_index] for r in rollouts], cfg.rewards)
+        unscorable = torch.tensor([t is None for t in total])
+        rewards = torch.tensor([0.0 if t is None else t for t in total])
+        advantages, zero_variance = group_advantages(rewards, G, scale=cfg.scale_rewards)
+        unscorable = unscorable.view(-1, G).any(dim=1, keepdim=True).expand(-1, G).reshape(-1)
+        advantages = advantages.masked_fill(unscorable, 0.0).to(ctx.device)
+
+        # 3. policy update on the sampled tokens
+        t1 = time.perf_counter()
+        input_ids, attn, mask, start_col = collate(tokenizer, [r["prompt"] for r in batch], rollouts, ctx.device)
+        with torch.no_grad(), ctx.autocast():
+            ref_logp = token_logprobs(reference, input_ids, attn, start_col) if reference is not None else None
+            old_logp = token_logprobs(model, input_ids, attn, start_col) if cfg.inner_epochs > 1 else None
+        for _ in range(cfg.inner_epochs):
+            with ctx.autocast():
+                logp, entropy = token_logprobs(model, input_ids, attn, start_col, return_entropy=True)
+                out = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, advantages,
+                                mask, cfg.clip_low, cfg.clip_high, cfg.beta, cfg.kl_estimator,
+                                cfg.loss_aggregation)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        scheduler.step()
+        train_s = time.perf_counter() - t1
+
+        # 4. what the paper plots: reward, accuracy and response length per step
+        n_tokens = float(mask.sum())
+        scored = [t for t in total if t is not None]
+        metrics = {
+            "reward": sum(scored) / max(1, len(scored)),
+            **{f"reward/{k}": _mean(v) for k, v in per_reward.items()},
+            "accuracy": _mean(per_reward.get("accuracy", [])),
+            "format_rate": _mean(per_reward.get("format", [])),
+            "response_length": n_tokens / len(rollouts),
+            "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+            "loss": float(out.loss),
+            "policy_loss": out.policy_loss,
+            "kl": out.kl,
+            "clip_fraction": out.clip_fraction,
+            "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
+            "grad_norm": float(grad_norm),
+            "zero_variance_frac": float(zero_variance.float().mean()),
+            "unscorable_frac": float(unscorable.float().mean()),
+            "gen_tokens_per_s": n_tokens / gen_s,
+            "train_tokens_per_s": float(attn.sum()) * cfg.inner_epochs / train_s,
+        }
+        metrics = ctx.all_reduce_mean(metrics)
+        ctx.log(metrics, step + 1)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(ctx, model, tokenizer, optimizer, scheduler, step + 1, metrics)
+    return metrics
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else 0.0

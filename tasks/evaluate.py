@@ -1,0 +1,61 @@
+"""Evaluation jobs: a model directory (or `models:/` URI) on held-out rows, as a Ray task."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from r1core.config import EvalConfig, PipelineConfig
+from tasks.ray_jobs import ensure_ray
+
+
+def resolve_model(model: str, cfg: PipelineConfig | None = None) -> str:
+    """A local HF directory, or an MLflow `models:/name@alias` / `runs:/` URI downloaded locally."""
+    if model.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from tasks.tracking import tracking_uri
+
+        if cfg is not None:
+            mlflow.set_tracking_uri(tracking_uri(cfg.runtime))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        candidates = [p.parent for p in local.rglob("config.json")]
+        if not candidates:
+            raise FileNotFoundError(f"{model}: no HF model (config.json) in its artifacts")
+        return str(candidates[0])
+    if not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"model '{model}': not an HF model directory nor a models:/ URI")
+    return model
+
+
+def evaluate_locally(model_dir: str, rows: list[dict], eval_cfg: EvalConfig, batch_size: int = 256,
+                     threads: int | None = None, seed: int = 1234) -> dict[str, float]:
+    import torch
+
+    from r1core.engine import Sampling, TorchEngine
+    from r1core.evaluation import evaluate
+    from r1core.modeling import load_pretrained
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_pretrained(model_dir)
+    engine = TorchEngine(model, tokenizer, batch_size)
+    return evaluate(engine, rows[: eval_cfg.num_prompts], eval_cfg.k,
+                    Sampling.from_config(eval_cfg.sampling, seed=seed))
+
+
+@ray.remote
+def _evaluate_remote(model_dir: str, rows: list[dict], eval_cfg: dict, batch_size: int, threads: int):
+    return evaluate_locally(model_dir, rows, EvalConfig.model_validate(eval_cfg), batch_size, threads)
+
+
+def evaluate_on_ray(cfg: PipelineConfig, model_dir: str, heldout_file: str) -> dict[str, float]:
+    from r1core.reasoning_tasks import read_rows
+
+    ensure_ray(cfg.runtime)
+    threads = cfg.runtime.num_cpus or os.cpu_count() or 1
+    rows = read_rows(heldout_file)
+    ref = _evaluate_remote.options(num_cpus=threads).remote(
+        model_dir, rows, cfg.eval.model_dump(), cfg.rollout.batch_size, threads)
+    return ray.get(ref)
