@@ -20,7 +20,8 @@ STAGES = ("pretrain_base", "r1_zero")
 
 def local_defaults(workdir: str) -> None:
     """Project-local Prefect home unless PREFECT_API_URL / PREFECT_HOME point elsewhere."""
-    os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect"))
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect")))
+    home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server gets 20 s to start by default: too tight on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

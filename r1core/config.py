@@ -109,7 +109,10 @@ class PretrainConfig(Strict):
     enabled: bool = Field(True, description="false: use model.pretrained_path as the base")
     corpus_docs: int = Field(60000, ge=10, description="documents in the synthetic corpus")
     format_share: float = Field(
-        0.1, ge=0, le=1, description="share of documents already in the think/answer format"
+        0.05, ge=0, le=1, description="share of documents already in the think/answer format"
+    )
+    template_share: float = Field(
+        0.15, ge=0, le=1, description="share of documents with a plain worked answer under the chat template"
     )
     seq_len: int = Field(256, ge=16)
     batch_size: int = Field(32, ge=1, description="sequences per optimizer step (all workers)")

@@ -167,9 +167,11 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def pretraining_corpus(train_rows: list[dict], num_docs: int, format_share: float, seed: int) -> list[str]:
-    """Web-like text about the train problems: mostly plain worked answers (some under the
-    chat template, some bare), a `format_share` already in the think/answer format.
+def pretraining_corpus(train_rows: list[dict], num_docs: int, format_share: float, seed: int,
+                       template_share: float = 0.15) -> list[str]:
+    """Web-like text about the train problems: mostly bare worked answers; `template_share` of
+    the documents are plain worked answers under the chat template, and `format_share` are
+    already in the think/answer format (as some web text would be).
 
     Built only from train rows, so held-out questions never leak into pretraining."""
     rng = random.Random(seed)
@@ -181,9 +183,9 @@ def pretraining_corpus(train_rows: list[dict], num_docs: int, format_share: floa
         u = rng.random()
         if u < format_share:
             docs.append(r1_zero_prompt(q) + formatted_response(sol, final))
-        elif u < format_share + (1 - format_share) * 0.5:
+        elif u < format_share + template_share:
             docs.append(r1_zero_prompt(q) + f" {sol} The answer is {final}.")
-        elif u < format_share + (1 - format_share) * 0.8:
+        elif u < 0.9:
             docs.append(f"{q} {sol} The answer is {final}.")
         else:
             docs.append(f"{q[:-1]} = {ans}." if row["task"] == "chain_sum" else f"{q} {final} = {ans}.")

@@ -10,12 +10,17 @@ with nothing before or after but whitespace.
 from __future__ import annotations
 
 import ast
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
 
 from math_verify import parse, verify
+
+# We run math-verify without its signal-based timeouts (they fail off the main thread); it
+# warns about that on every call.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 RewardFn = Callable[..., list[float | None]]
 REWARDS: dict[str, RewardFn] = {}

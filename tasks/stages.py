@@ -135,7 +135,8 @@ def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | Non
             from r1core.training import pack
 
             docs = pretraining_corpus(read_rows(data.train_file), cfg.pretrain.corpus_docs,
-                                      cfg.pretrain.format_share, seed=cfg.data.seed)
+                                      cfg.pretrain.format_share, seed=cfg.data.seed,
+                                      template_share=cfg.pretrain.template_share)
             tokenizer = train_tokenizer(docs, cfg.model.vocab_size)
             blocks = pack(tokenizer, docs, cfg.pretrain.seq_len)
 

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+import pytest
+
+from r1core.config import ConfigError, load_config, validate_config
+
+
+def test_default_profile_loads_and_overrides_apply():
+    cfg = load_config(overrides=["r1_zero.steps=3", "data.task_mix={chain_sum: 1.0}"])
+    assert cfg.profile == "tiny" and cfg.r1_zero.steps == 3 and cfg.data.task_mix == {"chain_sum": 1.0}
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["r1_zero.stepz=3"], "r1_zero.stepz"),
+    (["r1_zero.steps=many"], "r1_zero.steps"),
+    (["model.hidden_size=-1"], "model.hidden_size"),
+    (["r1_zero.rewards={accuracy: 1, vibes: 1}"], "r1_zero.rewards"),
+    (["data.task_mix={sudoku: 1}"], "data.task_mix"),
+    (["data.train_file=/nope/train.jsonl"], "data.train_file"),
+    (["model.pretrained_path=/nope/model"], "model.pretrained_path"),
+])
+def test_bad_fields_are_named(overrides, field):
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        load_config(overrides=overrides)
+
+
+def test_missing_file_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="config file not found: '/nope.yaml'"):
+        load_config("/nope.yaml")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(overrides=["r1_zero.steps"])
+
+
+def test_digest_ignores_runtime_but_not_science():
+    a = validate_config({})
+    assert a.digest() == validate_config({"runtime": {"workdir": "/elsewhere"}}).digest()
+    assert a.digest() != validate_config({"r1_zero": {"lr": 0.5}}).digest()
+
+
+def test_cli_rejects_bad_config_before_any_training(tmp_path):
+    """Exit code 2 and the field named; no run directory is created."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "pipeline", "--set", "pretrain.stepz=1",
+         "--set", f"runtime.workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "field 'pretrain.stepz'" in proc.stderr
+    assert not (tmp_path / "runs").exists()

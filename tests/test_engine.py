@@ -1,0 +1,130 @@
+"""Rollout engines: the in-process torch engine, and the OpenAI-compatible client against a
+real local server (`transformers serve`) running the tiny model on CPU."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from r1core.config import ModelConfig
+from r1core.engine import OpenAIEngine, Sampling, TorchEngine
+from r1core.evaluation import evaluate
+from r1core.modeling import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    return build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                                   intermediate_size=64), tokenizer)
+
+
+def test_torch_engine_groups_and_lengths(tiny_model, tokenizer, rows):
+    engine = TorchEngine(tiny_model, tokenizer, batch_size=5)  # batches split across groups
+    prompts = [r["prompt"] for r in rows[1][:3]]
+    out = engine.generate(prompts, n=4, sampling=Sampling(max_new_tokens=7, seed=0))
+    assert [r.prompt_index for r in out] == [0] * 4 + [1] * 4 + [2] * 4
+    for r in out:
+        assert 1 <= len(r.completion_ids) <= 7
+        assert r.finish_reason in ("stop", "length")
+        assert tokenizer.pad_token_id not in r.completion_ids
+        if r.finish_reason == "length":
+            assert len(r.completion_ids) == 7
+    assert tiny_model.training  # the engine restores the train/eval mode it found
+
+
+def test_torch_engine_seeded_sampling_is_reproducible(tiny_model, tokenizer, rows):
+    engine = TorchEngine(tiny_model, tokenizer)
+    prompts = [rows[1][0]["prompt"]]
+    a = engine.generate(prompts, 3, Sampling(max_new_tokens=6, seed=5))
+    b = engine.generate(prompts, 3, Sampling(max_new_tokens=6, seed=5))
+    assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
+    greedy = engine.generate(prompts, 2, Sampling(temperature=0.0, max_new_tokens=6))
+    assert greedy[0].completion_ids == greedy[1].completion_ids
+
+
+def test_evaluate_reports_the_paper_metrics(tiny_model, tokenizer, rows):
+    m = evaluate(TorchEngine(tiny_model, tokenizer), rows[1][:4], k=2, sampling=Sampling(max_new_tokens=5, seed=0))
+    assert {"pass@1", "cons@2", "format_rate", "answer_accuracy_any", "mean_length"} <= set(m)
+    assert m["num_prompts"] == 4 and 0 <= m["pass@1"] <= 1 and 1 <= m["mean_length"] <= 5
+
+
+class _Scripted:
+    """An engine that returns fixed completions (to check the metric arithmetic)."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, prompts, n, sampling):
+        from r1core.engine import Rollout
+
+        return [Rollout(i, self.texts[i * n + j], [1] * 3, "stop") for i in range(len(prompts)) for j in range(n)]
+
+
+def test_pass_at_1_and_cons_at_k_arithmetic():
+    rows = [{"prompt": "p1", "answer": "5", "task": "chain_sum"}, {"prompt": "p2", "answer": "7", "task": "chain_sum"}]
+    ok5, ok7 = "<think> a </think> <answer> 5 </answer>", "<think> a </think> <answer> 7 </answer>"
+    bad = "<think> a </think> <answer> 1 </answer>"
+    texts = [ok5, bad, ok5, "5", bad, bad, ok7, "7"]  # row 1: 2/4 correct, majority 5; row 2: 1/4, majority 1
+    m = evaluate(_Scripted(texts), rows, k=4, sampling=Sampling())
+    assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert m["cons@4"] == pytest.approx(0.5)
+    assert m["format_rate"] == pytest.approx(6 / 8)
+    assert m["answer_accuracy_any"] == pytest.approx(5 / 8)  # "5" and "7" count without format
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory, tiny_model, tokenizer):
+    model_dir = tmp_path_factory.mktemp("served")
+    tiny_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    port = _free_port()
+    log = open(model_dir / "server.log", "w")
+    exe = Path(sys.executable).parent / "transformers"
+    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"transformers serve exited: {(model_dir / 'server.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("transformers serve did not become healthy in 120 s")
+    yield base + "/v1", str(model_dir)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_openai_client_against_a_real_local_server(served_model, tokenizer, rows):
+    url, model_dir = served_model
+    engine = OpenAIEngine(url, model_dir, tokenizer, concurrency=2)
+    prompts = [r["prompt"] for r in rows[1][:2]]
+    out = engine.generate(prompts, n=2, sampling=Sampling(max_new_tokens=6, seed=1))
+    assert [r.prompt_index for r in out] == [0, 0, 1, 1]
+    for r in out:
+        assert isinstance(r.text, str) and r.finish_reason in ("stop", "length")
+        assert len(r.completion_ids) <= 6 + 2  # re-tokenized text of at most 6 generated tokens
+    m = evaluate(engine, rows[1][:2], k=2, sampling=Sampling(max_new_tokens=6, seed=1))
+    assert m["num_prompts"] == 2
+
+
+def test_openai_client_reports_http_errors(tokenizer):
+    engine = OpenAIEngine(f"http://127.0.0.1:{_free_port()}/v1", "m", tokenizer, timeout_s=2)
+    with pytest.raises(OSError):
+        engine.generate(["x"], 1, Sampling(max_new_tokens=2))

@@ -1,0 +1,94 @@
+"""End to end: `r1_pipeline` on the micro profile through real Prefect (test harness), a real
+local Ray and a temporary MLflow store; then the registry, the metrics and resumability."""
+import json
+import os
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("r1")
+
+
+@pytest.fixture(scope="module")
+def prefect_env(workdir):
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(workdir / "prefect-results")  # the harness doesn't isolate it
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def micro(workdir):
+    from r1core.config import CONFIG_DIR, load_config
+
+    return load_config(CONFIG_DIR / "micro.yaml", [f"runtime.workdir={workdir}", "pretrain.compute.num_workers=2",
+                                                    "pretrain.compute.cpus_per_worker=1"])
+
+
+@pytest.fixture(scope="module")
+def pipeline_results(prefect_env, micro):
+    import ray
+
+    from flows.pipeline import r1_pipeline
+
+    try:
+        yield r1_pipeline(config=micro)
+    finally:
+        ray.shutdown()
+
+
+def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
+    from mlflow import MlflowClient
+
+    from tasks.tracking import NEWEST_ALIAS, tracking_uri
+
+    assert set(pipeline_results) == {"pretrain_base", "r1_zero"}
+    client = MlflowClient(tracking_uri(micro.runtime))
+    for name, stage in (("r1-base", "pretrain_base"), ("r1-zero", "r1_zero")):
+        version = client.get_model_version_by_alias(name, NEWEST_ALIAS)
+        assert version.run_id == pipeline_results[stage].mlflow_run_id
+        run = client.get_run(version.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"]
+        assert {"eval/pass_at_1", "eval/format_rate", "eval/mean_length", "eval/cons_at_2"} <= set(run.data.metrics)
+        assert (pipeline_results[stage].model_dir and
+                os.path.isfile(os.path.join(pipeline_results[stage].model_dir, "config.json")))
+    zero_run = pipeline_results["r1_zero"].mlflow_run_id
+    for key in ("reward", "accuracy", "format_rate", "response_length", "kl", "clip_fraction", "entropy",
+                "gen_tokens_per_s", "train_tokens_per_s", "reward/accuracy", "reward/format"):
+        history = client.get_metric_history(zero_run, key)
+        assert [m.step for m in history] == [1, 2], key
+    pre_loss = client.get_metric_history(pipeline_results["pretrain_base"].mlflow_run_id, "loss")
+    assert pre_loss and pre_loss[-1].step == micro.pretrain.steps
+    artifacts = [a.path for a in client.list_artifacts(zero_run, "checkpoints")]
+    assert artifacts == ["checkpoints/step_000001", "checkpoints/step_000002"]
+    parent = client.get_run(client.get_run(zero_run).data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and "r1_zero/pass_at_1" in parent.data.metrics
+
+
+def test_rerun_skips_completed_stages(pipeline_results, prefect_env, micro):
+    from flows.pipeline import r1_pipeline
+
+    again = r1_pipeline(config=micro)
+    assert all(r.skipped for r in again.values())
+    assert again["r1_zero"].mlflow_run_id == pipeline_results["r1_zero"].mlflow_run_id
+
+
+def test_r1_eval_cli_on_a_registered_model(pipeline_results, micro, workdir, capsys, monkeypatch):
+    from r1core.config import PROJECT_ROOT
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    from flows.cli import main
+
+    heldout = micro.run_dir() / "data" / "heldout.jsonl"
+    code = main(["eval", "--model", "models:/r1-zero@newest", "--data", str(heldout), "--k", "2",
+                 "--config", "configs/micro.yaml", "--set", f"runtime.workdir={workdir}",
+                 "--set", "eval.num_prompts=3", "--set", "eval.sampling.max_new_tokens=4"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["k"] == 2 and out["num_prompts"] == 3 and {"pass@1", "cons@2", "format_rate", "mean_length"} <= set(out)
