@@ -108,11 +108,14 @@ class PretrainConfig(Strict):
 
     enabled: bool = Field(True, description="false: use model.pretrained_path as the base")
     corpus_docs: int = Field(60000, ge=10, description="documents in the synthetic corpus")
-    format_share: float = Field(
-        0.05, ge=0, le=1, description="share of documents already in the think/answer format"
-    )
     template_share: float = Field(
-        0.15, ge=0, le=1, description="share of documents with a plain worked answer under the chat template"
+        0.15, ge=0, le=1, description="share of documents that are conversations under the R1-Zero template"
+    )
+    format_share: float = Field(
+        0.2, ge=0, le=1, description="share of those conversations answered in the think/answer format"
+    )
+    web_format_share: float = Field(
+        0.3, ge=0, le=1, description="share of the other (bare) documents written with think/answer tags"
     )
     seq_len: int = Field(256, ge=16)
     batch_size: int = Field(32, ge=1, description="sequences per optimizer step (all workers)")

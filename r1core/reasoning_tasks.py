@@ -167,25 +167,34 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def pretraining_corpus(train_rows: list[dict], num_docs: int, format_share: float, seed: int,
-                       template_share: float = 0.15) -> list[str]:
-    """Web-like text about the train problems: mostly bare worked answers; `template_share` of
-    the documents are plain worked answers under the chat template, and `format_share` are
-    already in the think/answer format (as some web text would be).
+def pretraining_corpus(train_rows: list[dict], num_docs: int, seed: int, template_share: float = 0.15,
+                       format_share: float = 0.2, web_format_share: float = 0.3) -> list[str]:
+    """Web-like text about the train problems, built only from train rows (held-out questions
+    never leak into pretraining).
 
-    Built only from train rows, so held-out questions never leak into pretraining."""
+    - `template_share` of the documents are conversations under the R1-Zero template; of those,
+      `format_share` are answered in the think/answer format, the rest with a plain worked answer.
+      This sets how often the base model answers the template in the format: rarely, so that
+      R1-Zero has to discover it through the format reward.
+    - The other documents are bare worked solutions; `web_format_share` of them use the
+      think/answer tags (as some web text does), so the base can reason inside the tags at all.
+      A few are direct answers without working."""
     rng = random.Random(seed)
     docs = []
     for _ in range(num_docs):
         row = rng.choice(train_rows)
         q, sol, ans = row["question"], row["solution"], row["answer"]
         final = row.get("expression") or ans
+        if rng.random() < template_share:
+            if rng.random() < format_share:
+                docs.append(r1_zero_prompt(q) + formatted_response(sol, final))
+            else:
+                docs.append(r1_zero_prompt(q) + f" {sol} The answer is {final}.")
+            continue
         u = rng.random()
-        if u < format_share:
-            docs.append(r1_zero_prompt(q) + formatted_response(sol, final))
-        elif u < format_share + template_share:
-            docs.append(r1_zero_prompt(q) + f" {sol} The answer is {final}.")
-        elif u < 0.9:
+        if u < web_format_share:
+            docs.append(q + formatted_response(sol, final))
+        elif u < 0.93:
             docs.append(f"{q} {sol} The answer is {final}.")
         else:
             docs.append(f"{q[:-1]} = {ans}." if row["task"] == "chain_sum" else f"{q} {final} = {ans}.")

@@ -223,7 +223,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "format_rate": _mean(per_reward.get("format", [])),
             "response_length": n_tokens / len(rollouts),
             "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-            "loss": float(out.loss),
+            "loss": out.loss.item(),
             "policy_loss": out.policy_loss,
             "kl": out.kl,
             "clip_fraction": out.clip_fraction,

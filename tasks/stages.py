@@ -134,9 +134,10 @@ def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | Non
             from r1core.tokenizer import train_tokenizer
             from r1core.training import pack
 
-            docs = pretraining_corpus(read_rows(data.train_file), cfg.pretrain.corpus_docs,
-                                      cfg.pretrain.format_share, seed=cfg.data.seed,
-                                      template_share=cfg.pretrain.template_share)
+            p = cfg.pretrain
+            docs = pretraining_corpus(read_rows(data.train_file), p.corpus_docs, seed=cfg.data.seed,
+                                      template_share=p.template_share, format_share=p.format_share,
+                                      web_format_share=p.web_format_share)
             tokenizer = train_tokenizer(docs, cfg.model.vocab_size)
             blocks = pack(tokenizer, docs, cfg.pretrain.seq_len)
 

@@ -64,16 +64,14 @@ def git_commit() -> str:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: nested config as MLflow params."""
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()) or (
-                isinstance(v, dict) and any(isinstance(x, dict) for x in v.values())):
+        if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
-        elif isinstance(v, dict):
-            out.update(flatten(v, key + ".")) if v else out.update({key: "{}"})
         else:
-            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
     return out
 
 

@@ -13,4 +13,4 @@ def rows():
 @pytest.fixture(scope="session")
 def tokenizer(rows):
     train, _ = rows
-    return train_tokenizer(pretraining_corpus(train, 500, 0.2, seed=0), vocab_size=400)
+    return train_tokenizer(pretraining_corpus(train, 500, seed=0), vocab_size=400)
