@@ -18,14 +18,30 @@ from r1core.config import ConfigError, load_config
 STAGES = ("pretrain_base", "r1_zero")
 
 
+LOCAL_PREFECT_UI = "http://127.0.0.1:4200/api"  # what `make ui` starts
+
+
 def local_defaults(workdir: str) -> None:
-    """Project-local Prefect home unless PREFECT_API_URL / PREFECT_HOME point elsewhere."""
+    """Project-local Prefect home unless PREFECT_API_URL / PREFECT_HOME point elsewhere; runs go
+    to the Prefect server of `make ui` when one is up, else to an ephemeral local API."""
+    if "PREFECT_API_URL" not in os.environ and _healthy(LOCAL_PREFECT_UI + "/health"):
+        os.environ["PREFECT_API_URL"] = LOCAL_PREFECT_UI
     home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect")))
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server gets 20 s to start by default: too tight on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

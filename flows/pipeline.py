@@ -13,13 +13,13 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.stages import pretrain_base_flow, r1_zero_flow
-from r1core.config import PipelineConfig
+from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks import tracking
 from tasks.stages import StageResult, prepare_data
 
 
 @flow(name="r1_pipeline", log_prints=True)
-def r1_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, StageResult]:
+def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResult]:
     """Run the R1 recipe end to end on one profile; returns each stage's result."""
     logger = get_run_logger()
     parent = tracking.start_run(

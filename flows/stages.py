@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from r1core.config import PipelineConfig
+from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks.stages import (
     DataPaths,
     StageResult,
@@ -23,7 +23,7 @@ def _evaluate_and_register(config: PipelineConfig, result: StageResult, data: Da
 
 
 @flow(name="pretrain_base", log_prints=True)
-def pretrain_base_flow(config: PipelineConfig = PipelineConfig(), parent_run_id: str | None = None,
+def pretrain_base_flow(config: PipelineConfig = DEFAULT_CONFIG, parent_run_id: str | None = None,
                        data: DataPaths | None = None) -> StageResult:
     """Stage 0: pretrain the tiny base model (or take `model.pretrained_path`), evaluate, register."""
     data = data or prepare_data(config)
@@ -37,7 +37,7 @@ def pretrain_base_flow(config: PipelineConfig = PipelineConfig(), parent_run_id:
 
 
 @flow(name="r1_zero", log_prints=True)
-def r1_zero_flow(config: PipelineConfig = PipelineConfig(), base_model_dir: str | None = None,
+def r1_zero_flow(config: PipelineConfig = DEFAULT_CONFIG, base_model_dir: str | None = None,
                  parent_run_id: str | None = None, data: DataPaths | None = None) -> StageResult:
     """Stage 1 (R1-Zero): GRPO from the base with accuracy and format rewards, evaluate, register."""
     data = data or prepare_data(config)

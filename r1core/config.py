@@ -51,7 +51,7 @@ class ModelConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> ModelConfig:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must be divisible by num_heads, num_heads by num_kv_heads")
         return self
@@ -61,7 +61,7 @@ class DataConfig(Strict):
     """Verifiable reasoning tasks: synthetic generators, or the user's own JSONL/parquet files."""
 
     seed: int = 0
-    num_train: int = Field(4000, ge=1)
+    num_train: int = Field(3000, ge=1)
     num_heldout: int = Field(200, ge=1)
     task_mix: dict[str, float] = Field(
         default_factory=lambda: {"chain_sum": 0.8, "countdown": 0.2},
@@ -117,10 +117,10 @@ class PretrainConfig(Strict):
     web_format_share: float = Field(
         0.3, ge=0, le=1, description="share of the other (bare) documents written with think/answer tags"
     )
-    seq_len: int = Field(256, ge=16)
-    batch_size: int = Field(32, ge=1, description="sequences per optimizer step (all workers)")
+    seq_len: int = Field(256, ge=16, description="tokens per packed training sequence")
+    batch_size: int = Field(16, ge=1, description="sequences per optimizer step (all workers)")
     steps: int = Field(600, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     checkpoint_every: int = Field(200, ge=1)
@@ -136,7 +136,7 @@ class SamplingConfig(Strict):
 class GRPOConfig(Strict):
     """Stage 1 (R1-Zero): GRPO from the base with rule rewards only."""
 
-    steps: int = Field(40, ge=1)
+    steps: int = Field(25, ge=1)
     prompts_per_step: int = Field(16, ge=1, description="prompts per step (all workers)")
     group_size: int = Field(8, ge=2, description="completions sampled per prompt (G)")
     inner_epochs: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu)")
@@ -208,7 +208,7 @@ class PipelineConfig(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
-    def _base_model_source(self) -> "PipelineConfig":
+    def _base_model_source(self) -> PipelineConfig:
         if not self.pretrain.enabled and self.model.pretrained_path is None:
             raise ValueError("pretrain.enabled is false but model.pretrained_path is not set")
         return self
@@ -265,3 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return validate_config(apply_overrides(raw, overrides or []), source=str(path))
+
+
+# The tiny profile: what the Prefect UI form shows by default (tests keep it equal to tiny.yaml).
+DEFAULT_CONFIG = PipelineConfig()

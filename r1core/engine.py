@@ -40,7 +40,7 @@ class Sampling:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg, seed: int | None = None) -> "Sampling":
+    def from_config(cls, cfg, seed: int | None = None) -> Sampling:
         return cls(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed)
 
 
@@ -79,7 +79,7 @@ class TorchEngine:
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
                 )
-                for (i, _), seq in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist()):
+                for (i, _), seq in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist(), strict=False):
                     ids = _cut_at_eos(seq, tok.eos_token_id, tok.pad_token_id)
                     finish = "stop" if ids and ids[-1] == tok.eos_token_id else "length"
                     rollouts.append(Rollout(i, decode_completion(tok, ids), ids, finish))

@@ -43,9 +43,9 @@ def chain_sum(rng: random.Random, chain_min_terms: int, chain_max_terms: int, ma
     n = rng.randint(chain_min_terms, chain_max_terms)
     terms = [rng.randint(0, max_operand) for _ in range(n)]
     ops = [rng.choice("+-") for _ in range(n - 1)]
-    expr = _fmt(terms[0]) + "".join(f" {o} {_fmt(t)}" for o, t in zip(ops, terms[1:]))
+    expr = _fmt(terms[0]) + "".join(f" {o} {_fmt(t)}" for o, t in zip(ops, terms[1:], strict=False))
     total, steps = terms[0], []
-    for o, t in zip(ops, terms[1:]):
+    for o, t in zip(ops, terms[1:], strict=False):
         new = total + t if o == "+" else total - t
         steps.append(f"{_fmt(total)} {o} {_fmt(t)} = {_fmt(new)}.")
         total = new

@@ -179,7 +179,7 @@ def accuracy(completions: list[str], answer: list[str], task: list[str] | None =
     task = _columns(len(completions), task, "math")
     numbers = _columns(len(completions), numbers, [])
     out = []
-    for c, a, t, nums in zip(completions, answer, task, numbers):
+    for c, a, t, nums in zip(completions, answer, task, numbers, strict=False):
         ok = is_correct(final_answer(c), a, t, nums)
         out.append(None if ok is None else float(ok))
     return out
@@ -196,7 +196,7 @@ def answer_accuracy_any(completions: list[str], answer: list[str], task: list[st
     """Format-agnostic accuracy: the last answer the text states, wherever it stands."""
     numbers = _columns(len(completions), numbers, [])
     out = []
-    for c, a, t, nums in zip(completions, answer, task, numbers):
+    for c, a, t, nums in zip(completions, answer, task, numbers, strict=False):
         ok = is_correct(loose_answer(c, t), a, t, nums)
         out.append(None if ok is None else float(ok))
     return out

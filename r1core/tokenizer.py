@@ -1,7 +1,8 @@
 """A small byte-level BPE tokenizer trained on the corpus, as a transformers fast tokenizer.
 
 Digits are split one per token (as in Llama), so arithmetic is learned digit by digit rather
-than memorised as opaque number tokens. The R1 tags are reserved added tokens: always one token,
+than memorised as opaque number tokens; a digit keeps the space before it (" 3" is one token),
+so copying a one-digit operand is copying one token. The R1 tags are reserved added tokens: always one token,
 never split, saved and reloaded with the model via `save_pretrained`. They are deliberately not
 flagged `special` in the HF sense, because HF decoders (TRL, `transformers serve`, vLLM's
 default) drop special tokens from the text, and the format reward would then never see them.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -25,7 +26,10 @@ PASSTHROUGH_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(r" ?\d"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

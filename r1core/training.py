@@ -153,7 +153,7 @@ def collate(tokenizer, prompts: list[str], rollouts, device) -> tuple[torch.Tens
     (input_ids, attention_mask, completion_mask, completion_start)."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
-    width = max(1, max(len(r.completion_ids) for r in rollouts))
+    width = max(1, *(len(r.completion_ids) for r in rollouts))
     comp = torch.full((len(rollouts), width), tokenizer.pad_token_id, dtype=torch.long)
     comp_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
     for j, r in enumerate(rollouts):

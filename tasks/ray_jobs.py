@@ -83,7 +83,7 @@ class RayContext(TrainContext):
         keys = sorted(metrics)
         t = torch.tensor([float(metrics[k]) for k in keys], device=self.device)
         torch.distributed.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=False)}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         super().log(metrics, step)

@@ -6,6 +6,7 @@ The tracking URI is MLFLOW_TRACKING_URI when set (a server), else SQLite under t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -57,7 +58,7 @@ def experiment_id(runtime: RuntimeConfig) -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, check=False,
                               text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -113,10 +114,8 @@ def register_model(runtime: RuntimeConfig, run_id: str, model_dir: Path, name: s
     `name`, and point the alias `newest` at it. Returns the version."""
     client = client_for(runtime)
     client.log_artifacts(run_id, str(model_dir), "model")
-    try:
+    with contextlib.suppress(MlflowException):  # already registered
         client.create_registered_model(name)
-    except MlflowException:
-        pass  # already registered
     version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
                                           tags={k: str(v) for k, v in (tags or {}).items()})
     client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)

@@ -42,7 +42,26 @@ def test_cli_rejects_bad_config_before_any_training(tmp_path):
     """Exit code 2 and the field named; no run directory is created."""
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "pipeline", "--set", "pretrain.stepz=1",
-         "--set", f"runtime.workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
+         "--set", f"runtime.workdir={tmp_path}"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert "field 'pretrain.stepz'" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_tiny_profile_is_the_default_the_prefect_form_shows():
+    from r1core.config import DEFAULT_CONFIG, DEFAULT_PROFILE
+
+    assert load_config(DEFAULT_PROFILE) == DEFAULT_CONFIG
+
+
+def test_flow_parameters_are_typed_for_the_prefect_ui():
+    """The pipeline flow's parameter schema is the pydantic config (a form with defaults)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import r1_pipeline
+
+    schema = parameter_schema(r1_pipeline.fn).model_dump_for_openapi()
+    config = schema["definitions"]["PipelineConfig"]["properties"]
+    assert {"model", "data", "pretrain", "r1_zero", "eval", "runtime"} <= set(config)
+    grpo = schema["definitions"]["GRPOConfig"]["properties"]
+    assert grpo["group_size"]["default"] == 8 and "completions sampled per prompt" in grpo["group_size"]["description"]

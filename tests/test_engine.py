@@ -88,11 +88,11 @@ def served_model(tmp_path_factory, tiny_model, tokenizer):
     tiny_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     port = _free_port()
-    log = open(model_dir / "server.log", "w")
     exe = Path(sys.executable).parent / "transformers"
-    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with open(model_dir / "server.log", "w") as log:
+        proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                                 "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -11,5 +11,5 @@ def test_r1core_imports_no_orchestration_framework():
         "bad = sorted(k for k in sys.modules if k.split('.')[0] in {'prefect', 'ray', 'mlflow'})\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

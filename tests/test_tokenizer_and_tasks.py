@@ -41,7 +41,7 @@ def test_tokenizer_round_trips_through_save_pretrained(tokenizer, tmp_path):
 def test_split_is_disjoint_deterministic_and_verifiable(rows):
     train, heldout = rows
     assert not {r["question"] for r in train} & {r["question"] for r in heldout}
-    again_train, again_heldout = generate_split(DataConfig(num_train=300, num_heldout=20))
+    again_train, _ = generate_split(DataConfig(num_train=300, num_heldout=20))
     assert [r["id"] for r in again_train] == [r["id"] for r in train]
     # every row's own worked solution is rewarded as correct and well formed
     for r in train + heldout:
