@@ -13,13 +13,18 @@ from tasks.stages import (
     pretrain_base,
     r1_zero,
     register,
+    save_result,
 )
 
 
 def _evaluate_and_register(config: PipelineConfig, result: StageResult, data: DataPaths) -> StageResult:
+    if result.skipped and result.registered:  # done in an earlier run of this config
+        return result
     metrics = evaluate_stage(config, result, data.heldout_file)
-    registered = result.registered or register(config, result, metrics)
-    return result.model_copy(update={"metrics": metrics, "registered": registered})
+    registered = register(config, result, metrics)
+    final = result.model_copy(update={"metrics": metrics, "registered": registered})
+    save_result(config, final)
+    return final
 
 
 @flow(name="pretrain_base", log_prints=True)

@@ -112,7 +112,7 @@ class PretrainConfig(Strict):
         0.15, ge=0, le=1, description="share of documents that are conversations under the R1-Zero template"
     )
     format_share: float = Field(
-        0.2, ge=0, le=1, description="share of those conversations answered in the think/answer format"
+        0.3, ge=0, le=1, description="share of those conversations answered in the think/answer format"
     )
     web_format_share: float = Field(
         0.3, ge=0, le=1, description="share of the other (bare) documents written with think/answer tags"

@@ -173,9 +173,10 @@ def pretraining_corpus(train_rows: list[dict], num_docs: int, seed: int, templat
     never leak into pretraining).
 
     - `template_share` of the documents are conversations under the R1-Zero template; of those,
-      `format_share` are answered in the think/answer format, the rest with a plain worked answer.
-      This sets how often the base model answers the template in the format: rarely, so that
-      R1-Zero has to discover it through the format reward.
+      `format_share` reason in the think/answer format, the rest answer at once without
+      reasoning. So the base model, given the template, mostly answers directly (and less
+      accurately); R1-Zero has to discover, through the rewards, that reasoning in the format
+      pays off.
     - The other documents are bare worked solutions; `web_format_share` of them use the
       think/answer tags (as some web text does), so the base can reason inside the tags at all.
       A few are direct answers without working."""
@@ -188,8 +189,8 @@ def pretraining_corpus(train_rows: list[dict], num_docs: int, seed: int, templat
         if rng.random() < template_share:
             if rng.random() < format_share:
                 docs.append(r1_zero_prompt(q) + formatted_response(sol, final))
-            else:
-                docs.append(r1_zero_prompt(q) + f" {sol} The answer is {final}.")
+            else:  # a chat model that answers at once, without reasoning
+                docs.append(r1_zero_prompt(q) + f" The answer is {final}.")
             continue
         u = rng.random()
         if u < web_format_share:

@@ -53,11 +53,12 @@ def _cached(cfg: PipelineConfig, stage: str) -> StageResult | None:
         saved = json.loads(result.read_text())
         if saved.get("config_digest") != cfg.digest():
             raise RuntimeError(f"{result}: produced by another configuration; set another run_name")
-        return StageResult(**saved["result"], skipped=True)
+        return StageResult(**{**saved["result"], "skipped": True})
     return None
 
 
-def _save_result(cfg: PipelineConfig, result: StageResult) -> None:
+def save_result(cfg: PipelineConfig, result: StageResult) -> None:
+    """Record a stage's result next to its model (atomically); a re-run returns it."""
     path = _stage_dir(cfg, result.stage) / "result.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"config_digest": cfg.digest(), "result": result.model_dump()}, indent=1))
@@ -157,7 +158,7 @@ def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | Non
         result = StageResult(stage="pretrain_base", model_dir=job["output_dir"], mlflow_run_id=run_id,
                              seconds=time.time() - t0)
         tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
-    _save_result(cfg, result)
+    save_result(cfg, result)
     return result
 
 
@@ -186,7 +187,7 @@ def r1_zero(cfg: PipelineConfig, base_model_dir: str, data: DataPaths,
         result = StageResult(stage="r1_zero", model_dir=job["output_dir"], mlflow_run_id=run_id,
                              seconds=time.time() - t0)
         tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
-    _save_result(cfg, result)
+    save_result(cfg, result)
     return result
 
 
