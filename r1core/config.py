@@ -64,7 +64,7 @@ class DataConfig(Strict):
     num_train: int = Field(3000, ge=1)
     num_heldout: int = Field(200, ge=1)
     task_mix: dict[str, float] = Field(
-        default_factory=lambda: {"chain_sum": 0.8, "countdown": 0.2},
+        default_factory=lambda: {"chain_sum": 0.9, "countdown": 0.1},
         description="task name -> share of rows (synthetic generators in r1core.reasoning_tasks)",
     )
     chain_min_terms: int = Field(2, ge=2)
@@ -109,10 +109,10 @@ class PretrainConfig(Strict):
     enabled: bool = Field(True, description="false: use model.pretrained_path as the base")
     corpus_docs: int = Field(60000, ge=10, description="documents in the synthetic corpus")
     template_share: float = Field(
-        0.15, ge=0, le=1, description="share of documents that are conversations under the R1-Zero template"
+        0.2, ge=0, le=1, description="share of documents that are conversations under the R1-Zero template"
     )
     format_share: float = Field(
-        0.3, ge=0, le=1, description="share of those conversations answered in the think/answer format"
+        0.35, ge=0, le=1, description="share of those conversations answered in the think/answer format"
     )
     web_format_share: float = Field(
         0.3, ge=0, le=1, description="share of the other (bare) documents written with think/answer tags"
@@ -150,7 +150,7 @@ class GRPOConfig(Strict):
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0, "format": 0.5}, description="reward name -> weight"
     )
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8))
     checkpoint_every: int = Field(10, ge=1)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
