@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and field."""
 
 
+def _known_names(names, registry, what: str) -> None:
+    unknown = sorted(set(names) - set(registry))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(registry)}")
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -86,9 +92,7 @@ class DataConfig(Strict):
     def _known_tasks(cls, v: dict[str, float]) -> dict[str, float]:
         from r1core.reasoning_tasks import GENERATORS
 
-        unknown = sorted(set(v) - set(GENERATORS))
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {sorted(GENERATORS)}")
+        _known_names(v, GENERATORS, "task")
         if not v or sum(v.values()) <= 0 or min(v.values()) < 0:
             raise ValueError("task shares must be non-negative and sum to more than 0")
         return v
@@ -159,9 +163,7 @@ class GRPOConfig(Strict):
     def _known_rewards(cls, v: dict[str, float]) -> dict[str, float]:
         from r1core.rewards import REWARDS
 
-        unknown = sorted(set(v) - set(REWARDS))
-        if unknown:
-            raise ValueError(f"unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+        _known_names(v, REWARDS, "reward")
         return v
 
 

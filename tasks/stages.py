@@ -118,17 +118,33 @@ def log_dataset(cfg: PipelineConfig, run_id: str, path: str, context: str) -> No
     )
 
 
+def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, compute,
+                       parent_run_id: str | None, prepare) -> StageResult:
+    """The shape every training stage shares: return the earlier result if the stage is complete;
+    otherwise open its MLflow run, `prepare(run_id, stage_dir) -> job fields`, run the Ray Train
+    job, and record the result."""
+    logger = get_run_logger()
+    if (cached := _cached(cfg, stage)) is not None:
+        logger.info("%s: complete model found at %s, not training again", stage, cached.model_dir)
+        return cached
+    stage_dir = _stage_dir(cfg, stage)
+    t0 = time.time()
+    with stage_run(cfg, stage, parent_run_id, description) as run_id:
+        job = _job(cfg, run_id, stage_dir, **prepare(run_id, stage_dir))
+        logger.info("%s: Ray Train job on %d worker(s)", stage, compute.num_workers)
+        ray_jobs.fit(stage, loop, job, cfg, compute)
+        result = StageResult(stage=stage, model_dir=job["output_dir"], mlflow_run_id=run_id,
+                             seconds=time.time() - t0)
+        tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
+    save_result(cfg, result)
+    return result
+
+
 @task(name="pretrain-base", cache_policy=NO_CACHE)
 def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | None = None) -> StageResult:
     """Stage 0: build the tokenizer and corpus, then pretrain the tiny base as a Ray Train job."""
-    logger = get_run_logger()
-    if (cached := _cached(cfg, "pretrain_base")) is not None:
-        logger.info("pretrain_base: complete model found at %s, not training again", cached.model_dir)
-        return cached
-    stage_dir = _stage_dir(cfg, "pretrain_base")
-    t0 = time.time()
-    with stage_run(cfg, "pretrain_base", parent_run_id,
-                   "Stage 0: next-token pretraining of the tiny base model on a synthetic corpus.") as run_id:
+
+    def prepare(run_id: str, stage_dir: Path) -> dict:
         log_dataset(cfg, run_id, data.train_file, "train")
         prepared = stage_dir / "prepared"
         if not ckpt.is_complete(prepared):
@@ -140,7 +156,7 @@ def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | Non
                                       template_share=p.template_share, format_share=p.format_share,
                                       web_format_share=p.web_format_share)
             tokenizer = train_tokenizer(docs, cfg.model.vocab_size)
-            blocks = pack(tokenizer, docs, cfg.pretrain.seq_len)
+            blocks = pack(tokenizer, docs, p.seq_len)
 
             def write(d: Path):
                 tokenizer.save_pretrained(d)
@@ -148,47 +164,31 @@ def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | Non
                 (d / "sample.txt").write_text("\n\n".join(docs[:20]))
 
             ckpt.write_atomically(prepared, write)
-        blocks_shape = torch.load(prepared / "blocks.pt").shape
-        tracking.log_metrics(tracking.client_for(cfg.runtime), run_id,
-                             {"corpus_tokens": blocks_shape[0] * blocks_shape[1]})
-        job = _job(cfg, run_id, stage_dir, prepared_dir=str(prepared))
-        logger.info("pretrain_base: Ray Train job, %d worker(s), %d steps",
-                    cfg.pretrain.compute.num_workers, cfg.pretrain.steps)
-        ray_jobs.fit("pretrain_base", ray_jobs.pretrain_loop, job, cfg, cfg.pretrain.compute)
-        result = StageResult(stage="pretrain_base", model_dir=job["output_dir"], mlflow_run_id=run_id,
-                             seconds=time.time() - t0)
-        tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
-    save_result(cfg, result)
-    return result
+        rows, seq_len = torch.load(prepared / "blocks.pt").shape
+        tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"corpus_tokens": rows * seq_len})
+        return {"prepared_dir": str(prepared)}
+
+    return run_training_stage(
+        cfg, "pretrain_base", "Stage 0: next-token pretraining of the tiny base model on a synthetic corpus.",
+        ray_jobs.pretrain_loop, cfg.pretrain.compute, parent_run_id, prepare)
 
 
 @task(name="r1-zero-grpo", cache_policy=NO_CACHE)
 def r1_zero(cfg: PipelineConfig, base_model_dir: str, data: DataPaths,
             parent_run_id: str | None = None) -> StageResult:
     """Stage 1: pure RL (GRPO, rule rewards) from the base, as a Ray Train job."""
-    logger = get_run_logger()
-    if (cached := _cached(cfg, "r1_zero")) is not None:
-        logger.info("r1_zero: complete model found at %s, not training again", cached.model_dir)
-        return cached
-    stage_dir = _stage_dir(cfg, "r1_zero")
-    t0 = time.time()
-    with stage_run(cfg, "r1_zero", parent_run_id,
-                   "Stage 1 (R1-Zero): GRPO from the base model with rule rewards only, no SFT.") as run_id:
+
+    def prepare(run_id: str, stage_dir: Path) -> dict:
         log_dataset(cfg, run_id, data.train_file, "train")
         tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {
             "base_model_dir": base_model_dir,
             "rewards": json.dumps({k: f"v{REWARD_VERSIONS[k]}" for k in cfg.r1_zero.rewards}),
         })
-        job = _job(cfg, run_id, stage_dir, init_model_dir=base_model_dir, train_file=data.train_file)
-        logger.info("r1_zero: Ray Train job, %d worker(s), %d GRPO steps of %d prompts x %d samples",
-                    cfg.r1_zero.compute.num_workers, cfg.r1_zero.steps, cfg.r1_zero.prompts_per_step,
-                    cfg.r1_zero.group_size)
-        ray_jobs.fit("r1_zero", ray_jobs.grpo_loop, job, cfg, cfg.r1_zero.compute)
-        result = StageResult(stage="r1_zero", model_dir=job["output_dir"], mlflow_run_id=run_id,
-                             seconds=time.time() - t0)
-        tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
-    save_result(cfg, result)
-    return result
+        return {"init_model_dir": base_model_dir, "train_file": data.train_file}
+
+    return run_training_stage(
+        cfg, "r1_zero", "Stage 1 (R1-Zero): GRPO from the base model with rule rewards only, no SFT.",
+        ray_jobs.grpo_loop, cfg.r1_zero.compute, parent_run_id, prepare)
 
 
 def _job(cfg: PipelineConfig, run_id: str, stage_dir: Path, **extra) -> dict:
