@@ -8,6 +8,7 @@ environment they were started with.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +21,9 @@ import r1core
 from r1core import checkpoint as ckpt
 from r1core.config import PipelineConfig, RuntimeConfig
 from r1core.training import TrainContext
+
+# Ray Train routes worker logging to the driver; print() there is both logged and teed (twice).
+log = logging.getLogger("r1.train")
 
 # Ray Train's defaults poll slowly; on one machine these cut ~10 s off every fit.
 RAY_ENV_DEFAULTS = {
@@ -91,7 +95,7 @@ class RayContext(TrainContext):
 
             log_metrics(self.client, self.run_id, metrics, step)
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:8])
-            print(f"[{self.stage}] step {step} ({time.time() - self.started:.0f}s) {shown}", flush=True)
+            log.info("[%s] step %d (%.0fs) %s", self.stage, step, time.time() - self.started, shown)
 
     def latest_checkpoint(self) -> Path | None:
         """Ray Train's latest checkpoint (after a worker failure or a re-run of the same job),
