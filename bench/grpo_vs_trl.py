@@ -24,7 +24,7 @@ from r1core.config import load_config
 from r1core.modeling import load_pretrained
 from r1core.reasoning_tasks import generate_split
 from r1core.rewards import REWARDS
-from r1core.training import LocalContext, grpo_train
+from r1core.training import TrainContext, grpo_train
 
 
 def default_model() -> str:
@@ -46,7 +46,7 @@ def run_ours(cfg, model_dir: str, rows: list[dict]) -> tuple[list[float], list[f
         last[0] = now
 
     with tempfile.TemporaryDirectory() as ckdir:
-        ctx = LocalContext(ckdir, log_fn=log)
+        ctx = TrainContext(ckdir, log_fn=log)
         cfg = cfg.model_copy(update={"checkpoint_every": 10**6})  # time the steps, not checkpoint writes
         last[0] = time.perf_counter()
         grpo_train(cfg, policy, reference, tokenizer, rows, ctx, seed=0)

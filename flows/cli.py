@@ -113,8 +113,8 @@ def run_eval(cfg, args) -> dict:
 
     rows = read_rows(args.data)
     if args.base_url:
-        from r1core.engine import OpenAIEngine, Sampling
-        from r1core.evaluation import evaluate
+        from r1core.engine import OpenAIEngine
+        from r1core.evaluation import evaluate_heldout
 
         if not args.served_model:
             raise SystemExit("r1: --base-url needs --served-model")
@@ -123,9 +123,7 @@ def run_eval(cfg, args) -> dict:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(args.model)
-        engine = OpenAIEngine(args.base_url, args.served_model, tokenizer)
-        return evaluate(engine, rows[: cfg.eval.num_prompts], cfg.eval.k,
-                        Sampling.from_config(cfg.eval.sampling, seed=1234))
+        return evaluate_heldout(OpenAIEngine(args.base_url, args.served_model, tokenizer), rows, cfg.eval)
     from tasks.evaluate import evaluate_locally, resolve_model
 
     return evaluate_locally(resolve_model(args.model, cfg), rows, cfg.eval, cfg.rollout.batch_size,

@@ -14,6 +14,7 @@ from tasks.stages import (
     r1_zero,
     register,
     save_result,
+    use_pretrained_base,
 )
 
 
@@ -33,8 +34,6 @@ def pretrain_base_flow(config: PipelineConfig = DEFAULT_CONFIG, parent_run_id: s
     """Stage 0: pretrain the tiny base model (or take `model.pretrained_path`), evaluate, register."""
     data = data or prepare_data(config)
     if not config.pretrain.enabled:
-        from tasks.stages import use_pretrained_base
-
         result = use_pretrained_base(config, parent_run_id)
     else:
         result = pretrain_base(config, data, parent_run_id)

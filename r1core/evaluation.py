@@ -66,6 +66,15 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
     return metrics
 
 
+EVAL_SEED = 1234
+
+
+def evaluate_heldout(engine: RolloutEngine, rows: list[dict], eval_cfg) -> dict:
+    """`evaluate` as an `EvalConfig` asks: the first `num_prompts` rows, k samples, its sampling."""
+    return evaluate(engine, rows[: eval_cfg.num_prompts], eval_cfg.k,
+                    Sampling.from_config(eval_cfg.sampling, seed=EVAL_SEED))
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0

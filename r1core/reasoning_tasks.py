@@ -167,10 +167,9 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def pretraining_corpus(train_rows: list[dict], num_docs: int, seed: int, template_share: float = 0.15,
-                       format_share: float = 0.2, web_format_share: float = 0.3) -> list[str]:
-    """Web-like text about the train problems, built only from train rows (held-out questions
-    never leak into pretraining).
+def pretraining_corpus(train_rows: list[dict], cfg, seed: int) -> list[str]:
+    """`cfg.corpus_docs` documents of web-like text about the train problems (`cfg` is a
+    `PretrainConfig`), built only from train rows: held-out questions never leak into pretraining.
 
     - `template_share` of the documents are conversations under the R1-Zero template; of those,
       `format_share` reason in the think/answer format, the rest answer at once without
@@ -182,18 +181,18 @@ def pretraining_corpus(train_rows: list[dict], num_docs: int, seed: int, templat
       A few are direct answers without working."""
     rng = random.Random(seed)
     docs = []
-    for _ in range(num_docs):
+    for _ in range(cfg.corpus_docs):
         row = rng.choice(train_rows)
         q, sol, ans = row["question"], row["solution"], row["answer"]
         final = row.get("expression") or ans
-        if rng.random() < template_share:
-            if rng.random() < format_share:
+        if rng.random() < cfg.template_share:
+            if rng.random() < cfg.format_share:
                 docs.append(r1_zero_prompt(q) + formatted_response(sol, final))
             else:  # a chat model that answers at once, without reasoning
                 docs.append(r1_zero_prompt(q) + f" The answer is {final}.")
             continue
         u = rng.random()
-        if u < web_format_share:
+        if u < cfg.web_format_share:
             docs.append(q + formatted_response(sol, final))
         elif u < 0.93:
             docs.append(f"{q} {sol} The answer is {final}.")

@@ -3,7 +3,7 @@
 Each recipe is one function driven by one typed config and a `TrainContext`, which says who
 this worker is (rank, world size, device), how to wrap the model for data parallelism, where
 metrics and checkpoints go, and which checkpoint to resume from. `tasks/` provides the Ray
-Train context; `LocalContext` runs a recipe in-process (tests, benchmarks).
+Train context; the base `TrainContext` runs a recipe in-process (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -55,9 +55,6 @@ class TrainContext:
         if self.bf16 and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-LocalContext = TrainContext
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -30,19 +30,17 @@ def resolve_model(model: str, cfg: PipelineConfig | None = None) -> str:
 
 
 def evaluate_locally(model_dir: str, rows: list[dict], eval_cfg: EvalConfig, batch_size: int = 256,
-                     threads: int | None = None, seed: int = 1234) -> dict[str, float]:
+                     threads: int | None = None) -> dict[str, float]:
     import torch
 
-    from r1core.engine import Sampling, TorchEngine
-    from r1core.evaluation import evaluate
+    from r1core.engine import TorchEngine
+    from r1core.evaluation import evaluate_heldout
     from r1core.modeling import load_pretrained
 
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_pretrained(model_dir)
-    engine = TorchEngine(model, tokenizer, batch_size)
-    return evaluate(engine, rows[: eval_cfg.num_prompts], eval_cfg.k,
-                    Sampling.from_config(eval_cfg.sampling, seed=seed))
+    return evaluate_heldout(TorchEngine(model, tokenizer, batch_size), rows, eval_cfg)
 
 
 @ray.remote

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import torch
 import r1core
 from r1core import checkpoint as ckpt
 from r1core.config import PipelineConfig, RuntimeConfig
-from r1core.training import TrainContext
+from r1core.training import TrainContext, unwrap
 
 # Ray Train routes worker logging to the driver; print() there is both logged and teed (twice).
 log = logging.getLogger("r1.train")
@@ -104,7 +104,8 @@ class RayContext(TrainContext):
 
         reported = ray.train.get_checkpoint()
         if reported is not None:
-            local = Path(tempfile.mkdtemp(prefix="r1-resume-"))
+            local = self.checkpoint_dir.parent / f"restored_checkpoint_rank{self.rank}"  # ranks share a node
+            shutil.rmtree(local, ignore_errors=True)
             reported.to_directory(str(local))
             if ckpt.is_complete(local):
                 return local
@@ -155,7 +156,6 @@ def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str) -> N
     """Rank 0 saves the trained model as an HF directory, atomically."""
     if ctx.rank != 0:
         return
-    from r1core.training import unwrap
 
     def save(d: Path):
         unwrap(model).save_pretrained(d)

@@ -151,12 +151,9 @@ def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | Non
             from r1core.tokenizer import train_tokenizer
             from r1core.training import pack
 
-            p = cfg.pretrain
-            docs = pretraining_corpus(read_rows(data.train_file), p.corpus_docs, seed=cfg.data.seed,
-                                      template_share=p.template_share, format_share=p.format_share,
-                                      web_format_share=p.web_format_share)
+            docs = pretraining_corpus(read_rows(data.train_file), cfg.pretrain, seed=cfg.data.seed)
             tokenizer = train_tokenizer(docs, cfg.model.vocab_size)
-            blocks = pack(tokenizer, docs, p.seq_len)
+            blocks = pack(tokenizer, docs, cfg.pretrain.seq_len)
 
             def write(d: Path):
                 tokenizer.save_pretrained(d)

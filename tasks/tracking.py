@@ -7,6 +7,7 @@ The tracking URI is MLFLOW_TRACKING_URI when set (a server), else SQLite under t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -41,7 +42,12 @@ def artifact_location(runtime: RuntimeConfig, uri: str) -> str | None:
 
 
 def client_for(runtime: RuntimeConfig) -> MlflowClient:
-    return MlflowClient(tracking_uri(runtime))
+    return _client(tracking_uri(runtime))
+
+
+@functools.cache
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(uri)
 
 
 def experiment_id(runtime: RuntimeConfig) -> str:
@@ -56,6 +62,7 @@ def experiment_id(runtime: RuntimeConfig) -> str:
         return client.get_experiment_by_name(runtime.experiment).experiment_id
 
 
+@functools.cache
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, check=False,

@@ -1,6 +1,6 @@
 import pytest
 
-from r1core.config import DataConfig
+from r1core.config import DataConfig, PretrainConfig
 from r1core.reasoning_tasks import generate_split, pretraining_corpus
 from r1core.tokenizer import train_tokenizer
 
@@ -13,4 +13,4 @@ def rows():
 @pytest.fixture(scope="session")
 def tokenizer(rows):
     train, _ = rows
-    return train_tokenizer(pretraining_corpus(train, 500, seed=0), vocab_size=400)
+    return train_tokenizer(pretraining_corpus(train, PretrainConfig(corpus_docs=500), seed=0), vocab_size=400)

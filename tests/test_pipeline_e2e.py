@@ -15,11 +15,18 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prefect_env(workdir):
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(workdir / "prefect-results")  # the harness doesn't isolate it
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    saved = os.environ.get("PREFECT_LOCAL_STORAGE_PATH")
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(workdir / "prefect-results")  # the harness doesn't isolate it
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+        else:
+            os.environ["PREFECT_LOCAL_STORAGE_PATH"] = saved
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from r1core.config import DataConfig
+from r1core.config import DataConfig, PretrainConfig
 from r1core.reasoning_tasks import (
     R1_ZERO_TEMPLATE,
     formatted_response,
@@ -64,7 +64,7 @@ def test_too_small_task_space_fails_clearly():
 
 def test_corpus_never_contains_heldout_questions(rows):
     train, heldout = rows
-    docs = pretraining_corpus(train, 2000, seed=1)
+    docs = pretraining_corpus(train, PretrainConfig(corpus_docs=2000), seed=1)
     for r in heldout:
         q = r["question"]
         leaks = [d for d in docs if f"User: {q} " in d or d.startswith((f"{q} ", f"{q[:-1]} = "))]

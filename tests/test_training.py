@@ -8,7 +8,7 @@ from r1core import checkpoint as ckpt
 from r1core.config import GRPOConfig, ModelConfig, PretrainConfig
 from r1core.modeling import build_model
 from r1core.reasoning_tasks import pretraining_corpus
-from r1core.training import LocalContext, grpo_train, pack, pretrain
+from r1core.training import TrainContext, grpo_train, pack, pretrain
 
 MICRO = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
 
@@ -17,7 +17,7 @@ class Killed(Exception):
     pass
 
 
-class KillAt(LocalContext):
+class KillAt(TrainContext):
     """Dies right after logging step `at`, as a preempted worker would."""
 
     def __init__(self, checkpoint_dir, at):
@@ -32,7 +32,7 @@ class KillAt(LocalContext):
 
 @pytest.fixture(scope="module")
 def blocks(rows, tokenizer):
-    return pack(tokenizer, pretraining_corpus(rows[0], 300, seed=0), 64)
+    return pack(tokenizer, pretraining_corpus(rows[0], PretrainConfig(corpus_docs=300), seed=0), 64)
 
 
 def _weights(model):
@@ -41,7 +41,7 @@ def _weights(model):
 
 def test_pretraining_lowers_the_loss(tokenizer, blocks, tmp_path):
     cfg = PretrainConfig(steps=60, batch_size=8, lr=1e-2, warmup_steps=5, checkpoint_every=100, seq_len=64)
-    ctx = LocalContext(tmp_path)
+    ctx = TrainContext(tmp_path)
     pretrain(cfg, build_model(MICRO, tokenizer), tokenizer, blocks, ctx, log_every=5)
     losses = [m["loss"] for _, m in ctx.history]
     assert losses[-1] < 0.7 * losses[0]
@@ -51,7 +51,7 @@ def test_pretraining_lowers_the_loss(tokenizer, blocks, tmp_path):
 def test_pretraining_resumes_exactly_after_a_kill(tokenizer, blocks, tmp_path):
     cfg = PretrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=2, seq_len=64)
     straight = build_model(MICRO, tokenizer, seed=1)
-    pretrain(cfg, straight, tokenizer, blocks, LocalContext(tmp_path / "a"), log_every=1)
+    pretrain(cfg, straight, tokenizer, blocks, TrainContext(tmp_path / "a"), log_every=1)
 
     killed = build_model(MICRO, tokenizer, seed=1)
     with pytest.raises(Killed):
@@ -59,7 +59,7 @@ def test_pretraining_resumes_exactly_after_a_kill(tokenizer, blocks, tmp_path):
     assert ckpt.latest_complete(tmp_path / "b").name == "step_000004"
     (tmp_path / "b" / "step_000006.tmp-999").mkdir()  # debris of a kill mid-write is ignored
     resumed = build_model(MICRO, tokenizer, seed=2)  # different init: everything must come from the checkpoint
-    ctx = LocalContext(tmp_path / "b")
+    ctx = TrainContext(tmp_path / "b")
     pretrain(cfg, resumed, tokenizer, blocks, ctx, log_every=1)
     assert [s for s, _ in ctx.history] == [5, 6]  # resumed at step 5, not from scratch
     for k, v in _weights(straight).items():
@@ -80,7 +80,7 @@ def test_grpo_improves_reward_on_a_learnable_signal(tokenizer, rows, tmp_path):
     R.register("digit_share")(digit_share)
     try:
         cfg = cfg.model_copy(update={"rewards": {"digit_share": 1.0}})
-        ctx = LocalContext(tmp_path)
+        ctx = TrainContext(tmp_path)
         grpo_train(cfg, model, None, tokenizer, rows[0], ctx)
     finally:
         del R.REWARDS["digit_share"], R.REWARD_VERSIONS["digit_share"]
@@ -95,12 +95,12 @@ def test_grpo_resumes_exactly_after_a_kill(tokenizer, rows, tmp_path):
                      sampling={"max_new_tokens": 5})
     base = build_model(MICRO, tokenizer, seed=3)
     straight = copy.deepcopy(base)
-    grpo_train(cfg, straight, copy.deepcopy(base), tokenizer, rows[0], LocalContext(tmp_path / "a"))
+    grpo_train(cfg, straight, copy.deepcopy(base), tokenizer, rows[0], TrainContext(tmp_path / "a"))
     killed = copy.deepcopy(base)
     with pytest.raises(Killed):
         grpo_train(cfg, killed, copy.deepcopy(base), tokenizer, rows[0], KillAt(tmp_path / "b", at=3))
     resumed = copy.deepcopy(base)
-    ctx = LocalContext(tmp_path / "b")
+    ctx = TrainContext(tmp_path / "b")
     grpo_train(cfg, resumed, copy.deepcopy(base), tokenizer, rows[0], ctx)
     assert [s for s, _ in ctx.history] == [3, 4]
     for k, v in _weights(straight).items():
