@@ -1,7 +1,7 @@
 """`r1`: run the pipeline or one stage, evaluate a model, show the resolved config.
 
     r1 run pipeline [--config FILE] [--set key=value ...]
-    r1 run stage NAME [--config FILE] [--set key=value ...] [--base-model DIR]
+    r1 run stage NAME [--config FILE] [--set key=value ...] [--init-model DIR] [--no-register]
     r1 eval --model PATH_OR_MODELS_URI --data FILE [--k K] [--base-url URL --served-model NAME]
     r1 config [--config FILE] [--set key=value ...]
 """
@@ -15,7 +15,10 @@ from pathlib import Path
 
 from r1core.config import ConfigError, load_config
 
-STAGES = ("pretrain_base", "r1_zero")
+STAGES = ("pretrain_base", "r1_zero", "cold_start_data", "cold_start_sft", "reasoning_rl")
+# the flow parameter `--init-model` sets: the model a stage starts from
+INIT_MODEL_PARAM = {"r1_zero": "base_model_dir", "cold_start_data": "base_model_dir",
+                    "cold_start_sft": "base_model_dir", "reasoning_rl": "init_model_dir"}
 
 
 LOCAL_PREFECT_UI = "http://127.0.0.1:4200/api"  # what `make ui` starts
@@ -58,7 +61,11 @@ def parser() -> argparse.ArgumentParser:
     _config_args(run_sub.add_parser("pipeline", help="all stages"))
     stage = run_sub.add_parser("stage", help="one stage")
     stage.add_argument("name", choices=STAGES)
-    stage.add_argument("--base-model", help="r1_zero: base model dir (default: this run's pretrain_base)")
+    stage.add_argument("--init-model", help="model dir the stage starts from (default: the one this "
+                       "configuration's earlier stage produced): the base for r1_zero, cold_start_data "
+                       "and cold_start_sft, the cold-start model for reasoning_rl")
+    stage.add_argument("--no-register", action="store_true",
+                       help="evaluate but do not register the model (ablations)")
     _config_args(stage)
     ev = sub.add_parser("eval", help="held-out pass@1 / cons@k / format rate of a model")
     ev.add_argument("--model", required=True, help="HF model dir, or models:/name@alias, runs:/id/model")
@@ -102,7 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from flows.stages import STAGE_FLOWS
 
-    kwargs = {"base_model_dir": args.base_model} if args.name == "r1_zero" and args.base_model else {}
+    kwargs = {}
+    if args.init_model:
+        if args.name not in INIT_MODEL_PARAM:
+            print(f"r1: --init-model does not apply to stage {args.name}", file=sys.stderr)
+            return 2
+        kwargs[INIT_MODEL_PARAM[args.name]] = str(Path(args.init_model).resolve())
+    if args.no_register:
+        if "register_model" not in STAGE_FLOWS[args.name].parameters.properties:
+            print(f"r1: --no-register does not apply to stage {args.name}", file=sys.stderr)
+            return 2
+        kwargs["register_model"] = False
     result = STAGE_FLOWS[args.name](config=cfg, **kwargs)
     print(json.dumps(result.model_dump(), indent=1))
     return 0
@@ -138,6 +155,7 @@ def print_summary(cfg, results) -> None:
         m = r.metrics
         print(f"{name:>14}: pass@1={m.get('pass@1', 0):.3f}  cons@{cfg.eval.k}={m.get(f'cons@{cfg.eval.k}', 0):.3f}"
               f"  format={m.get('format_rate', 0):.3f}  any-format acc={m.get('answer_accuracy_any', 0):.3f}"
+              f"  mixing={m.get('language_mixing_rate', 0):.3f}  readable={m.get('readability', 0):.3f}"
               f"  len={m.get('mean_length', 0):.1f}  ({r.seconds:.0f}s{', cached' if r.skipped else ''})"
               f"  -> {r.registered}")
     uri = tracking_uri(cfg.runtime)

@@ -1,18 +1,28 @@
 """`r1_pipeline`: the DeepSeek-R1 recipe as one Prefect flow, stage after stage.
 
-    synthetic tasks ──► pretrain_base ──► r1_zero (GRPO, rule rewards)
-                           │ eval, register      │ eval, register r1-zero
-                           ▼                     ▼
-                        r1-base               r1-zero
+    synthetic tasks ─► pretrain_base ─► r1_zero (GRPO, rule rewards)
+                          │                │
+                          ▼                ▼
+                       cold_start_data (few-shot, direct, rewritten R1-Zero; verified,
+                          │             filtered, optionally reviewed in the Prefect UI)
+                          ▼
+      base ─────────► cold_start_sft ─► reasoning_rl (GRPO + language consistency)
 
-Later stages (cold start, reasoning RL, rejection sampling, SFT, general RL, distillation)
-append here. One MLflow parent run per pipeline run; each stage is a nested run.
+Every model stage is evaluated on held-out prompts and registered (r1-base, r1-zero,
+r1-cold-start, r1-reasoning-rl). Later stages (rejection sampling, SFT, general RL,
+distillation) append here. One MLflow parent run per pipeline run; each stage is a nested run.
 """
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.stages import pretrain_base_flow, r1_zero_flow
+from flows.stages import (
+    cold_start_data_flow,
+    cold_start_sft_flow,
+    pretrain_base_flow,
+    r1_zero_flow,
+    reasoning_rl_flow,
+)
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks import tracking
 from tasks.stages import StageResult, prepare_data
@@ -27,15 +37,21 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
         params=config.model_dump(mode="json", exclude={"runtime"}),
         tags={"profile": config.profile, "run_name": config.resolved_run_name(), "stage": "pipeline",
               "config_digest": config.digest()},
-        description="DeepSeek-R1 recipe: base model, then R1-Zero (pure GRPO with rule rewards).",
+        description="DeepSeek-R1 recipe: base model, R1-Zero, cold start, reasoning-oriented RL.",
     )
     status = "FAILED"
     try:
         data = prepare_data(config)
         base = pretrain_base_flow(config, parent_run_id=parent, data=data)
         zero = r1_zero_flow(config, base_model_dir=base.model_dir, parent_run_id=parent, data=data)
-        results = {"pretrain_base": base, "r1_zero": zero}
+        cold = cold_start_data_flow(config, base_model_dir=base.model_dir, r1_zero_model_dir=zero.model_dir,
+                                    parent_run_id=parent, data=data)
+        interim = cold_start_sft_flow(config, base_model_dir=base.model_dir, dataset_file=cold.dataset_file,
+                                      parent_run_id=parent, data=data)
+        reasoning = reasoning_rl_flow(config, init_model_dir=interim.model_dir, parent_run_id=parent, data=data)
+        results = {"pretrain_base": base, "r1_zero": zero, "cold_start_sft": interim, "reasoning_rl": reasoning}
         client = tracking.client_for(config.runtime)
+        tracking.log_metrics(client, parent, {f"cold_start_data/{k}": v for k, v in cold.metrics.items()})
         for name, r in results.items():
             tracking.log_metrics(client, parent, {f"{name}/{k}": v for k, v in r.metrics.items()})
         status = "FINISHED"

@@ -73,6 +73,10 @@ class DataConfig(Strict):
         default_factory=lambda: {"chain_sum": 0.9, "countdown": 0.1},
         description="task name -> share of rows (synthetic generators in r1core.reasoning_tasks)",
     )
+    languages: dict[str, float] = Field(
+        default_factory=lambda: {"en": 0.5, "ru": 0.5},
+        description="language -> share of synthetic rows (r1core.reasoning_tasks.PHRASES)",
+    )
     chain_min_terms: int = Field(2, ge=2)
     chain_max_terms: int = Field(3, ge=2)
     max_operand: int = Field(9, ge=1, description="largest operand of the synthetic tasks")
@@ -93,9 +97,21 @@ class DataConfig(Strict):
         from r1core.reasoning_tasks import GENERATORS
 
         _known_names(v, GENERATORS, "task")
-        if not v or sum(v.values()) <= 0 or min(v.values()) < 0:
-            raise ValueError("task shares must be non-negative and sum to more than 0")
-        return v
+        return _shares(v, "task")
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, v: dict[str, float]) -> dict[str, float]:
+        from r1core.reasoning_tasks import PHRASES
+
+        _known_names(v, PHRASES, "language")
+        return _shares(v, "language")
+
+
+def _shares(v: dict[str, float], what: str) -> dict[str, float]:
+    if not v or sum(v.values()) <= 0 or min(v.values()) < 0:
+        raise ValueError(f"{what} shares must be non-negative and sum to more than 0")
+    return v
 
 
 class ComputeConfig(Strict):
@@ -121,6 +137,13 @@ class PretrainConfig(Strict):
     web_format_share: float = Field(
         0.3, ge=0, le=1, description="share of the other (bare) documents written with think/answer tags"
     )
+    long_cot_share: float = Field(
+        0.1, ge=0, le=1, description="share of the other documents that are detailed answers "
+        "(reasoning, a verification step, a summary) after a 'solve step by step' instruction"
+    )
+    code_switch_share: float = Field(
+        0.3, ge=0, le=1, description="share of documents whose reasoning steps switch language at random"
+    )
     seq_len: int = Field(256, ge=16, description="tokens per packed training sequence")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (all workers)")
     steps: int = Field(600, ge=1)
@@ -129,6 +152,12 @@ class PretrainConfig(Strict):
     weight_decay: float = Field(0.1, ge=0)
     checkpoint_every: int = Field(200, ge=1)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    @model_validator(mode="after")
+    def _document_shares(self) -> PretrainConfig:
+        if self.long_cot_share + self.web_format_share > 1:
+            raise ValueError("long_cot_share + web_format_share must be at most 1")
+        return self
 
 
 class SamplingConfig(Strict):
@@ -167,13 +196,71 @@ class GRPOConfig(Strict):
         return v
 
 
+class ReviewConfig(Strict):
+    """The optional human review of cold-start examples in the Prefect UI."""
+
+    enabled: bool = Field(False, description="pause the flow for a human review in the Prefect UI")
+    sample_size: int = Field(8, ge=1, description="examples shown for approval or rejection")
+    timeout_s: int = Field(3600, ge=1, description="unreviewed after this long: keep the examples and go on")
+
+
+class ColdStartConfig(Strict):
+    """Stage 2: cold-start data, a small set of long readable chains of thought."""
+
+    routes: dict[str, int] = Field(
+        default_factory=lambda: {"few_shot": 256, "direct": 256, "rewrite_r1_zero": 256},
+        description="route -> train prompts it is run on (few_shot, direct, rewrite_r1_zero); "
+        "leave a route out to switch it off",
+    )
+    samples_per_prompt: int = Field(2, ge=1)
+    shots: int = Field(2, ge=1, description="long-CoT exemplars in a few-shot prompt")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
+    max_words: int = Field(60, ge=1, description="longest kept completion, in words")
+    per_problem: int = Field(1, ge=1, description="most examples kept per problem")
+    seed_file: str | None = Field(
+        None, description="your own candidate examples {prompt, completion, answer, task, language} "
+        "(jsonl/parquet), verified and filtered like the generated ones")
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    compute: ComputeConfig = Field(
+        default_factory=lambda: ComputeConfig(cpus_per_worker=1),
+        description="Ray Data generation actors (num_workers) and their resources")
+
+    @field_validator("routes")
+    @classmethod
+    def _known_routes(cls, v: dict[str, int]) -> dict[str, int]:
+        from r1core.cold_start import ROUTES
+
+        _known_names(v, ROUTES, "cold-start route")
+        return v
+
+    @field_validator("seed_file")
+    @classmethod
+    def _seed_file_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"seed file not found: '{v}'")
+        return v
+
+
+class SFTConfig(Strict):
+    """Supervised fine-tuning (loss on response tokens, packed sequences)."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1, description="packed sequences per optimizer step (all workers)")
+    seq_len: int = Field(256, ge=16, description="tokens per packed sequence")
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+
 class EvalConfig(Strict):
     """Held-out evaluation after every stage: pass@1 over k samples and cons@k."""
 
     k: int = Field(4, ge=1)
     num_prompts: int = Field(200, ge=1, description="held-out prompts evaluated (first N)")
     sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=48)
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64)
     )
 
 
@@ -197,7 +284,7 @@ class RuntimeConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    """The whole R1 recipe (stages 0-1 so far) on one profile."""
+    """The whole R1 recipe (stages 0-4 so far) on one profile."""
 
     profile: str = "tiny"
     run_name: str | None = Field(None, description="output folder name; default: profile + config hash")
@@ -205,6 +292,15 @@ class PipelineConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     r1_zero: GRPOConfig = Field(default_factory=GRPOConfig)
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    cold_start_sft: SFTConfig = Field(default_factory=SFTConfig)
+    reasoning_rl: GRPOConfig = Field(
+        default_factory=lambda: GRPOConfig(
+            rewards={"accuracy": 1.0, "format": 0.5, "language_consistency": 1.0},
+            sampling=SamplingConfig(temperature=0.8, max_new_tokens=64),
+        ),
+        description="Stage 4: GRPO from the cold-start model, with the language-consistency reward",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

@@ -4,14 +4,25 @@
              means well-formed (format reward 1) and the final <answer> verifies;
 - cons@k   = share of prompts whose majority-vote answer (over well-formed samples) verifies;
 - format_rate, answer_accuracy_any (the last number stated anywhere, format-agnostic),
-  mean_length (completion tokens), and pass@1 per task.
+  mean_length (completion tokens), and pass@1 per task;
+- language_consistency (mean share of CoT words in the prompt's language), language_mixing_rate
+  (share of completions whose CoT has a word in another language) and readability (share that
+  is well-formed with a summary and no mixing).
 """
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 
 from r1core.engine import RolloutEngine, Sampling
-from r1core.rewards import answer_accuracy_any, final_answer, is_correct, parse_format
+from r1core.language import language_consistency
+from r1core.rewards import (
+    answer_accuracy_any,
+    cot_text,
+    final_answer,
+    is_correct,
+    is_readable,
+    parse_format,
+)
 
 
 def _vote_key(answer: str) -> str:
@@ -24,6 +35,7 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
     per_prompt_correct: list[float] = []
     per_task: dict[str, list[float]] = defaultdict(list)
     cons, formatted, lengths, scorable = [], [], [], 0
+    consistency, readable = [], []
     loose = answer_accuracy_any(
         [r.text for r in rollouts],
         [rows[r.prompt_index]["answer"] for r in rollouts],
@@ -38,6 +50,8 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
             ok_format = parse_format(ro.text) is not None
             formatted.append(float(ok_format))
             lengths.append(len(ro.completion_ids))
+            consistency.append(language_consistency(cot_text(ro.text), row.get("language") or "en"))
+            readable.append(float(is_readable(ro.text, row.get("language") or "en")))
             pred = final_answer(ro.text) if ok_format else None
             verdict = is_correct(pred, row["answer"], row["task"], row.get("numbers"))
             correct.append(verdict)
@@ -58,6 +72,9 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
         "format_rate": _mean(formatted),
         "answer_accuracy_any": _mean(loose_scored),
         "mean_length": _mean(lengths),
+        "language_consistency": _mean(consistency),
+        "language_mixing_rate": _mean(c < 1.0 for c in consistency),
+        "readability": _mean(readable),
         "num_prompts": len(rows),
         "num_scorable": scorable,
         "k": k,

@@ -4,8 +4,9 @@
 silently turned into 0 or 1; GRPO gives such groups zero advantage and the share is logged.
 
 The completion is the model's text after the prompt, tags kept. The R1 format is
-    <think> reasoning </think> <answer> final answer </answer>
-with nothing before or after but whitespace.
+    <think> reasoning </think> [<summary> summary </summary>] <answer> final answer </answer>
+with nothing before or after but whitespace; the summary block is the readable format of the
+cold-start data and later stages (optional for R1-Zero).
 """
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
+from typing import NamedTuple
 
 from math_verify import parse, verify
+
+from r1core.language import language_consistency
 
 # We run math-verify without its signal-based timeouts (they fail off the main thread); it
 # warns about that on every call.
@@ -36,20 +40,34 @@ def register(name: str, version: str = "1") -> Callable[[RewardFn], RewardFn]:
     return add
 
 
-TAG = re.compile(r"</?(think|answer)>")
-FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+TAG = re.compile(r"</?(think|summary|answer)>")
+FORMAT = re.compile(
+    r"\s*<think>(?P<think>.*?)</think>\s*(?:<summary>(?P<summary>.*?)</summary>\s*)?"
+    r"<answer>(?P<answer>.*?)</answer>\s*",
+    re.DOTALL,
+)
 ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
-def parse_format(completion: str) -> tuple[str, str] | None:
-    """(think, answer) when the completion is exactly one non-empty think block followed by
-    one non-empty answer block and nothing else; otherwise None."""
+class Parsed(NamedTuple):
+    think: str
+    answer: str
+    summary: str | None  # None: no summary block
+
+
+def parse_format(completion: str) -> Parsed | None:
+    """The blocks when the completion is exactly one non-empty think block, optionally one
+    non-empty summary block, and one non-empty answer block, and nothing else; otherwise None."""
     m = FORMAT.fullmatch(completion)
-    if not m or len(TAG.findall(completion)) != 4:
+    tags = 6 if m and m["summary"] is not None else 4
+    if not m or len(TAG.findall(completion)) != tags:
         return None
     think, answer = m["think"].strip(), m["answer"].strip()
-    return (think, answer) if think and answer else None
+    summary = None if m["summary"] is None else m["summary"].strip()
+    if not think or not answer or summary == "":
+        return None
+    return Parsed(think, answer, summary)
 
 
 def final_answer(completion: str) -> str | None:
@@ -187,8 +205,44 @@ def accuracy(completions: list[str], answer: list[str], task: list[str] | None =
 
 @register("format")
 def format_reward(completions: list[str], **_) -> list[float | None]:
-    """1 for exactly `<think>non-empty</think><answer>non-empty</answer>` and nothing after."""
+    """1 for exactly `<think>…</think> [<summary>…</summary>] <answer>…</answer>`, nothing after."""
     return [float(parse_format(c) is not None) for c in completions]
+
+
+def cot_text(completion: str) -> str:
+    """The chain of thought: the think block of a well-formed completion, else all its text."""
+    parsed = parse_format(completion)
+    return parsed.think if parsed else TAG.sub(" ", completion)
+
+
+def mixes_languages(completion: str, language: str) -> bool:
+    """Whether any word of the CoT is not in the prompt's language (`language_mixing_rate`)."""
+    return language_consistency(cot_text(completion), language) < 1.0
+
+
+def cot_language_consistency(completion: str, language: str) -> float:
+    """Share of the CoT's words in `language`. The CoT is the think block; a completion without
+    a well-formed non-empty one scores 0 (no reward for dropping the reasoning)."""
+    parsed = parse_format(completion)
+    return 0.0 if parsed is None else language_consistency(parsed.think, language)
+
+
+@register("language_consistency")
+def language_consistency_reward(completions: list[str], language: list[str] | None = None,
+                                **_) -> list[float | None]:
+    """The paper's language-consistency reward: the proportion of CoT words in the prompt's
+    language (the row's `language` column), added to the accuracy reward."""
+    language = _columns(len(completions), language, "en")
+    return [cot_language_consistency(c, lang) for c, lang in zip(completions, language, strict=True)]
+
+
+def is_readable(completion: str, language: str, max_words: int | None = None) -> bool:
+    """Readable as the cold-start data must be: well-formed with a summary, the CoT and summary
+    entirely in the prompt's language, and (if given) at most `max_words` words."""
+    parsed = parse_format(completion)
+    return (parsed is not None and parsed.summary is not None
+            and language_consistency(parsed.think + " " + parsed.summary, language) == 1.0
+            and (max_words is None or len(completion.split()) <= max_words))
 
 
 def answer_accuracy_any(completions: list[str], answer: list[str], task: list[str],
@@ -214,6 +268,6 @@ def combine(per_reward: dict[str, list[float | None]], weights: dict[str, float]
 
 def score(completions: list[str], rows: list[dict], weights: dict[str, float]):
     """All weighted rewards for completions of `rows` (one row per completion)."""
-    columns = {k: [r.get(k) for r in rows] for k in ("answer", "task", "numbers")}
+    columns = {k: [r.get(k) for r in rows] for k in ("answer", "task", "numbers", "language")}
     per_reward = {name: REWARDS[name](completions, **columns) for name in weights}
     return combine(per_reward, weights), per_reward

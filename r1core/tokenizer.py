@@ -2,7 +2,7 @@
 
 Digits are split one per token (as in Llama), so arithmetic is learned digit by digit rather
 than memorised as opaque number tokens; a digit keeps the space before it (" 3" is one token),
-so copying a one-digit operand is copying one token. The R1 tags are reserved added tokens: always one token,
+so copying a one-digit operand is copying one token. The R1 tags (think, summary, answer) are reserved added tokens: always one token,
 never split, saved and reloaded with the model via `save_pretrained`. They are deliberately not
 flagged `special` in the HF sense, because HF decoders (TRL, `transformers serve`, vLLM's
 default) drop special tokens from the text, and the format reward would then never see them.
@@ -15,8 +15,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
-R1_TAGS = [THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
+R1_TAGS = ["<think>", "</think>", "<summary>", "</summary>", "<answer>", "</answer>"]
 
 # A chat template that passes the user's text through verbatim: the R1-Zero prompt is already
 # the whole conversation, and OpenAI-compatible chat servers then see exactly that prompt.

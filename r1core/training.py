@@ -1,4 +1,4 @@
-"""The training recipes, framework-free: stage 0 (pretraining) and GRPO (R1-Zero).
+"""The training recipes, framework-free: pretraining, SFT and GRPO.
 
 Each recipe is one function driven by one typed config and a `TrainContext`, which says who
 this worker is (rank, world size, device), how to wrap the model for data parallelism, where
@@ -18,7 +18,7 @@ import torch
 from r1core import checkpoint as ckpt
 from r1core.engine import Sampling, TorchEngine
 from r1core.grpo import group_advantages, grpo_loss, token_logprobs
-from r1core.rewards import score
+from r1core.rewards import mixes_languages, score
 
 
 class TrainContext:
@@ -110,36 +110,103 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
 
 def pretrain(cfg, model, tokenizer, blocks: torch.Tensor, ctx: TrainContext, seed: int = 0,
              log_every: int = 10) -> dict:
-    """Next-token prediction on packed blocks; `cfg` is a `PretrainConfig`."""
+    """Next-token prediction on packed blocks drawn at random; `cfg` is a `PretrainConfig`."""
+
+    def batch(step: int) -> torch.Tensor:
+        return torch.randint(len(blocks), (cfg.batch_size,), generator=step_generator(seed, step))
+
+    return lm_train(cfg, cfg.steps, model, tokenizer, {"input_ids": blocks, "labels": blocks}, batch, ctx,
+                    log_every)
+
+
+# --------------------------------------------------------------------------- SFT
+def pack_examples(tokenizer, examples: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
+    """Pack `{prompt, completion}` examples into `[N, seq_len]` rows, first fit in order.
+
+    Loss is on completion tokens (and the EOS after them) only: prompt tokens get label -100.
+    Position ids restart at 0 for every example; with no attention mask, transformers reads
+    that as packed sequences and keeps each example's attention to itself (given use_cache=False)."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    prompts = tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids = p + c + [tokenizer.eos_token_id]
+        if len(ids) > seq_len:
+            raise ValueError(f"SFT example {i} has {len(ids)} tokens, more than seq_len={seq_len}")
+        labels = [-100] * len(p) + c + [tokenizer.eos_token_id]
+        for row in rows:
+            if len(row[0]) + len(ids) <= seq_len:
+                break
+        else:
+            row = ([], [], [])
+            rows.append(row)
+        row[0].extend(ids)
+        row[1].extend(labels)
+        row[2].extend(range(len(ids)))
+    out = {"input_ids": torch.full((len(rows), seq_len), tokenizer.pad_token_id),
+           "labels": torch.full((len(rows), seq_len), -100),
+           "position_ids": torch.zeros((len(rows), seq_len), dtype=torch.long)}
+    for j, (ids, labels, pos) in enumerate(rows):
+        out["input_ids"][j, : len(ids)] = torch.tensor(ids)
+        out["labels"][j, : len(ids)] = torch.tensor(labels)
+        out["position_ids"][j, : len(ids)] = torch.tensor(pos)
+        out["position_ids"][j, len(ids):] = torch.arange(seq_len - len(ids))  # padding: its own sequence
+    return out
+
+
+def sft_steps(cfg, num_rows: int) -> int:
+    return cfg.epochs * math.ceil(num_rows / cfg.batch_size)
+
+
+def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: TrainContext, seed: int = 0,
+              log_every: int = 10) -> dict:
+    """Supervised fine-tuning on packed examples for `cfg.epochs` epochs (`cfg` is an
+    `SFTConfig`); each epoch visits every packed row once, in an order fixed by (seed, epoch)."""
+    n = len(packed["input_ids"])
+    per_epoch = math.ceil(n / cfg.batch_size)
+
+    def batch(step: int) -> torch.Tensor:
+        epoch, i = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=step_generator(seed, epoch))
+        return order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+
+    return lm_train(cfg, sft_steps(cfg, n), model, tokenizer, packed, batch, ctx, log_every)
+
+
+# --------------------------------------------------------------------------- the shared LM loop
+def lm_train(cfg, steps: int, model, tokenizer, data: dict[str, torch.Tensor], batch_indices, ctx: TrainContext,
+             log_every: int = 10) -> dict:
+    """Cross-entropy on `data` rows (`input_ids`, `labels`, optional `position_ids`), the rows
+    of each step given by `batch_indices(step)` and split across ranks; AdamW, warmup + cosine."""
     model = ctx.wrap(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, steps))
     start = resume(ctx, model, optimizer, scheduler)
     model.train()
-    tokens_per_step = cfg.batch_size * blocks.shape[1]
     metrics: dict = {}
-    t0, window = time.perf_counter(), 0.0
-    for step in range(start, cfg.steps):
-        idx = torch.randint(len(blocks), (cfg.batch_size,), generator=step_generator(seed, step))
-        x = blocks[idx[ctx.rank :: ctx.world_size]].to(ctx.device)
+    t0, window, tokens = time.perf_counter(), 0.0, 0
+    for step in range(start, steps):
+        idx = batch_indices(step)[ctx.rank :: ctx.world_size]
+        inputs = {k: v[idx].to(ctx.device) for k, v in data.items()}
         with ctx.autocast():
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(**inputs, use_cache=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         window += loss.item()
+        tokens += inputs["input_ids"].numel() * ctx.world_size
         done = step + 1
-        if done % log_every == 0 or done == cfg.steps:
+        if done % log_every == 0 or done == steps:
             n = (done - start) % log_every or log_every
             elapsed = time.perf_counter() - t0
             metrics = ctx.all_reduce_mean({"loss": window / n, "grad_norm": float(grad_norm)})
-            metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens_per_step * n / elapsed)
+            metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed)
             ctx.log(metrics, done)
-            t0, window = time.perf_counter(), 0.0
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            t0, window, tokens = time.perf_counter(), 0.0, 0
+        if done % cfg.checkpoint_every == 0 or done == steps:
             save_checkpoint(ctx, model, tokenizer, optimizer, scheduler, done, metrics)
     return metrics
 
@@ -184,7 +251,8 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
 
         # 2. rule rewards and group-relative advantages
         texts = [r.text for r in rollouts]
-        total, per_reward = score(texts, [batch[r.prompt_index] for r in rollouts], cfg.rewards)
+        rollout_rows = [batch[r.prompt_index] for r in rollouts]
+        total, per_reward = score(texts, rollout_rows, cfg.rewards)
         unscorable = torch.tensor([t is None for t in total])
         rewards = torch.tensor([0.0 if t is None else t for t in total])
         advantages, zero_variance = group_advantages(rewards, G, scale=cfg.scale_rewards)
@@ -218,6 +286,8 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             **{f"reward/{k}": _mean(v) for k, v in per_reward.items()},
             "accuracy": _mean(per_reward.get("accuracy", [])),
             "format_rate": _mean(per_reward.get("format", [])),
+            "language_mixing_rate": _mean(mixes_languages(t, r["language"]) for t, r in zip(texts, rollout_rows,
+                                                                                             strict=True)),
             "response_length": n_tokens / len(rollouts),
             "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
             "loss": out.loss.item(),
@@ -239,5 +309,5 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
 
 
 def _mean(xs) -> float:
-    xs = [x for x in xs if x is not None]
+    xs = [float(x) for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else 0.0

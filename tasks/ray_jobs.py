@@ -192,3 +192,16 @@ def grpo_loop(job: dict) -> None:
     grpo_train(stage_cfg, policy, reference, tokenizer, rows, ctx, seed=cfg.runtime.seed,
                batch_size=cfg.rollout.batch_size)
     write_final_model(ctx, policy, tokenizer, job["output_dir"])
+
+
+def sft_loop(job: dict) -> None:
+    from r1core.modeling import load_pretrained
+    from r1core.reasoning_tasks import read_rows
+    from r1core.training import pack_examples, sft_train
+
+    cfg, ctx = worker_setup(job)
+    model, tokenizer = load_pretrained(job["init_model_dir"])
+    stage_cfg = getattr(cfg, job["stage"])
+    packed = pack_examples(tokenizer, read_rows(job["train_file"]), stage_cfg.seq_len)
+    sft_train(stage_cfg, model, tokenizer, packed, ctx, seed=cfg.runtime.seed)
+    write_final_model(ctx, model, tokenizer, job["output_dir"])

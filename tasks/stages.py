@@ -40,7 +40,8 @@ class StageResult(BaseModel):
     skipped: bool = False
 
 
-REGISTERED_NAMES = {"pretrain_base": "r1-base", "r1_zero": "r1-zero"}
+REGISTERED_NAMES = {"pretrain_base": "r1-base", "r1_zero": "r1-zero", "cold_start_sft": "r1-cold-start",
+                    "reasoning_rl": "r1-reasoning-rl"}
 
 
 def _stage_dir(cfg: PipelineConfig, stage: str) -> Path:
@@ -170,22 +171,43 @@ def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | Non
         ray_jobs.pretrain_loop, cfg.pretrain.compute, parent_run_id, prepare)
 
 
-@task(name="r1-zero-grpo", cache_policy=NO_CACHE)
-def r1_zero(cfg: PipelineConfig, base_model_dir: str, data: DataPaths,
-            parent_run_id: str | None = None) -> StageResult:
-    """Stage 1: pure RL (GRPO, rule rewards) from the base, as a Ray Train job."""
+GRPO_STAGES = {
+    "r1_zero": "Stage 1 (R1-Zero): GRPO from the base model with rule rewards only, no SFT.",
+    "reasoning_rl": "Stage 4: reasoning-oriented GRPO from the cold-start model; accuracy, format and "
+                    "language-consistency rewards.",
+}
+
+
+@task(name="grpo", task_run_name="grpo-{stage}", cache_policy=NO_CACHE)
+def grpo(cfg: PipelineConfig, stage: str, init_model_dir: str, data: DataPaths,
+         parent_run_id: str | None = None) -> StageResult:
+    """A GRPO stage (R1-Zero, reasoning RL) from `init_model_dir`, as a Ray Train job."""
 
     def prepare(run_id: str, stage_dir: Path) -> dict:
         log_dataset(cfg, run_id, data.train_file, "train")
         tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {
-            "base_model_dir": base_model_dir,
-            "rewards": json.dumps({k: f"v{REWARD_VERSIONS[k]}" for k in cfg.r1_zero.rewards}),
+            "init_model_dir": init_model_dir,
+            "rewards": json.dumps({k: f"v{REWARD_VERSIONS[k]}" for k in getattr(cfg, stage).rewards}),
         })
-        return {"init_model_dir": base_model_dir, "train_file": data.train_file}
+        return {"init_model_dir": init_model_dir, "train_file": data.train_file}
+
+    return run_training_stage(cfg, stage, GRPO_STAGES[stage], ray_jobs.grpo_loop, getattr(cfg, stage).compute,
+                              parent_run_id, prepare)
+
+
+@task(name="cold-start-sft", cache_policy=NO_CACHE)
+def cold_start_sft(cfg: PipelineConfig, base_model_dir: str, dataset_file: str,
+                   parent_run_id: str | None = None) -> StageResult:
+    """Stage 3: SFT of the base on the cold-start examples into the interim reasoning model."""
+
+    def prepare(run_id: str, stage_dir: Path) -> dict:
+        log_dataset(cfg, run_id, dataset_file, "train")
+        tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"init_model_dir": base_model_dir})
+        return {"init_model_dir": base_model_dir, "train_file": dataset_file}
 
     return run_training_stage(
-        cfg, "r1_zero", "Stage 1 (R1-Zero): GRPO from the base model with rule rewards only, no SFT.",
-        ray_jobs.grpo_loop, cfg.r1_zero.compute, parent_run_id, prepare)
+        cfg, "cold_start_sft", "Stage 3: SFT of the base on the cold-start data (loss on responses, packed).",
+        ray_jobs.sft_loop, cfg.cold_start_sft.compute, parent_run_id, prepare)
 
 
 def _job(cfg: PipelineConfig, run_id: str, stage_dir: Path, **extra) -> dict:

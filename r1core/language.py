@@ -1,0 +1,62 @@
+"""Which language a chain of thought is written in, word by word.
+
+A word's language is the writing system of its letters (after NFKC normalisation, so that
+full-width or mathematical look-alikes of Latin letters count as Latin). Words without letters
+(numbers, symbols) carry no language. A word that mixes scripts ("plюс") belongs to no
+language: it counts against consistency, as it should.
+
+    language_consistency(cot, lang) = (# words in lang) / (# words that carry a language)
+
+which is the paper's language-consistency reward (DeepSeek-R1, section 2.3.3: "the proportion
+of target language words in the CoT"). A CoT is *mixed* when that share is below 1.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+
+# language code -> the script its words are written in (the first word of a letter's Unicode name)
+LANGUAGE_SCRIPTS = {"en": "LATIN", "ru": "CYRILLIC", "el": "GREEK", "zh": "CJK"}
+WORD = re.compile(r"\w+")
+
+
+@lru_cache(maxsize=4096)
+def _script(ch: str) -> str | None:
+    if not ch.isalpha():
+        return None
+    name = unicodedata.name(ch, "")
+    return name.split(" ", 1)[0] if name else None
+
+
+def word_script(word: str) -> str | None:
+    """The one script of the word's letters; '' if letters of several scripts; None if no letters."""
+    scripts = {s for s in map(_script, word) if s}
+    if not scripts:
+        return None
+    return scripts.pop() if len(scripts) == 1 else ""
+
+
+def language_words(text: str) -> list[str | None]:
+    """For each word that carries a language: its language code, or None (mixed/unknown script)."""
+    by_script = {s: lang for lang, s in LANGUAGE_SCRIPTS.items()}
+    out = []
+    for word in WORD.findall(unicodedata.normalize("NFKC", text)):
+        script = word_script(word)
+        if script is not None:
+            out.append(by_script.get(script))
+    return out
+
+
+def language_consistency(text: str, language: str) -> float:
+    """Share of language-carrying words of `text` written in `language`; 1.0 if there are none."""
+    if language not in LANGUAGE_SCRIPTS:
+        raise ValueError(f"unknown language '{language}'; known: {sorted(LANGUAGE_SCRIPTS)}")
+    langs = language_words(text)
+    return sum(lang == language for lang in langs) / len(langs) if langs else 1.0
+
+
+def dominant_language(text: str) -> str | None:
+    """The most frequent language among the words of `text` (None if no word carries one)."""
+    langs = [lang for lang in language_words(text) if lang]
+    return max(sorted(set(langs)), key=langs.count) if langs else None  # ties: alphabetical
