@@ -196,6 +196,17 @@ class GRPOConfig(Strict):
         return v
 
 
+class ReasoningRLConfig(GRPOConfig):
+    """Stage 4: reasoning-oriented GRPO from the cold-start model. The language-consistency
+    reward (share of CoT words in the prompt's language) is added to the accuracy reward."""
+
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "language_consistency": 1.0},
+        description="reward name -> weight",
+    )
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8, max_new_tokens=64))
+
+
 class ReviewConfig(Strict):
     """The optional human review of cold-start examples in the Prefect UI."""
 
@@ -294,13 +305,7 @@ class PipelineConfig(Strict):
     r1_zero: GRPOConfig = Field(default_factory=GRPOConfig)
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
     cold_start_sft: SFTConfig = Field(default_factory=SFTConfig)
-    reasoning_rl: GRPOConfig = Field(
-        default_factory=lambda: GRPOConfig(
-            rewards={"accuracy": 1.0, "format": 0.5, "language_consistency": 1.0},
-            sampling=SamplingConfig(temperature=0.8, max_new_tokens=64),
-        ),
-        description="Stage 4: GRPO from the cold-start model, with the language-consistency reward",
-    )
+    reasoning_rl: ReasoningRLConfig = Field(default_factory=ReasoningRLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

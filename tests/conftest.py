@@ -1,7 +1,14 @@
 import pytest
 
 from r1core.config import DataConfig, PretrainConfig
-from r1core.reasoning_tasks import generate_split, pretraining_corpus
+from r1core.reasoning_tasks import (
+    final_of,
+    generate_split,
+    long_cot,
+    pretraining_corpus,
+    readable_response,
+    write_rows,
+)
 from r1core.tokenizer import train_tokenizer
 
 
@@ -14,3 +21,22 @@ def rows():
 def tokenizer(rows):
     train, _ = rows
     return train_tokenizer(pretraining_corpus(train, PretrainConfig(corpus_docs=500), seed=0), vocab_size=400)
+
+
+def _write_seed_examples(data_cfg, path, n: int = 8) -> list[dict]:
+    """`n` candidate cold-start examples of our own for the config's train rows: all readable
+    and right except the 7th (mixes languages) and the 8th (wrong answer)."""
+    train, _ = generate_split(data_cfg)
+    examples = []
+    for i, r in enumerate(train[:n]):
+        langs = [r["language"]] * len(r["steps"])
+        if i == 6:
+            langs[0] = "ru" if r["language"] == "en" else "en"
+        examples.append({**r, "completion": readable_response(*long_cot(r, langs), "999" if i == 7 else final_of(r))})
+    write_rows(examples, path)
+    return examples
+
+
+@pytest.fixture(scope="session")
+def write_seed_examples():
+    return _write_seed_examples

@@ -65,3 +65,11 @@ def test_flow_parameters_are_typed_for_the_prefect_ui():
     assert {"model", "data", "pretrain", "r1_zero", "eval", "runtime"} <= set(config)
     grpo = schema["definitions"]["GRPOConfig"]["properties"]
     assert grpo["group_size"]["default"] == 8 and "completions sampled per prompt" in grpo["group_size"]["description"]
+
+
+def test_overriding_one_field_keeps_the_stage_defaults():
+    """A partial section (`--set reasoning_rl.steps=3`) keeps the stage's own defaults: the
+    reasoning-RL stage never silently loses its language-consistency reward."""
+    cfg = load_config(overrides=["reasoning_rl.steps=3"])
+    assert cfg.reasoning_rl.steps == 3 and cfg.reasoning_rl.rewards["language_consistency"] == 1.0
+    assert "language_consistency" not in cfg.r1_zero.rewards

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from r1core.config import CONFIG_DIR, PROJECT_ROOT, load_config
-from r1core.reasoning_tasks import final_of, generate_split, long_cot, readable_response, write_rows
 
 pytestmark = pytest.mark.slow
 
@@ -49,33 +48,22 @@ def prefect_server(tmp_path_factory):
     server.wait(timeout=30)
 
 
-def _seed_examples(cfg, path):
-    """Eight candidate examples of our own: six readable and right, one mixing languages, one wrong."""
-    train, _ = generate_split(cfg.data)
-    rows = train[:8]
-    examples = []
-    for i, r in enumerate(rows):
-        langs = [r["language"]] * len(r["steps"])
-        if i == 6:
-            langs[0] = "ru" if r["language"] == "en" else "en"
-        completion = readable_response(*long_cot(r, langs), "999" if i == 7 else final_of(r))
-        examples.append({**r, "completion": completion})
-    write_rows(examples, path)
-    return examples
-
-
 def _overrides(workdir, seed_file, timeout_s):
     return [f"runtime.workdir={workdir}", "cold_start.routes={}", f"cold_start.seed_file={seed_file}",
             "cold_start.review.enabled=true", "cold_start.review.sample_size=6", f"cold_start.review.timeout_s={timeout_s}"]
 
 
-def _config(workdir, timeout_s):
-    """The micro profile with review on over a seed file of our own (written once the config
-    gives the train rows) and no generation routes."""
-    seed_file = workdir / "seed.jsonl"
-    seed_file.touch()
-    cfg = load_config(CONFIG_DIR / "micro.yaml", _overrides(workdir, seed_file, timeout_s))
-    return cfg, _seed_examples(cfg, seed_file)
+@pytest.fixture
+def make_config(write_seed_examples):
+    def make(workdir, timeout_s):
+        """The micro profile with review on over a seed file of our own (written once the
+        config gives the train rows) and no generation routes."""
+        seed_file = workdir / "seed.jsonl"
+        seed_file.touch()
+        cfg = load_config(CONFIG_DIR / "micro.yaml", _overrides(workdir, seed_file, timeout_s))
+        return cfg, write_seed_examples(cfg.data, seed_file)
+
+    return make
 
 
 def _start_flow(api, home, cfg):
@@ -112,9 +100,9 @@ def _mlflow_run(cfg):
     return client, run
 
 
-def test_review_in_the_prefect_ui_decides_what_is_trained_on(prefect_server, tmp_path):
+def test_review_in_the_prefect_ui_decides_what_is_trained_on(prefect_server, make_config, tmp_path):
     api, home = prefect_server
-    cfg, seeds = _config(tmp_path, timeout_s=600)
+    cfg, seeds = make_config(tmp_path, timeout_s=600)
     proc = _start_flow(api, home, cfg)
     run = _paused_run(api, proc)
 
@@ -151,9 +139,9 @@ def test_review_in_the_prefect_ui_decides_what_is_trained_on(prefect_server, tmp
     assert [d.dataset.name for d in mlrun.inputs.dataset_inputs] == ["train"]
 
 
-def test_unreviewed_run_goes_on_after_the_timeout(prefect_server, tmp_path):
+def test_unreviewed_run_goes_on_after_the_timeout(prefect_server, make_config, tmp_path):
     api, home = prefect_server
-    cfg, _ = _config(tmp_path, timeout_s=3)
+    cfg, _ = make_config(tmp_path, timeout_s=3)
     proc = _start_flow(api, home, cfg)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]

@@ -30,11 +30,17 @@ def prefect_env(workdir):
 
 
 @pytest.fixture(scope="module")
-def micro(workdir):
+def micro(workdir, write_seed_examples):
+    """The micro profile, its pretraining on 2 DDP workers; an untrained micro model writes no
+    usable cold-start data, so a seed file of our own examples joins the three routes."""
     from r1core.config import CONFIG_DIR, load_config
 
-    return load_config(CONFIG_DIR / "micro.yaml", [f"runtime.workdir={workdir}", "pretrain.compute.num_workers=2",
-                                                    "pretrain.compute.cpus_per_worker=1"])
+    seed_file = workdir / "seed.jsonl"
+    seed_file.touch()
+    cfg = load_config(CONFIG_DIR / "micro.yaml", [f"runtime.workdir={workdir}", "pretrain.compute.num_workers=2",
+                                                   "pretrain.compute.cpus_per_worker=1", f"cold_start.seed_file={seed_file}"])
+    write_seed_examples(cfg.data, seed_file)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +60,17 @@ def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
 
     from tasks.tracking import NEWEST_ALIAS, tracking_uri
 
-    assert set(pipeline_results) == {"pretrain_base", "r1_zero"}
+    assert set(pipeline_results) == {"pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl"}
     client = MlflowClient(tracking_uri(micro.runtime))
-    for name, stage in (("r1-base", "pretrain_base"), ("r1-zero", "r1_zero")):
+    for name, stage in (("r1-base", "pretrain_base"), ("r1-zero", "r1_zero"), ("r1-cold-start", "cold_start_sft"),
+                        ("r1-reasoning-rl", "reasoning_rl")):
         version = client.get_model_version_by_alias(name, NEWEST_ALIAS)
         assert version.run_id == pipeline_results[stage].mlflow_run_id
         run = client.get_run(version.run_id)
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"]
-        assert {"eval/pass_at_1", "eval/format_rate", "eval/mean_length", "eval/cons_at_2"} <= set(run.data.metrics)
+        assert {"eval/pass_at_1", "eval/format_rate", "eval/mean_length", "eval/cons_at_2", "eval/language_consistency",
+                "eval/language_mixing_rate", "eval/readability"} <= set(run.data.metrics)
         assert (pipeline_results[stage].model_dir and
                 os.path.isfile(os.path.join(pipeline_results[stage].model_dir, "config.json")))
     zero_run = pipeline_results["r1_zero"].mlflow_run_id
@@ -70,12 +78,24 @@ def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
                 "gen_tokens_per_s", "train_tokens_per_s", "reward/accuracy", "reward/format"):
         history = client.get_metric_history(zero_run, key)
         assert [m.step for m in history] == [1, 2], key
+    rl_run = pipeline_results["reasoning_rl"].mlflow_run_id
+    for key in ("reward/language_consistency", "language_mixing_rate", "accuracy"):
+        assert [m.step for m in client.get_metric_history(rl_run, key)] == [1, 2], key
+    assert client.get_run(rl_run).data.tags["init_model_dir"] == pipeline_results["cold_start_sft"].model_dir
+    sft_loss = client.get_metric_history(pipeline_results["cold_start_sft"].mlflow_run_id, "loss")
+    assert sft_loss and sft_loss[-1].step >= 1
     pre_loss = client.get_metric_history(pipeline_results["pretrain_base"].mlflow_run_id, "loss")
     assert pre_loss and pre_loss[-1].step == micro.pretrain.steps
     artifacts = [a.path for a in client.list_artifacts(zero_run, "checkpoints")]
     assert artifacts == ["checkpoints/step_000001", "checkpoints/step_000002"]
     parent = client.get_run(client.get_run(zero_run).data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED" and "r1_zero/pass_at_1" in parent.data.metrics
+    # the cold-start dataset: the three routes ran and were counted; our six good examples kept
+    assert parent.data.metrics["cold_start_data/seed_file/kept"] == 6
+    for route in ("few_shot", "direct", "rewrite_r1_zero"):
+        assert parent.data.metrics[f"cold_start_data/{route}/candidates"] == 4
+    dataset = micro.run_dir() / "cold_start_data" / "dataset" / "train.jsonl"
+    assert len(dataset.read_text().splitlines()) == parent.data.metrics["cold_start_data/examples"]
 
 
 def test_rerun_skips_completed_stages(pipeline_results, prefect_env, micro):
