@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo test test-fast ui ui-stop lint bench clean
+.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/r1 run pipeline $(ARGS)
+
+# After `make demo`: reasoning RL again from the same cold-start model with the language-
+# consistency reward weighted 0 (still logged); compare `eval/language_mixing_rate` in MLflow.
+ablation-lc: setup
+	$(BIN)/r1 run stage reasoning_rl --init-model models:/r1-cold-start@newest --no-register \
+		--set reasoning_rl.rewards.language_consistency=0 $(ARGS)
 
 test: setup
 	$(BIN)/pytest -v $(ARGS)

@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     _config_args(run_sub.add_parser("pipeline", help="all stages"))
     stage = run_sub.add_parser("stage", help="one stage")
     stage.add_argument("name", choices=STAGES)
-    stage.add_argument("--init-model", help="model dir the stage starts from (default: the one this "
+    stage.add_argument("--init-model", help="model dir or models:/ URI the stage starts from (default: the one this "
                        "configuration's earlier stage produced): the base for r1_zero, cold_start_data "
                        "and cold_start_sft, the cold-start model for reasoning_rl")
     stage.add_argument("--no-register", action="store_true",
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.name not in INIT_MODEL_PARAM:
             print(f"r1: --init-model does not apply to stage {args.name}", file=sys.stderr)
             return 2
-        kwargs[INIT_MODEL_PARAM[args.name]] = str(Path(args.init_model).resolve())
+        from tasks.evaluate import resolve_model
+
+        kwargs[INIT_MODEL_PARAM[args.name]] = str(Path(resolve_model(args.init_model, cfg)).resolve())
     if args.no_register:
         if "register_model" not in STAGE_FLOWS[args.name].parameters.properties:
             print(f"r1: --no-register does not apply to stage {args.name}", file=sys.stderr)

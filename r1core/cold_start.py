@@ -29,19 +29,21 @@ ROUTES = ("few_shot", "direct", "rewrite_r1_zero")
 ROUTE_MODEL = {"few_shot": "base", "direct": "base", "rewrite_r1_zero": "r1_zero", "seed_file": None}
 
 
-def exemplar(row: dict) -> str:
-    """A long-CoT exemplar: the question and its readable worked answer."""
-    return row["question"] + readable_response(*long_cot(row), final_of(row))
-
-
-def few_shot_prompt(row: dict, exemplars: list[dict], separator: str) -> str:
-    """Exemplars (documents joined by `separator`, the tokenizer's end-of-text) then the question."""
-    return separator.join([exemplar(e) for e in exemplars] + [row["question"]])
-
-
 def direct_prompt(row: dict) -> str:
     """A direct request, in the row's language, for a detailed answer that checks itself."""
     return f"{PHRASES[row['language']]['instruction']} {row['question']}"
+
+
+def exemplar(row: dict) -> str:
+    """A long-CoT exemplar: the request and its readable worked answer."""
+    return direct_prompt(row) + readable_response(*long_cot(row), final_of(row))
+
+
+def few_shot_prompt(row: dict, exemplars: list[dict], separator: str) -> str:
+    """Exemplars (documents joined by `separator`, the tokenizer's end-of-text), then the request.
+    (A bare question after the exemplars would read, to a small base model, as the start of an
+    ordinary document: it answers tersely, as most of its corpus does.)"""
+    return separator.join([exemplar(e) for e in exemplars] + [direct_prompt(row)])
 
 
 def route_prompts(route: str, rows: list[dict], shots: int, separator: str, seed: int) -> list[dict]:

@@ -255,7 +255,7 @@ class ColdStartConfig(Strict):
 class SFTConfig(Strict):
     """Supervised fine-tuning (loss on response tokens, packed sequences)."""
 
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1, description="packed sequences per optimizer step (all workers)")
     seq_len: int = Field(256, ge=16, description="tokens per packed sequence")
     lr: float = Field(5e-4, gt=0)

@@ -8,7 +8,8 @@ language: it counts against consistency, as it should.
     language_consistency(cot, lang) = (# words in lang) / (# words that carry a language)
 
 which is the paper's language-consistency reward (DeepSeek-R1, section 2.3.3: "the proportion
-of target language words in the CoT"). A CoT is *mixed* when that share is below 1.
+of target language words in the CoT"). A CoT is *mixed* when that share is below 1. (In the
+readable format the CoT is the reasoning and its summary; see `rewards.cot_text`.)
 """
 from __future__ import annotations
 

@@ -210,9 +210,12 @@ def format_reward(completions: list[str], **_) -> list[float | None]:
 
 
 def cot_text(completion: str) -> str:
-    """The chain of thought: the think block of a well-formed completion, else all its text."""
+    """The chain of thought: the reasoning and its summary (the readable format's whole output
+    but the final answer) of a well-formed completion, else all its text."""
     parsed = parse_format(completion)
-    return parsed.think if parsed else TAG.sub(" ", completion)
+    if parsed is None:
+        return TAG.sub(" ", completion)
+    return parsed.think if parsed.summary is None else f"{parsed.think} {parsed.summary}"
 
 
 def mixes_languages(completion: str, language: str) -> bool:
@@ -221,10 +224,9 @@ def mixes_languages(completion: str, language: str) -> bool:
 
 
 def cot_language_consistency(completion: str, language: str) -> float:
-    """Share of the CoT's words in `language`. The CoT is the think block; a completion without
-    a well-formed non-empty one scores 0 (no reward for dropping the reasoning)."""
-    parsed = parse_format(completion)
-    return 0.0 if parsed is None else language_consistency(parsed.think, language)
+    """Share of the CoT's words (`cot_text`) in `language`; a completion that is not well-formed
+    scores 0 (no reward for dropping the reasoning)."""
+    return 0.0 if parse_format(completion) is None else language_consistency(cot_text(completion), language)
 
 
 @register("language_consistency")
@@ -241,7 +243,7 @@ def is_readable(completion: str, language: str, max_words: int | None = None) ->
     entirely in the prompt's language, and (if given) at most `max_words` words."""
     parsed = parse_format(completion)
     return (parsed is not None and parsed.summary is not None
-            and language_consistency(parsed.think + " " + parsed.summary, language) == 1.0
+            and language_consistency(cot_text(completion), language) == 1.0
             and (max_words is None or len(completion.split()) <= max_words))
 
 

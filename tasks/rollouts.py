@@ -60,6 +60,7 @@ def sample_and_process(requests: list[dict], postprocess: Callable[[dict], dict]
                        requests_per_batch: int = 64) -> list[dict]:
     """Run the pipeline on Ray Data; returns the post-processed rows (order not guaranteed)."""
     ensure_ray(runtime)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # stage logs say what it did
     ds = ray.data.from_items([{"row": json.dumps(r)} for r in requests])
     ds = ds.map_batches(
         Sampler,

@@ -29,10 +29,11 @@ def test_route_prompts(rows):
     row = _row(rows, "ru")
     few = route_prompts("few_shot", [row, *train[:40]], shots=2, separator="</s>", seed=0)[0]["generation_prompt"]
     docs = few.split("</s>")
-    assert len(docs) == 3 and docs[-1] == row["question"]
-    assert all("<summary>" in d and "Проверка" in d and row["question"] not in d for d in docs[:2])
     direct = route_prompts("direct", [row], 2, "</s>", 0)[0]["generation_prompt"]
     assert direct.startswith("Реши по шагам") and direct.endswith(row["question"])
+    assert len(docs) == 3 and docs[-1] == direct
+    assert all(d.startswith("Реши") and "<summary>" in d and "Проверка" in d and row["question"] not in d
+               for d in docs[:2])
     assert route_prompts("rewrite_r1_zero", [row], 2, "</s>", 0)[0]["generation_prompt"] == row["prompt"]
     with pytest.raises(ValueError, match="unknown cold-start route 'vibes'"):
         route_prompts("vibes", [row], 2, "</s>", 0)

@@ -37,6 +37,8 @@ LC_CASES = [
     ("whitespace-only cot", completion("   \n "), "en", 0.0),
     ("no format at all", "3 plus 4 is 7. The answer is 7.", "en", 0.0),
     ("russian words only in the answer", completion("3 plus 4 is 7.", answer="семь"), "en", 1.0),
+    ("the summary counts as CoT", completion("3 плюс 4 будет 7.", "So the answer is 7."), "ru", 1 / 3),
+    ("russian cot and summary", completion("3 плюс 4 будет 7.", "Итак, ответ 7."), "ru", 1.0),
     ("another script entirely", completion("3 加 4 是 7"), "en", 0.0),
 ]
 
