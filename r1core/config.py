@@ -200,9 +200,10 @@ class ReasoningRLConfig(GRPOConfig):
     """Stage 4: reasoning-oriented GRPO from the cold-start model. The language-consistency
     reward (share of CoT words in the prompt's language) is added to the accuracy reward."""
 
+    steps: int = Field(30, ge=1)
     rewards: dict[str, float] = Field(
-        default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "language_consistency": 1.0},
-        description="reward name -> weight",
+        default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0},
+        description="reward name -> weight (readable_format: think, summary, answer)",
     )
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8, max_new_tokens=64))
 
@@ -255,7 +256,7 @@ class ColdStartConfig(Strict):
 class SFTConfig(Strict):
     """Supervised fine-tuning (loss on response tokens, packed sequences)."""
 
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1, description="packed sequences per optimizer step (all workers)")
     seq_len: int = Field(256, ge=16, description="tokens per packed sequence")
     lr: float = Field(5e-4, gt=0)

@@ -209,6 +209,13 @@ def format_reward(completions: list[str], **_) -> list[float | None]:
     return [float(parse_format(c) is not None) for c in completions]
 
 
+@register("readable_format")
+def readable_format_reward(completions: list[str], **_) -> list[float | None]:
+    """1 for the readable format of the cold-start data: think, a non-empty summary, answer.
+    Reasoning-oriented RL rewards it so that RL keeps what the cold start taught."""
+    return [float((p := parse_format(c)) is not None and p.summary is not None) for c in completions]
+
+
 def cot_text(completion: str) -> str:
     """The chain of thought: the reasoning and its summary (the readable format's whole output
     but the final answer) of a well-formed completion, else all its text."""

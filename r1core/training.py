@@ -18,7 +18,7 @@ import torch
 from r1core import checkpoint as ckpt
 from r1core.engine import Sampling, TorchEngine
 from r1core.grpo import group_advantages, grpo_loss, token_logprobs
-from r1core.rewards import mixes_languages, score
+from r1core.rewards import format_reward, mixes_languages, score
 
 
 class TrainContext:
@@ -285,7 +285,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "reward": sum(scored) / max(1, len(scored)),
             **{f"reward/{k}": _mean(v) for k, v in per_reward.items()},
             "accuracy": _mean(per_reward.get("accuracy", [])),
-            "format_rate": _mean(per_reward.get("format", [])),
+            "format_rate": _mean(format_reward(texts)),
             "language_mixing_rate": _mean(mixes_languages(t, r["language"]) for t, r in zip(texts, rollout_rows,
                                                                                              strict=True)),
             "response_length": n_tokens / len(rollouts),

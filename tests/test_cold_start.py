@@ -119,3 +119,13 @@ def test_sft_learns_the_readable_format(tokenizer, rows, tmp_path):
     losses = [m["loss"] for _, m in ctx.history]
     assert len(ctx.history) and ctx.history[-1][0] == cfg.epochs * -(-len(packed["input_ids"]) // cfg.batch_size)
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_a_seed_file_row_without_a_completion_is_named(tmp_path, rows):
+    from r1core.reasoning_tasks import write_rows
+    from tasks.cold_start import _seed_requests
+
+    path = tmp_path / "seed.jsonl"
+    write_rows([{**rows[0][0], "completion": "<think> a </think> <answer> 1 </answer>"}, rows[0][1]], path)
+    with pytest.raises(ValueError, match=r"seed.jsonl: row 2 lacks required column 'completion'"):
+        _seed_requests(str(path))

@@ -75,6 +75,7 @@ def test_readability(name, text, language, expected):
 
 def test_summary_is_optional_for_the_format_reward_and_length_bounds_readability():
     assert format_reward([completion("a"), completion("a", "b"), completion("a", "")]) == [1.0, 1.0, 0.0]
+    assert REWARDS["readable_format"]([completion("a"), completion("a", "b"), completion("a", "")]) == [0.0, 1.0, 0.0]
     long = completion(" ".join(["plus"] * 80), "So the answer is 7.")
     assert is_readable(long, "en") and not is_readable(long, "en", max_words=60)
 
