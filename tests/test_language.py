@@ -73,6 +73,26 @@ def test_readability(name, text, language, expected):
     assert is_readable(text, language) is expected
 
 
+READABLE_FORMAT_CASES = [
+    ("think, summary, answer", completion("3 plus 4 is 7.", "So 7."), 1.0),
+    ("no summary (R1-Zero format)", completion("3 plus 4 is 7."), 0.0),
+    ("empty cot", completion("", "So 7."), 0.0),
+    ("empty summary", completion("3 plus 4 is 7.", "  "), 0.0),
+    ("digits-only summary", completion("3 + 4 = 7.", "7"), 1.0),
+    ("mixed-script summary (structure only)", completion("3 plus 4 is 7.", "plюс"), 1.0),
+    ("full-width look-alike tags are not tags",
+     "<think> 3 plus 4 is 7. </think> ＜summary＞ So 7. ＜/summary＞ <answer> 7 </answer>", 0.0),
+    ("summary after the answer", "<think> a </think> <answer> 7 </answer> <summary> So 7. </summary>", 0.0),
+    ("summary inside think", "<think> a <summary> So 7. </summary> </think> <answer> 7 </answer>", 0.0),
+    ("two summaries", "<think> a </think> <summary> x </summary> <summary> y </summary> <answer> 7 </answer>", 0.0),
+]
+
+
+@pytest.mark.parametrize("name,text,expected", READABLE_FORMAT_CASES, ids=[c[0] for c in READABLE_FORMAT_CASES])
+def test_readable_format_reward(name, text, expected):
+    assert REWARDS["readable_format"]([text]) == [expected]
+
+
 def test_summary_is_optional_for_the_format_reward_and_length_bounds_readability():
     assert format_reward([completion("a"), completion("a", "b"), completion("a", "")]) == [1.0, 1.0, 0.0]
     assert REWARDS["readable_format"]([completion("a"), completion("a", "b"), completion("a", "")]) == [0.0, 1.0, 0.0]
