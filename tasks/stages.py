@@ -187,7 +187,7 @@ def grpo(cfg: PipelineConfig, stage: str, init_model_dir: str, data: DataPaths,
         log_dataset(cfg, run_id, data.train_file, "train")
         tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {
             "init_model_dir": init_model_dir,
-            "rewards": json.dumps({k: f"v{REWARD_VERSIONS[k]}" for k in getattr(cfg, stage).rewards}),
+            "rewards": json.dumps({k: f"v{REWARD_VERSIONS[k]} x{w:g}" for k, w in getattr(cfg, stage).rewards.items()}),
         })
         return {"init_model_dir": init_model_dir, "train_file": data.train_file}
 
