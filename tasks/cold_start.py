@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
+from transformers import AutoTokenizer
 
 from r1core import checkpoint as ckpt
 from r1core.cold_start import ROUTE_MODEL, finish_candidate, route_counts, route_prompts, select
@@ -67,7 +68,9 @@ def build_candidates(cfg: PipelineConfig, data: DataPaths, model_dirs: dict[str,
     cs = cfg.cold_start
     train = read_rows(data.train_file)
     rng = random.Random(cfg.runtime.seed)
-    tokenizer_eos = "</s>"  # our tokenizers' end-of-text: separates few-shot exemplars like documents
+    # the base's end-of-text separates few-shot exemplars as it separated pretraining documents
+    eos = AutoTokenizer.from_pretrained(model_dirs["base"], local_files_only=True).eos_token \
+        if cs.routes.get("few_shot") else ""
     requests: list[dict] = []
     for i, (route, count) in enumerate(cs.routes.items()):
         if count <= 0:
@@ -75,7 +78,7 @@ def build_candidates(cfg: PipelineConfig, data: DataPaths, model_dirs: dict[str,
         model_dir = model_dirs[ROUTE_MODEL[route]]
         rows = rng.sample(train, min(count, len(train)))
         requests += [{**r, "model_dir": model_dir}
-                     for r in route_prompts(route, rows, cs.shots, tokenizer_eos, cfg.runtime.seed + i)]
+                     for r in route_prompts(route, rows, cs.shots, eos, cfg.runtime.seed + i)]
     if cs.seed_file:
         requests += _seed_requests(cs.seed_file)
     t0 = time.time()
