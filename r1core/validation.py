@@ -1,0 +1,67 @@
+"""Prompt rows from files people wrote: each row is checked, bad ones are set aside with the
+reason (a quarantine), and the job goes on while they stay within an error budget.
+
+A row needs `prompt`, `answer` and `task` as non-empty strings (an integer answer is accepted
+and turned into its string); a line that is not valid UTF-8 or not a JSON object is bad too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REQUIRED_TEXT = ("prompt", "answer", "task")
+
+
+class ErrorBudgetExceeded(ValueError):
+    """More bad rows than the configured share: the message names the file, counts and examples."""
+
+
+def row_problem(row) -> str | None:
+    """Why a parsed row cannot be used, or None."""
+    if not isinstance(row, dict):
+        return f"not a JSON object ({type(row).__name__})"
+    for name in REQUIRED_TEXT:
+        value = row.get(name)
+        if value is None or value == "":
+            return f"missing field '{name}'"
+        if name == "answer" and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, str):
+            return f"field '{name}' is {type(value).__name__}, not a string"
+    return None
+
+
+def read_jsonl_checked(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(good rows, quarantined `{line, raw, reason}`) of a JSONL file, reading bytes so that a
+    line of invalid UTF-8 is quarantined rather than failing the whole file."""
+    good, bad = [], []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append({"line": line_no, "raw": raw.decode("utf-8", "replace").rstrip("\n"),
+                            "reason": f"invalid UTF-8 at byte {e.start}"})
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                bad.append({"line": line_no, "raw": text.rstrip("\n"), "reason": f"invalid JSON ({e.msg})"})
+                continue
+            problem = row_problem(row)
+            if problem:
+                bad.append({"line": line_no, "raw": text.rstrip("\n"), "reason": problem})
+            else:
+                good.append({**row, "answer": str(row["answer"])})
+    return good, bad
+
+
+def within_budget(source: str, good: int, bad: list[dict], error_budget: float) -> None:
+    """Raise if the share of bad rows exceeds `error_budget` (0.01 = 1%)."""
+    total = good + len(bad)
+    if total and len(bad) / total > error_budget:
+        shown = "; ".join(f"line {b['line']}: {b['reason']}" for b in bad[:3])
+        raise ErrorBudgetExceeded(f"{source}: {len(bad)} of {total} rows are bad, more than the error budget "
+                                  f"of {error_budget:.1%} ({shown})")
