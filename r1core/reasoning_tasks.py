@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from r1core.language import dominant_language
+from r1core.validation import check_rows, read_jsonl_checked
 
 # The paper's R1-Zero template (DeepSeek-R1, Table 1), verbatim but for the placeholder.
 R1_ZERO_TEMPLATE = (
@@ -200,29 +201,19 @@ def generate_split(cfg, seed: int | None = None) -> tuple[list[dict], list[dict]
     return train, heldout
 
 
-REQUIRED_COLUMNS = ("prompt", "answer", "task")
-
-
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows from JSONL or parquet; a row missing a required column fails naming file and row."""
+    """Rows from JSONL or parquet; the first bad row (see `r1core.validation`) fails the read,
+    naming file, row and reason."""
     path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        rows, bad = check_rows(pq.read_table(path).to_pylist())
     else:
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
-    for i, row in enumerate(rows, start=1):
-        missing = [c for c in REQUIRED_COLUMNS if c not in row or row[c] in (None, "")]
-        if missing:
-            raise ValueError(f"{path}: row {i} lacks required column(s) {missing}")
+        rows, bad = read_jsonl_checked(path)
+    if bad:
+        raise ValueError(f"{path}: row {bad[0]['line']}: {bad[0]['reason']}")
+    for row in rows:
         row.setdefault("numbers", [])
         row.setdefault("id", row_id(row["prompt"]))
         if not row.get("language"):  # the question's own words say which language it is in

@@ -31,6 +31,18 @@ def row_problem(row) -> str | None:
     return None
 
 
+def check_rows(rows: list, first_line: int = 1) -> tuple[list[dict], list[dict]]:
+    """(good rows with `answer` as a string, quarantined `{line, raw, reason}`)."""
+    good, bad = [], []
+    for line_no, row in enumerate(rows, start=first_line):
+        problem = row_problem(row)
+        if problem:
+            bad.append({"line": line_no, "raw": json.dumps(row, default=str), "reason": problem})
+        else:
+            good.append({**row, "answer": str(row["answer"])})
+    return good, bad
+
+
 def read_jsonl_checked(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(good rows, quarantined `{line, raw, reason}`) of a JSONL file, reading bytes so that a
     line of invalid UTF-8 is quarantined rather than failing the whole file."""
@@ -50,11 +62,9 @@ def read_jsonl_checked(path: str | Path) -> tuple[list[dict], list[dict]]:
             except json.JSONDecodeError as e:
                 bad.append({"line": line_no, "raw": text.rstrip("\n"), "reason": f"invalid JSON ({e.msg})"})
                 continue
-            problem = row_problem(row)
-            if problem:
-                bad.append({"line": line_no, "raw": text.rstrip("\n"), "reason": problem})
-            else:
-                good.append({**row, "answer": str(row["answer"])})
+            ok, problem = check_rows([row], line_no)
+            good += ok
+            bad += [{**b, "raw": text.rstrip("\n")} for b in problem]
     return good, bad
 
 

@@ -76,8 +76,8 @@ def test_rows_round_trip_and_bad_rows_name_file_and_row(tmp_path, rows):
     assert read_rows(path) == rows[1]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "answer": "1", "task": "chain_sum"}\n{"prompt": "p2", "task": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 2 lacks required column\(s\) \['answer'\]"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: missing field 'answer'"):
         read_rows(bad)
     bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match="row 1 is not valid JSON"):
+    with pytest.raises(ValueError, match="row 1: invalid JSON"):
         read_rows(bad)
