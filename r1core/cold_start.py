@@ -22,11 +22,11 @@ import re
 from collections import Counter
 
 from r1core.reasoning_tasks import PHRASES, final_of, long_cot, readable_response
-from r1core.rewards import final_answer, is_correct, is_readable, parse_format
+from r1core.rewards import final_answer, is_correct, mixes_languages, parse_format
 
 ROUTES = ("few_shot", "direct", "rewrite_r1_zero")
 # which model a route samples from: the base, or the R1-Zero checkpoint
-ROUTE_MODEL = {"few_shot": "base", "direct": "base", "rewrite_r1_zero": "r1_zero", "seed_file": None}
+ROUTE_MODEL = {"few_shot": "base", "direct": "base", "rewrite_r1_zero": "r1_zero"}
 
 
 def direct_prompt(row: dict) -> str:
@@ -54,10 +54,10 @@ def route_prompts(route: str, rows: list[dict], shots: int, separator: str, seed
         by_language.setdefault(r["language"], []).append(r)
     out = []
     for row in rows:
-        if route == "few_shot":
-            pool = [r for r in rng.sample(by_language[row["language"]], min(shots + 1, len(by_language[row["language"]])))
-                    if r["problem"] != row["problem"]][:shots]
-            text = few_shot_prompt(row, pool, separator)
+        if route == "few_shot":  # exemplars in the row's language, never its own problem
+            pool = by_language[row["language"]]
+            drawn = rng.sample(pool, min(shots + 1, len(pool)))
+            text = few_shot_prompt(row, [r for r in drawn if r["problem"] != row["problem"]][:shots], separator)
         elif route == "direct":
             text = direct_prompt(row)
         elif route == "rewrite_r1_zero":
@@ -114,9 +114,9 @@ def rejection_reason(example: dict, max_words: int) -> str | None:
         return "malformed"
     if not is_correct(final_answer(completion), example["answer"], example["task"], example.get("numbers")):
         return "unverified"
-    if not is_readable(completion, example["language"]):
+    if mixes_languages(completion, example["language"]):
         return "language_mixing"
-    if not is_readable(completion, example["language"], max_words):
+    if len(completion.split()) > max_words:
         return "too_long"
     return None
 

@@ -44,14 +44,15 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
     )
     for i, row in enumerate(rows):
         group = rollouts[i * k : (i + 1) * k]
+        language = row.get("language") or "en"
         votes: Counter[str] = Counter()
         correct = []
         for ro in group:
             ok_format = parse_format(ro.text) is not None
             formatted.append(float(ok_format))
             lengths.append(len(ro.completion_ids))
-            consistency.append(language_consistency(cot_text(ro.text), row.get("language") or "en"))
-            readable.append(float(is_readable(ro.text, row.get("language") or "en")))
+            consistency.append(language_consistency(cot_text(ro.text), language))
+            readable.append(float(is_readable(ro.text, language)))
             pred = final_answer(ro.text) if ok_format else None
             verdict = is_correct(pred, row["answer"], row["task"], row.get("numbers"))
             correct.append(verdict)

@@ -16,7 +16,8 @@ import zlib
 
 import numpy as np
 
-WORDS = re.compile(r"\w+")
+from r1core.language import WORD
+
 CODE_BLOCK = re.compile(r"```|^(?: {4}|\t)\S", re.MULTILINE)
 PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
@@ -27,7 +28,8 @@ def normalize(text: str) -> str:
 
 
 def content_hash(text: str) -> str:
-    return f"{zlib.crc32(normalize(text).encode()):08x}{len(normalize(text)):x}"
+    key = normalize(text)
+    return f"{zlib.crc32(key.encode()):08x}{len(key):x}"
 
 
 def has_long_paragraph(text: str, max_words: int) -> bool:
@@ -49,7 +51,7 @@ _B = _RNG.integers(0, 2**63, NUM_PERM, dtype=np.uint64)
 
 def shingles(text: str, n: int = 3) -> np.ndarray:
     """CRC-32 hashes of the word n-grams of the normalized text (the whole text if shorter)."""
-    words = WORDS.findall(normalize(text))
+    words = WORD.findall(normalize(text))
     grams = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))]
     return np.array(sorted({zlib.crc32(g.encode()) for g in grams}), dtype=np.uint64)
 
@@ -101,7 +103,7 @@ class Decontaminator:
         self.ngrams = {g for t in self.texts for g in self._ngrams(t)}
 
     def _ngrams(self, normalized: str) -> set[str]:
-        words = WORDS.findall(normalized)
+        words = WORD.findall(normalized)
         return {" ".join(words[i : i + self.n]) for i in range(len(words) - self.n + 1)}
 
     def contaminated(self, text: str) -> bool:

@@ -19,6 +19,7 @@ from functools import lru_cache
 
 # language code -> the script its words are written in (the first word of a letter's Unicode name)
 LANGUAGE_SCRIPTS = {"en": "LATIN", "ru": "CYRILLIC", "el": "GREEK", "zh": "CJK"}
+SCRIPT_LANGUAGE = {script: lang for lang, script in LANGUAGE_SCRIPTS.items()}
 WORD = re.compile(r"\w+")
 
 
@@ -40,12 +41,11 @@ def word_script(word: str) -> str | None:
 
 def language_words(text: str) -> list[str | None]:
     """For each word that carries a language: its language code, or None (mixed/unknown script)."""
-    by_script = {s: lang for lang, s in LANGUAGE_SCRIPTS.items()}
     out = []
     for word in WORD.findall(unicodedata.normalize("NFKC", text)):
         script = word_script(word)
         if script is not None:
-            out.append(by_script.get(script))
+            out.append(SCRIPT_LANGUAGE.get(script))
     return out
 
 

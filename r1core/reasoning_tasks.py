@@ -75,7 +75,6 @@ PHRASES = {
         "instruction": "Реши по шагам, проверь результат, затем подведи итог.",
     },
 }
-LANGUAGES = tuple(PHRASES)
 INVERSE = {"+": "-", "-": "+", "*": "/"}
 
 

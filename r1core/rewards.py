@@ -55,6 +55,11 @@ class Parsed(NamedTuple):
     answer: str
     summary: str | None  # None: no summary block
 
+    @property
+    def cot(self) -> str:
+        """The chain of thought: the reasoning and its summary (all but the final answer)."""
+        return self.think if self.summary is None else f"{self.think} {self.summary}"
+
 
 def parse_format(completion: str) -> Parsed | None:
     """The blocks when the completion is exactly one non-empty think block, optionally one
@@ -217,12 +222,9 @@ def readable_format_reward(completions: list[str], **_) -> list[float | None]:
 
 
 def cot_text(completion: str) -> str:
-    """The chain of thought: the reasoning and its summary (the readable format's whole output
-    but the final answer) of a well-formed completion, else all its text."""
+    """The chain of thought (`Parsed.cot`) of a well-formed completion, else all its text."""
     parsed = parse_format(completion)
-    if parsed is None:
-        return TAG.sub(" ", completion)
-    return parsed.think if parsed.summary is None else f"{parsed.think} {parsed.summary}"
+    return TAG.sub(" ", completion) if parsed is None else parsed.cot
 
 
 def mixes_languages(completion: str, language: str) -> bool:
@@ -233,7 +235,8 @@ def mixes_languages(completion: str, language: str) -> bool:
 def cot_language_consistency(completion: str, language: str) -> float:
     """Share of the CoT's words (`cot_text`) in `language`; a completion that is not well-formed
     scores 0 (no reward for dropping the reasoning)."""
-    return 0.0 if parse_format(completion) is None else language_consistency(cot_text(completion), language)
+    parsed = parse_format(completion)
+    return 0.0 if parsed is None else language_consistency(parsed.cot, language)
 
 
 @register("language_consistency")
@@ -250,7 +253,7 @@ def is_readable(completion: str, language: str, max_words: int | None = None) ->
     entirely in the prompt's language, and (if given) at most `max_words` words."""
     parsed = parse_format(completion)
     return (parsed is not None and parsed.summary is not None
-            and language_consistency(cot_text(completion), language) == 1.0
+            and language_consistency(parsed.cot, language) == 1.0
             and (max_words is None or len(completion.split()) <= max_words))
 
 

@@ -2,8 +2,9 @@
 
 Digits are split one per token (as in Llama), so arithmetic is learned digit by digit rather
 than memorised as opaque number tokens; a digit keeps the space before it (" 3" is one token),
-so copying a one-digit operand is copying one token. The R1 tags (think, summary, answer) are reserved added tokens: always one token,
-never split, saved and reloaded with the model via `save_pretrained`. They are deliberately not
+so copying a one-digit operand is copying one token. The R1 tags (think, summary, answer) are
+reserved added tokens: always one token, never split, saved and reloaded with the model via
+`save_pretrained`. They are deliberately not
 flagged `special` in the HF sense, because HF decoders (TRL, `transformers serve`, vLLM's
 default) drop special tokens from the text, and the format reward would then never see them.
 """

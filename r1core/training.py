@@ -154,10 +154,6 @@ def pack_examples(tokenizer, examples: list[dict], seq_len: int) -> dict[str, to
     return out
 
 
-def sft_steps(cfg, num_rows: int) -> int:
-    return cfg.epochs * math.ceil(num_rows / cfg.batch_size)
-
-
 def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: TrainContext, seed: int = 0,
               log_every: int = 10) -> dict:
     """Supervised fine-tuning on packed examples for `cfg.epochs` epochs (`cfg` is an
@@ -170,7 +166,7 @@ def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: Train
         order = torch.randperm(n, generator=step_generator(seed, epoch))
         return order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
 
-    return lm_train(cfg, sft_steps(cfg, n), model, tokenizer, packed, batch, ctx, log_every)
+    return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, packed, batch, ctx, log_every)
 
 
 # --------------------------------------------------------------------------- the shared LM loop

@@ -16,7 +16,6 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
-from transformers import AutoTokenizer
 
 from r1core import checkpoint as ckpt
 from r1core.cold_start import ROUTE_MODEL, finish_candidate, route_counts, route_prompts, select
@@ -68,9 +67,11 @@ def build_candidates(cfg: PipelineConfig, data: DataPaths, model_dirs: dict[str,
     cs = cfg.cold_start
     train = read_rows(data.train_file)
     rng = random.Random(cfg.runtime.seed)
-    # the base's end-of-text separates few-shot exemplars as it separated pretraining documents
-    eos = AutoTokenizer.from_pretrained(model_dirs["base"], local_files_only=True).eos_token \
-        if cs.routes.get("few_shot") else ""
+    eos = ""
+    if cs.routes.get("few_shot"):  # the base's end-of-text separates exemplars as it did documents
+        from transformers import AutoTokenizer
+
+        eos = AutoTokenizer.from_pretrained(model_dirs["base"], local_files_only=True).eos_token
     requests: list[dict] = []
     for i, (route, count) in enumerate(cs.routes.items()):
         if count <= 0:

@@ -173,8 +173,8 @@ def pretrain_base(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | Non
 
 GRPO_STAGES = {
     "r1_zero": "Stage 1 (R1-Zero): GRPO from the base model with rule rewards only, no SFT.",
-    "reasoning_rl": "Stage 4: reasoning-oriented GRPO from the cold-start model; accuracy, format and "
-                    "language-consistency rewards.",
+    "reasoning_rl": "Stage 4: reasoning-oriented GRPO from the cold-start model; accuracy, readable-format "
+                    "and language-consistency rewards.",
 }
 
 
@@ -182,32 +182,31 @@ GRPO_STAGES = {
 def grpo(cfg: PipelineConfig, stage: str, init_model_dir: str, data: DataPaths,
          parent_run_id: str | None = None) -> StageResult:
     """A GRPO stage (R1-Zero, reasoning RL) from `init_model_dir`, as a Ray Train job."""
-
-    def prepare(run_id: str, stage_dir: Path) -> dict:
-        log_dataset(cfg, run_id, data.train_file, "train")
-        tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {
-            "init_model_dir": init_model_dir,
-            "rewards": json.dumps({k: f"v{REWARD_VERSIONS[k]} x{w:g}" for k, w in getattr(cfg, stage).rewards.items()}),
-        })
-        return {"init_model_dir": init_model_dir, "train_file": data.train_file}
-
+    rewards = {k: f"v{REWARD_VERSIONS[k]} x{w:g}" for k, w in getattr(cfg, stage).rewards.items()}
     return run_training_stage(cfg, stage, GRPO_STAGES[stage], ray_jobs.grpo_loop, getattr(cfg, stage).compute,
-                              parent_run_id, prepare)
+                              parent_run_id, _train_from(cfg, init_model_dir, data.train_file,
+                                                         rewards=json.dumps(rewards)))
 
 
 @task(name="cold-start-sft", cache_policy=NO_CACHE)
 def cold_start_sft(cfg: PipelineConfig, base_model_dir: str, dataset_file: str,
                    parent_run_id: str | None = None) -> StageResult:
     """Stage 3: SFT of the base on the cold-start examples into the interim reasoning model."""
-
-    def prepare(run_id: str, stage_dir: Path) -> dict:
-        log_dataset(cfg, run_id, dataset_file, "train")
-        tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"init_model_dir": base_model_dir})
-        return {"init_model_dir": base_model_dir, "train_file": dataset_file}
-
     return run_training_stage(
         cfg, "cold_start_sft", "Stage 3: SFT of the base on the cold-start data (loss on responses, packed).",
-        ray_jobs.sft_loop, cfg.cold_start_sft.compute, parent_run_id, prepare)
+        ray_jobs.sft_loop, cfg.cold_start_sft.compute, parent_run_id, _train_from(cfg, base_model_dir, dataset_file))
+
+
+def _train_from(cfg: PipelineConfig, init_model_dir: str, train_file: str, **tags: str):
+    """The `prepare` of a stage that trains an existing model on a rows file: the file as the
+    run's dataset, the starting model (and `tags`) as tags."""
+
+    def prepare(run_id: str, stage_dir: Path) -> dict:
+        log_dataset(cfg, run_id, train_file, "train")
+        tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"init_model_dir": init_model_dir, **tags})
+        return {"init_model_dir": init_model_dir, "train_file": train_file}
+
+    return prepare
 
 
 def _job(cfg: PipelineConfig, run_id: str, stage_dir: Path, **extra) -> dict:
