@@ -15,10 +15,12 @@ from pathlib import Path
 
 from r1core.config import ConfigError, load_config
 
-STAGES = ("pretrain_base", "r1_zero", "cold_start_data", "cold_start_sft", "reasoning_rl")
-# the flow parameter `--init-model` sets: the model a stage starts from
+STAGES = ("pretrain_base", "r1_zero", "cold_start_data", "cold_start_sft", "reasoning_rl", "rejection_sampling",
+          "sft")
+# the flow parameter `--init-model` sets: the model a stage starts from (samples from, for rejection sampling)
 INIT_MODEL_PARAM = {"r1_zero": "base_model_dir", "cold_start_data": "base_model_dir",
-                    "cold_start_sft": "base_model_dir", "reasoning_rl": "init_model_dir"}
+                    "cold_start_sft": "base_model_dir", "reasoning_rl": "init_model_dir",
+                    "rejection_sampling": "model_dir", "sft": "base_model_dir"}
 
 
 LOCAL_PREFECT_UI = "http://127.0.0.1:4200/api"  # what `make ui` starts

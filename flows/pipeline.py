@@ -7,10 +7,16 @@
                           │             filtered, optionally reviewed in the Prefect UI)
                           ▼
       base ─────────► cold_start_sft ─► reasoning_rl (GRPO + language consistency)
+                                              │
+                                              ▼
+                       rejection_sampling (k samples per prompt; verified by rules or the
+                          │                 model judge; filtered, deduplicated, decontaminated;
+                          │                 plus non-reasoning data, to quotas)
+                          ▼
+      base ─────────► sft (2 epochs on the combined set)
 
 Every model stage is evaluated on held-out prompts and registered (r1-base, r1-zero,
-r1-cold-start, r1-reasoning-rl). Later stages (rejection sampling, SFT, general RL,
-distillation) append here. One MLflow parent run per pipeline run; each stage is a nested run.
+r1-cold-start, r1-reasoning-rl, r1-sft). Later stages (general RL, distillation) append here. One MLflow parent run per pipeline run; each stage is a nested run.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from flows.stages import (
     pretrain_base_flow,
     r1_zero_flow,
     reasoning_rl_flow,
+    rejection_sampling_flow,
+    sft_flow,
 )
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks import tracking
@@ -37,7 +45,8 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
         params=config.model_dump(mode="json", exclude={"runtime"}),
         tags={"profile": config.profile, "run_name": config.resolved_run_name(), "stage": "pipeline",
               "config_digest": config.digest()},
-        description="DeepSeek-R1 recipe: base model, R1-Zero, cold start, reasoning-oriented RL.",
+        description="DeepSeek-R1 recipe: base model, R1-Zero, cold start, reasoning-oriented RL, rejection "
+                    "sampling, SFT.",
     )
     status = "FAILED"
     try:
@@ -49,9 +58,15 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
         interim = cold_start_sft_flow(config, base_model_dir=base.model_dir, dataset_file=cold.dataset_file,
                                       parent_run_id=parent, data=data)
         reasoning = reasoning_rl_flow(config, init_model_dir=interim.model_dir, parent_run_id=parent, data=data)
-        results = {"pretrain_base": base, "r1_zero": zero, "cold_start_sft": interim, "reasoning_rl": reasoning}
+        sampled = rejection_sampling_flow(config, model_dir=reasoning.model_dir, base_model_dir=base.model_dir,
+                                          producer=reasoning.registered, parent_run_id=parent, data=data)
+        final_sft = sft_flow(config, base_model_dir=base.model_dir, dataset_dir=sampled.dataset_dir,
+                             parent_run_id=parent, data=data)
+        results = {"pretrain_base": base, "r1_zero": zero, "cold_start_sft": interim, "reasoning_rl": reasoning,
+                   "sft": final_sft}
         client = tracking.client_for(config.runtime)
-        tracking.log_metrics(client, parent, {f"cold_start_data/{k}": v for k, v in cold.metrics.items()})
+        for name, data_stage in (("cold_start_data", cold), ("rejection_sampling", sampled)):
+            tracking.log_metrics(client, parent, {f"{name}/{k}": v for k, v in data_stage.metrics.items()})
         for name, r in results.items():
             tracking.log_metrics(client, parent, {f"{name}/{k}": v for k, v in r.metrics.items()})
         status = "FINISHED"

@@ -9,17 +9,18 @@ from prefect import flow
 
 from flows.review import review_examples
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
-from tasks import cold_start
+from tasks import cold_start, rejection_sampling
+from tasks.evaluate import resolve_model
 from tasks.stages import (
     DataPaths,
     StageResult,
-    cold_start_sft,
     evaluate_stage,
     grpo,
     prepare_data,
     pretrain_base,
     register,
     save_result,
+    sft,
     stage_run,
     use_pretrained_base,
 )
@@ -91,8 +92,8 @@ def cold_start_sft_flow(config: PipelineConfig = DEFAULT_CONFIG, base_model_dir:
     """Stage 3: SFT of the base on the cold-start data into the interim reasoning model."""
     data = data or prepare_data(config)
     dataset_file = dataset_file or str(cold_start.stage_dir(config) / "dataset" / "train.jsonl")
-    result = cold_start_sft(config, base_model_dir or _model_of(config, "pretrain_base"), dataset_file,
-                            parent_run_id)
+    result = sft(config, "cold_start_sft", base_model_dir or _model_of(config, "pretrain_base"), dataset_file,
+                 parent_run_id)
     return _evaluate_and_register(config, result, data, register_model)
 
 
@@ -107,6 +108,44 @@ def reasoning_rl_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model_dir: s
     return _evaluate_and_register(config, result, data, register_model)
 
 
+@flow(name="rejection_sampling", log_prints=True)
+def rejection_sampling_flow(config: PipelineConfig = DEFAULT_CONFIG, model_dir: str | None = None,
+                            base_model_dir: str | None = None, producer: str | None = None,
+                            parent_run_id: str | None = None,
+                            data: DataPaths | None = None) -> rejection_sampling.RejectionSamplingData:
+    """Stage 5: k samples per prompt from the reasoning-RL checkpoint, verified (rules, else the
+    model judge), filtered, deduplicated, decontaminated, with non-reasoning data, to quotas."""
+    if (done := rejection_sampling.finished(config)) is not None:
+        return done
+    data = data or prepare_data(config)
+    model_dir = model_dir or _model_of(config, "reasoning_rl")
+    judge = config.rejection_sampling.judge
+    judge_dir = None
+    if judge.kind == "local":
+        judge_dir = (base_model_dir or _model_of(config, "pretrain_base")) if judge.model == "base" \
+            else resolve_model(judge.model, config)
+    started = time.time()
+    with stage_run(config, rejection_sampling.STAGE, parent_run_id,
+                   "Stage 5: rejection sampling from the reasoning-RL checkpoint, plus non-reasoning data.") as run_id:
+        prompts = rejection_sampling.read_prompts(config, data)
+        samples = rejection_sampling.generate(config, prompts, model_dir, run_id)
+        rows, judge_metrics = rejection_sampling.check(config, samples, data, model_dir, judge_dir)
+        return rejection_sampling.write_dataset(config, rows, judge_metrics, run_id, started,
+                                                {"model_dir": model_dir, "model": producer or model_dir})
+
+
+@flow(name="sft", log_prints=True)
+def sft_flow(config: PipelineConfig = DEFAULT_CONFIG, base_model_dir: str | None = None,
+             dataset_dir: str | None = None, parent_run_id: str | None = None,
+             data: DataPaths | None = None, register_model: bool = True) -> StageResult:
+    """Stage 6: SFT of the base on the rejection-sampled set (2 epochs in the paper)."""
+    data = data or prepare_data(config)
+    dataset_dir = dataset_dir or str(rejection_sampling.stage_dir(config) / "dataset")
+    result = sft(config, "sft", base_model_dir or _model_of(config, "pretrain_base"), dataset_dir, parent_run_id)
+    return _evaluate_and_register(config, result, data, register_model)
+
+
 STAGE_FLOWS = {"pretrain_base": pretrain_base_flow, "r1_zero": r1_zero_flow,
                "cold_start_data": cold_start_data_flow, "cold_start_sft": cold_start_sft_flow,
-               "reasoning_rl": reasoning_rl_flow}
+               "reasoning_rl": reasoning_rl_flow, "rejection_sampling": rejection_sampling_flow,
+               "sft": sft_flow}

@@ -144,6 +144,10 @@ class PretrainConfig(Strict):
     code_switch_share: float = Field(
         0.3, ge=0, le=1, description="share of documents whose reasoning steps switch language at random"
     )
+    judge_share: float = Field(
+        0.05, ge=0, le=1, description="share of documents that grade a prediction against a reference "
+        "(the base then serves as the local model judge of rejection sampling)"
+    )
     seq_len: int = Field(256, ge=16, description="tokens per packed training sequence")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (all workers)")
     steps: int = Field(600, ge=1)
@@ -266,6 +270,84 @@ class SFTConfig(Strict):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
 
+class JudgeConfig(Strict):
+    """The model judge of rejection sampling: rows no rule verifier can score (and rows of
+    `judged_tasks`) are judged by a model fed the reference and the prediction."""
+
+    kind: Literal["local", "openai"] = Field("local", description="local HF causal LM, or an OpenAI-compatible endpoint")
+    model: str = Field("base", description="local: 'base' (this run's base model), a local HF directory "
+                       "or models:/name@alias; openai: the served model name")
+    base_url: str | None = Field(None, description="openai: the endpoint, e.g. http://host:8000/v1")
+    judged_tasks: list[str] = Field(default_factory=list,
+                                    description="tasks verified by the judge even though a rule could")
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> JudgeConfig:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("judge.kind is 'openai' but judge.base_url is not set")
+        return self
+
+
+class RejectionSamplingConfig(Strict):
+    """Stage 5: SFT data by rejection sampling from the reasoning-RL checkpoint, plus
+    non-reasoning data. (At full scale the paper keeps ~600k reasoning and ~200k
+    non-reasoning examples; the quotas below are the tiny profile's.)"""
+
+    prompts_file: str | None = Field(
+        None, description="your own prompt rows {prompt, answer, task} (jsonl); default: the train split. "
+        "Malformed rows go to a quarantine file")
+    error_budget: float = Field(0.01, ge=0, le=1, description="largest share of malformed prompt rows tolerated")
+    num_prompts: int = Field(3000, ge=1, description="prompts sampled from (the first N by id)")
+    samples_per_prompt: int = Field(4, ge=1)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=64))
+    engine: Literal["torch", "openai"] = Field(
+        "torch", description="torch: actors run the checkpoint in-process; openai: requests to a server "
+        "(vLLM) serving it at base_url")
+    base_url: str | None = Field(None, description="openai engine: the endpoint, e.g. http://host:8000/v1")
+    served_model: str | None = Field(None, description="openai engine: the model name the server knows")
+    prompts_per_shard: int = Field(128, ge=1, description="unit of generation work and of resumption")
+    reasoning_examples: int = Field(2000, ge=0, description="quota of reasoning examples (paper: ~600k)")
+    non_reasoning_examples: int = Field(600, ge=0, description="quota of non-reasoning examples (paper: ~200k)")
+    non_reasoning_mix: dict[str, float] = Field(
+        default_factory=lambda: {"writing": 0.25, "factual_qa": 0.25, "translation": 0.25,
+                                 "self_cognition": 0.15, "greeting": 0.1},
+        description="kind -> share of the synthesised non-reasoning candidates (r1core.general_tasks)")
+    per_problem: int = Field(1, ge=1, description="most examples kept per problem")
+    max_words: int = Field(80, ge=1, description="longest kept response, in words")
+    max_paragraph_words: int = Field(60, ge=1, description="longest paragraph, in words")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard estimate")
+    eval_files: list[str] = Field(default_factory=list,
+                                  description="more evaluation sets to decontaminate against (jsonl)")
+    rows_per_output_shard: int = Field(1000, ge=1)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    compute: ComputeConfig = Field(
+        default_factory=lambda: ComputeConfig(cpus_per_worker=1),
+        description="Ray Data generation actors (num_workers) and their resources")
+
+    @field_validator("non_reasoning_mix")
+    @classmethod
+    def _known_kinds(cls, v: dict[str, float]) -> dict[str, float]:
+        from r1core.general_tasks import KINDS
+
+        _known_names(v, KINDS, "non-reasoning kind")
+        return _shares(v, "non-reasoning kind")
+
+    @field_validator("prompts_file")
+    @classmethod
+    def _prompts_file_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"prompts file not found: '{v}'")
+        return v
+
+    @model_validator(mode="after")
+    def _server(self) -> RejectionSamplingConfig:
+        if self.engine == "openai" and not (self.base_url and self.served_model):
+            raise ValueError("engine is 'openai' but base_url or served_model is not set")
+        return self
+
+
 class EvalConfig(Strict):
     """Held-out evaluation after every stage: pass@1 over k samples and cons@k."""
 
@@ -296,7 +378,7 @@ class RuntimeConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    """The whole R1 recipe (stages 0-4 so far) on one profile."""
+    """The whole R1 recipe (stages 0-6 so far) on one profile."""
 
     profile: str = "tiny"
     run_name: str | None = Field(None, description="output folder name; default: profile + config hash")
@@ -307,6 +389,9 @@ class PipelineConfig(Strict):
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
     cold_start_sft: SFTConfig = Field(default_factory=SFTConfig)
     reasoning_rl: ReasoningRLConfig = Field(default_factory=ReasoningRLConfig)
+    rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2),
+                           description="stage 6: SFT of the base on the rejection-sampled set")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

@@ -78,17 +78,21 @@ class NearDuplicates:
         self.signatures: dict[str, np.ndarray] = {}
 
     def add(self, key: str, text: str) -> str | None:
-        sig = minhash(text, self.n)
+        return self.add_signature(key, minhash(text, self.n))
+
+    def add_signature(self, key: str, sig: np.ndarray) -> str | None:
+        """`add` for a signature computed elsewhere (by a Ray worker, with the same `n`)."""
+        keys = [sig[band * self.rows : (band + 1) * self.rows].tobytes() for band in range(self.bands)]
         seen: set[str] = set()
-        for band, bucket in enumerate(self.buckets):
-            for other in bucket.get(sig[band * self.rows : (band + 1) * self.rows].tobytes(), ()):
+        for band_key, bucket in zip(keys, self.buckets, strict=True):
+            for other in bucket.get(band_key, ()):
                 if other not in seen:
                     seen.add(other)
                     if float((self.signatures[other] == sig).mean()) >= self.threshold:
                         return other
         self.signatures[key] = sig
-        for band, bucket in enumerate(self.buckets):
-            bucket.setdefault(sig[band * self.rows : (band + 1) * self.rows].tobytes(), []).append(key)
+        for band_key, bucket in zip(keys, self.buckets, strict=True):
+            bucket.setdefault(band_key, []).append(key)
         return None
 
 

@@ -68,6 +68,21 @@ def read_jsonl_checked(path: str | Path) -> tuple[list[dict], list[dict]]:
     return good, bad
 
 
+def read_checked(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(good rows, quarantined rows) of a JSONL file, a parquet file, or a directory of parquet
+    parts (read in name order; a part's rows are numbered on from the previous part's)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        good, bad = [], []
+        for part in sorted(path.glob("*.parquet")) if path.is_dir() else [path]:
+            g, b = check_rows(pq.read_table(part).to_pylist(), first_line=len(good) + len(bad) + 1)
+            good, bad = good + g, bad + b
+        return good, bad
+    return read_jsonl_checked(path)
+
+
 def within_budget(source: str, good: int, bad: list[dict], error_budget: float) -> None:
     """Raise if the share of bad rows exceeds `error_budget` (0.01 = 1%)."""
     total = good + len(bad)
@@ -75,3 +90,20 @@ def within_budget(source: str, good: int, bad: list[dict], error_budget: float) 
         shown = "; ".join(f"line {b['line']}: {b['reason']}" for b in bad[:3])
         raise ErrorBudgetExceeded(f"{source}: {len(bad)} of {total} rows are bad, more than the error budget "
                                   f"of {error_budget:.1%} ({shown})")
+
+
+def read_with_quarantine(path: str | Path, quarantine_file: str | Path,
+                         error_budget: float) -> tuple[list[dict], list[dict]]:
+    """(good rows, bad rows) of a file; the bad ones are written (atomically) to
+    `quarantine_file` as `{file, line, raw, reason}` (no file when there are none), and more of
+    them than `error_budget` raises."""
+    good, bad = read_checked(path)
+    quarantine_file = Path(quarantine_file)
+    quarantine_file.unlink(missing_ok=True)
+    if bad:
+        quarantine_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = quarantine_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"file": str(path), **b}, ensure_ascii=False) + "\n" for b in bad))
+        tmp.replace(quarantine_file)
+    within_budget(str(path), len(good), bad, error_budget)
+    return good, bad

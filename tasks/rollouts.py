@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
 
@@ -19,22 +20,25 @@ from tasks.ray_jobs import ensure_ray
 
 
 class Sampler:
-    """A Ray Data actor: n samples for every request of a batch from the request's model."""
+    """A Ray Data actor: n samples for every request of a batch from the request's model, in
+    this process (torch), or from the OpenAI-compatible `server` {base_url, model} serving it."""
 
-    def __init__(self, sampling: dict, n: int, batch_size: int, threads: int, seed: int):
+    def __init__(self, sampling: dict, n: int, batch_size: int, threads: int, seed: int,
+                 server: dict | None = None):
         import torch
 
         torch.set_num_threads(threads)
         self.sampling = SamplingConfig.model_validate(sampling)
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.server = n, batch_size, seed, server
         self.engines: dict = {}
 
     def _engine(self, model_dir: str):
         if model_dir not in self.engines:
-            from r1core.engine import TorchEngine
+            from r1core.engine import OpenAIEngine, TorchEngine
             from r1core.modeling import load_pretrained
 
-            self.engines[model_dir] = TorchEngine(*load_pretrained(model_dir), self.batch_size)
+            self.engines[model_dir] = (OpenAIEngine(self.server["base_url"], self.server["model"]) if self.server
+                                       else TorchEngine(*load_pretrained(model_dir), self.batch_size))
         return self.engines[model_dir]
 
     def __call__(self, batch: dict) -> dict:
@@ -51,8 +55,38 @@ class Sampler:
             seed = self.seed + zlib.crc32("".join(r["generation_prompt"] for r in group).encode())
             rollouts = self._engine(model_dir).generate([r["generation_prompt"] for r in group], self.n,
                                                         Sampling.from_config(self.sampling, seed=seed))
-            out += [json.dumps({**group[ro.prompt_index], "completion": ro.text}) for ro in rollouts]
+            out += [json.dumps({**group[ro.prompt_index], "completion": ro.text, "sample": j % self.n,
+                                "finish_reason": ro.finish_reason}) for j, ro in enumerate(rollouts)]
         return {"row": out}
+
+
+class ShardSampler(Sampler):
+    """A Ray Data actor for resumable generation: each input row is one shard of prompts; its
+    samples are written to `<out_dir>/shard-NNNNN.parquet` atomically (the same shard always
+    gets the same seed, so a re-run writes the same rows). Returns one count row per shard."""
+
+    def __init__(self, out_dir: str, schema, **sampler_kwargs):
+        super().__init__(**sampler_kwargs)
+        self.out_dir, self.schema = Path(out_dir), schema
+
+    def __call__(self, batch: dict) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        counts = []
+        for shard, rows in zip(batch["shard"], batch["rows"], strict=True):
+            samples = [json.loads(r) for r in super().__call__({"row": rows.tolist()})["row"]]
+            table = pa.Table.from_pylist(samples, schema=self.schema)
+            final = shard_path(self.out_dir, int(shard))
+            tmp = final.with_suffix(".tmp")
+            pq.write_table(table, tmp)
+            tmp.replace(final)
+            counts.append(len(samples))
+        return {"shard": batch["shard"], "samples": counts}
+
+
+def shard_path(out_dir: Path, shard: int) -> Path:
+    return out_dir / f"shard-{shard:05d}.parquet"
 
 
 def sample_and_process(requests: list[dict], postprocess: Callable[[dict], dict], sampling: SamplingConfig,
@@ -74,3 +108,19 @@ def sample_and_process(requests: list[dict], postprocess: Callable[[dict], dict]
     )
     ds = ds.map(lambda rec: {"row": json.dumps(postprocess(json.loads(rec["row"])))})
     return [json.loads(rec["row"]) for rec in ds.take_all()]
+
+
+def generate_shards(shards: dict[int, list[dict]], out_dir: str, compute: ComputeConfig, **sampler_kwargs):
+    """Samples of each shard of requests, written by a pool of `ShardSampler` actors to
+    `out_dir`; yields `{shard, samples}` as each shard is written (Ray must be up)."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    items = [{"shard": i, "rows": [json.dumps(r) for r in rows]} for i, rows in shards.items()]
+    ds = ray.data.from_items(items).map_batches(
+        ShardSampler,
+        fn_constructor_kwargs={"out_dir": out_dir, "threads": compute.cpus_per_worker, **sampler_kwargs},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=compute.num_workers),
+        num_cpus=compute.cpus_per_worker,
+        num_gpus=1 if compute.use_gpu else 0,
+    )
+    yield from ds.iter_rows()

@@ -41,7 +41,7 @@ class StageResult(BaseModel):
 
 
 REGISTERED_NAMES = {"pretrain_base": "r1-base", "r1_zero": "r1-zero", "cold_start_sft": "r1-cold-start",
-                    "reasoning_rl": "r1-reasoning-rl"}
+                    "reasoning_rl": "r1-reasoning-rl", "sft": "r1-sft"}
 
 
 def _stage_dir(cfg: PipelineConfig, stage: str) -> Path:
@@ -106,17 +106,17 @@ def prepare_data(cfg: PipelineConfig) -> DataPaths:
                      num_train=len(train), num_heldout=len(heldout))
 
 
-def log_dataset(cfg: PipelineConfig, run_id: str, path: str, context: str) -> None:
-    """Record a JSONL dataset as an input of the run (name, digest, source)."""
+def log_dataset(cfg: PipelineConfig, run_id: str, path: str, context: str, tags: dict[str, str] | None = None) -> None:
+    """Record a rows file or parquet directory as an input of the run (name, digest, source),
+    with `tags` on it (e.g. the model that produced it)."""
     import mlflow.data
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
-    df = pd.read_json(path, lines=True)
+    df = pd.DataFrame(read_rows(path))
     ds = mlflow.data.from_pandas(df.astype(str), source=path, name=Path(path).stem)
-    tracking.client_for(cfg.runtime).log_inputs(
-        run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
-    )
+    input_tags = [InputTag("mlflow.data.context", context)] + [InputTag(k, v) for k, v in (tags or {}).items()]
+    tracking.client_for(cfg.runtime).log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=input_tags)])
 
 
 def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, compute,
@@ -188,13 +188,20 @@ def grpo(cfg: PipelineConfig, stage: str, init_model_dir: str, data: DataPaths,
                                                          rewards=json.dumps(rewards)))
 
 
-@task(name="cold-start-sft", cache_policy=NO_CACHE)
-def cold_start_sft(cfg: PipelineConfig, base_model_dir: str, dataset_file: str,
-                   parent_run_id: str | None = None) -> StageResult:
-    """Stage 3: SFT of the base on the cold-start examples into the interim reasoning model."""
-    return run_training_stage(
-        cfg, "cold_start_sft", "Stage 3: SFT of the base on the cold-start data (loss on responses, packed).",
-        ray_jobs.sft_loop, cfg.cold_start_sft.compute, parent_run_id, _train_from(cfg, base_model_dir, dataset_file))
+SFT_STAGES = {
+    "cold_start_sft": "Stage 3: SFT of the base on the cold-start data (loss on responses, packed).",
+    "sft": "Stage 6: SFT of the base on the rejection-sampled reasoning and non-reasoning set "
+           "(loss on responses, packed).",
+}
+
+
+@task(name="sft", task_run_name="sft-{stage}", cache_policy=NO_CACHE)
+def sft(cfg: PipelineConfig, stage: str, base_model_dir: str, dataset: str,
+        parent_run_id: str | None = None) -> StageResult:
+    """An SFT stage (cold start, the rejection-sampled set) of the base on `dataset` (a rows file
+    or a parquet directory), as a Ray Train job."""
+    return run_training_stage(cfg, stage, SFT_STAGES[stage], ray_jobs.sft_loop, getattr(cfg, stage).compute,
+                              parent_run_id, _train_from(cfg, base_model_dir, dataset))
 
 
 def _train_from(cfg: PipelineConfig, init_model_dir: str, train_file: str, **tags: str):

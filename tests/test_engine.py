@@ -128,3 +128,35 @@ def test_openai_client_reports_http_errors(tokenizer):
     engine = OpenAIEngine(f"http://127.0.0.1:{_free_port()}/v1", "m", tokenizer, timeout_s=2)
     with pytest.raises(OSError):
         engine.generate(["x"], 1, Sampling(max_new_tokens=2))
+
+
+def test_rejection_sampling_generation_against_a_real_local_server(served_model, rows, tmp_path):
+    """The `engine: openai` path of rejection sampling: Ray Data sampler actors send the shards'
+    prompts to the server and write one parquet file per shard."""
+    import pyarrow.parquet as pq
+
+    from r1core.config import ComputeConfig, RuntimeConfig, SamplingConfig
+    from tasks.ray_jobs import ensure_ray
+    from tasks.rejection_sampling import SAMPLE_SCHEMA
+    from tasks.rollouts import generate_shards, shard_path
+
+    url, model_dir = served_model
+    ensure_ray(RuntimeConfig(num_cpus=2))
+    requests = [{**r, "sample": 0, "model_dir": model_dir, "generation_prompt": r["prompt"]} for r in rows[1][:3]]
+    written = list(generate_shards({0: requests[:2], 1: requests[2:]}, str(tmp_path), ComputeConfig(cpus_per_worker=1),
+                                   schema=SAMPLE_SCHEMA, sampling=SamplingConfig(max_new_tokens=4).model_dump(), n=2,
+                                   batch_size=8, seed=0, server={"base_url": url, "model": model_dir}))
+    assert sorted((w["shard"], w["samples"]) for w in written) == [(0, 4), (1, 2)]
+    shard0 = pq.read_table(shard_path(tmp_path, 0)).to_pylist()
+    assert [(s["id"], s["sample"]) for s in shard0] == [(requests[0]["id"], 0), (requests[0]["id"], 1),
+                                                        (requests[1]["id"], 0), (requests[1]["id"], 1)]
+    assert all(isinstance(s["completion"], str) and s["finish_reason"] in ("stop", "length") for s in shard0)
+
+
+def test_openai_judge_against_a_real_local_server(served_model):
+    from r1core.judge import JudgeItem, OpenAIJudge
+
+    url, model_dir = served_model
+    verdicts = OpenAIJudge(url, model_dir, concurrency=2).judge([JudgeItem("Compute 1 + 1.", "2", "2"),
+                                                                 JudgeItem("Compute 1 + 2.", "3", "4")])
+    assert len(verdicts) == 2 and all(isinstance(v, bool) for v in verdicts)  # an untrained model: any verdict

@@ -33,3 +33,37 @@ def test_quarantine_and_error_budget(tmp_path):
     with pytest.raises(ErrorBudgetExceeded, match=r"prompts.jsonl: 3 of 5 rows are bad, more than the error "
                                                  r"budget of 50.0% \(line 2: missing field 'answer'"):
         within_budget(str(path), len(rows), bad, error_budget=0.5)
+
+
+def test_quarantine_file_keeps_row_and_reason_and_a_clean_rerun_clears_it(tmp_path):
+    from r1core.validation import read_with_quarantine
+
+    path, quarantine = tmp_path / "prompts.jsonl", tmp_path / "out" / "quarantine.jsonl"
+    ok = {"prompt": "Compute 1 + 1.", "answer": "2", "task": "chain_sum"}
+    lines = [json.dumps(ok).encode()] * 8 + [json.dumps({"prompt": "p", "answer": 3.5, "task": "t"}).encode(),
+                                             b'{"prompt": "\xc3\x28", "answer": "1", "task": "t"}']
+    path.write_bytes(b"\n".join(lines))
+    good, bad = read_with_quarantine(path, quarantine, error_budget=0.2)
+    assert len(good) == 8 and len(bad) == 2
+    saved = [json.loads(line) for line in quarantine.read_text().splitlines()]
+    assert [(q["file"], q["line"], q["reason"]) for q in saved] == [
+        (str(path), 9, "field 'answer' is float, not a string"), (str(path), 10, "invalid UTF-8 at byte 12")]
+    assert '"answer": 3.5' in saved[0]["raw"]  # the row itself, as written
+    with pytest.raises(ErrorBudgetExceeded, match="prompts.jsonl: 2 of 10 rows are bad"):
+        read_with_quarantine(path, quarantine, error_budget=0.1)
+    path.write_bytes(b"\n".join(lines[:8]))
+    assert read_with_quarantine(path, quarantine, error_budget=0.0) == ([{**ok}] * 8, [])
+    assert not quarantine.exists()
+
+
+def test_parquet_parts_are_read_in_order_with_running_row_numbers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from r1core.validation import read_checked
+
+    ok = {"prompt": "p", "answer": "1", "task": "t"}
+    pq.write_table(pa.Table.from_pylist([ok, ok]), tmp_path / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([ok, {"prompt": "p", "answer": "", "task": "t"}]), tmp_path / "part-00001.parquet")
+    good, bad = read_checked(tmp_path)
+    assert len(good) == 3 and [(b["line"], b["reason"]) for b in bad] == [(4, "missing field 'answer'")]

@@ -1,0 +1,263 @@
+"""Prefect tasks of stage 5, rejection sampling: Ray Data generates, checks and judges candidates;
+the driver deduplicates, applies the quotas and writes the SFT set.
+
+Outputs under `<run_dir>/rejection_sampling/`:
+- `quarantine.jsonl`: prompt rows that could not be used, with line and reason;
+- `samples/shard-NNNNN.parquet`: the samples of each shard of prompts, written atomically as
+  each shard finishes; a re-run generates only the missing shards (same seed per shard);
+- `candidates/`: every candidate with its `reason` ('' = kept), for inspection;
+- `dataset/part-NNNNN.parquet`: the kept examples, sorted by their deterministic `sample_id`.
+`candidates/` and `dataset/` are written atomically from the samples, so a killed or retried
+run never duplicates a row; a complete `dataset/` means the stage is done.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from r1core import checkpoint as ckpt
+from r1core.config import PipelineConfig
+from r1core.filters import Decontaminator
+from r1core.general_tasks import non_reasoning_examples
+from r1core.reasoning_tasks import complete_rows, read_rows
+from r1core.rejection_sampling import NEEDS_JUDGE, annotate, reason_counts, select
+from r1core.validation import read_with_quarantine
+from tasks import tracking
+from tasks.ray_jobs import ensure_ray
+from tasks.rollouts import generate_shards, shard_path
+from tasks.stages import DataPaths, log_dataset
+
+STAGE = "rejection_sampling"
+# what a sample keeps of its prompt row (flat, so that Arrow stores it as columns)
+SAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("sample", pa.int64()), ("task", pa.string()),
+                          ("language", pa.string()), ("problem", pa.string()), ("question", pa.string()),
+                          ("prompt", pa.string()), ("answer", pa.string()), ("numbers", pa.list_(pa.int64())),
+                          ("completion", pa.string()), ("finish_reason", pa.string())])
+DATASET_COLUMNS = ["sample_id", *SAMPLE_SCHEMA.names[:-1], "reasoning", "verifier"]
+
+
+class RejectionSamplingData(BaseModel):
+    dataset_dir: str
+    num_examples: int
+    mlflow_run_id: str
+    metrics: dict[str, float] = {}
+    skipped: bool = False
+
+
+def stage_dir(cfg: PipelineConfig) -> Path:
+    return cfg.run_dir() / STAGE
+
+
+def finished(cfg: PipelineConfig) -> RejectionSamplingData | None:
+    done = stage_dir(cfg) / "dataset"
+    if ckpt.is_complete(done):
+        return RejectionSamplingData(**{**json.loads((done / "result.json").read_text()), "skipped": True})
+    return None
+
+
+@task(name="rejection-sampling-prompts", cache_policy=NO_CACHE)
+def read_prompts(cfg: PipelineConfig, data: DataPaths) -> list[dict]:
+    """The prompts to sample from: the user's file or the train split. Malformed rows go to
+    `quarantine.jsonl`; more of them than `error_budget` fails the stage, naming the file."""
+    rs = cfg.rejection_sampling
+    source = rs.prompts_file or data.train_file
+    quarantine = stage_dir(cfg) / "quarantine.jsonl"
+    good, bad = read_with_quarantine(source, quarantine, rs.error_budget)
+    if bad:
+        get_run_logger().warning("rejection sampling: %d malformed prompt rows of %s quarantined in %s (first: "
+                                 "line %d, %s)", len(bad), source, quarantine, bad[0]["line"], bad[0]["reason"])
+    rows = sorted(complete_rows(good), key=lambda r: r["id"])
+    return rows[: rs.num_prompts]
+
+
+@task(name="rejection-sampling-generate", cache_policy=NO_CACHE)
+def generate(cfg: PipelineConfig, prompts: list[dict], model_dir: str, run_id: str) -> str:
+    """k samples per prompt from the checkpoint, one shard of prompts per Ray Data item on a pool
+    of sampler actors; shards already on disk are not generated again."""
+    rs, logger = cfg.rejection_sampling, get_run_logger()
+    out = stage_dir(cfg) / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    shards = [prompts[i : i + rs.prompts_per_shard] for i in range(0, len(prompts), rs.prompts_per_shard)]
+    pending = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
+    logger.info("rejection sampling: %d of %d shards to generate (%d prompts x %d samples)", len(pending),
+                len(shards), len(prompts), rs.samples_per_prompt)
+    t0 = time.time()
+    if pending:
+        ensure_ray(cfg.runtime)
+        requests = {i: [{**r, "model_dir": model_dir, "generation_prompt": r["prompt"]} for r in shards[i]]
+                    for i in pending}
+        server = {"base_url": rs.base_url, "model": rs.served_model} if rs.engine == "openai" else None
+        written = generate_shards(requests, str(out), rs.compute, schema=SAMPLE_SCHEMA,
+                                  sampling=rs.sampling.model_dump(), n=rs.samples_per_prompt,
+                                  batch_size=cfg.rollout.batch_size, seed=cfg.runtime.seed, server=server)
+        for done, row in enumerate(written, start=1):
+            logger.info("rejection sampling: shard %d written (%d samples; %d/%d this run)", row["shard"],
+                        row["samples"], done, len(pending))
+    tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"generation_seconds": time.time() - t0})
+    return str(out)
+
+
+@functools.cache
+def _decontaminator(eval_texts: tuple[str, ...]) -> Decontaminator:
+    return Decontaminator(eval_texts)
+
+
+@functools.cache
+def _token_counter(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _annotate_batch(batch: dict, cfg, eval_texts: tuple[str, ...], judged_tasks: list[str],
+                    tokenizer_dir: str | None, max_tokens: int) -> dict:
+    """Ray Data map: `annotate` every row of a batch (a worker builds its helpers once)."""
+    count_tokens = _token_counter(tokenizer_dir) if tokenizer_dir else None
+    rows = [_plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
+    out = [annotate(r, cfg, _decontaminator(eval_texts), frozenset(judged_tasks), count_tokens, max_tokens)
+           for r in rows]
+    return {k: [r[k] for r in out] for k in out[0]} if out else {}
+
+
+def _plain(row: dict) -> dict:
+    """Arrow/numpy values as Python ones."""
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+
+
+def annotate_with_ray(source: ray.data.Dataset, rs, eval_texts: list[str], tokenizer_dir: str | None = None,
+                      max_tokens: int = 0) -> list[dict]:
+    """Every candidate annotated (reason, hash, MinHash signature) by Ray Data tasks; `rs` is
+    the `RejectionSamplingConfig`."""
+    rows = source.map_batches(_annotate_batch, batch_format="numpy", batch_size=1024,
+                              fn_kwargs={"cfg": rs, "eval_texts": tuple(eval_texts),
+                                         "judged_tasks": rs.judge.judged_tasks, "tokenizer_dir": tokenizer_dir,
+                                         "max_tokens": max_tokens}).take_all()
+    return [_plain(r) for r in rows]
+
+
+class JudgeActor:
+    """A Ray Data actor holding the judge: verdicts for rows that need one."""
+
+    def __init__(self, judge_cfg: dict, model_dir: str | None, threads: int):
+        import torch
+
+        from r1core.config import JudgeConfig
+        from r1core.judge import LocalJudge, OpenAIJudge
+        from r1core.modeling import load_pretrained
+
+        torch.set_num_threads(threads)
+        jc = JudgeConfig.model_validate(judge_cfg)
+        self.judge = (OpenAIJudge(jc.base_url, jc.model) if jc.kind == "openai"
+                      else LocalJudge(*load_pretrained(model_dir), batch_size=jc.batch_size))
+
+    def __call__(self, batch: dict) -> dict:
+        from r1core.judge import JudgeItem
+        from r1core.rewards import final_answer, is_correct
+
+        rows = [_plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
+        items = [JudgeItem(r["question"] or r["prompt"], r["answer"], final_answer(r["completion"]) or "")
+                 for r in rows]
+        verdicts = self.judge.judge(items)
+        rule = [is_correct(it.prediction, r["answer"], r["task"], r["numbers"]) for it, r in zip(items, rows, strict=True)]
+        return {"sample_id": [r["sample_id"] for r in rows], "judged": verdicts,
+                "rule": [-1 if x is None else int(x) for x in rule]}
+
+
+def judge_rows(cfg: PipelineConfig, rows: list[dict], judge_model_dir: str | None) -> dict[str, float]:
+    """Apply the judge's verdicts to the rows marked NEEDS_JUDGE (in place); returns its metrics,
+    with its agreement with the rules on rows that a rule could also score."""
+    jc = cfg.rejection_sampling.judge
+    todo = [r for r in rows if r["reason"] == NEEDS_JUDGE]
+    for r in rows:
+        r["verifier"] = "judge" if r["reason"] == NEEDS_JUDGE else ("rule" if r["reasoning"] else "reference")
+    if not todo:
+        return {"judge/rows": 0.0}
+    keep = ("sample_id", "question", "prompt", "answer", "task", "numbers", "completion")
+    ds = ray.data.from_items([{k: r[k] for k in keep} for r in todo]).map_batches(
+        JudgeActor, batch_size=jc.batch_size,
+        fn_constructor_kwargs={"judge_cfg": jc.model_dump(), "model_dir": judge_model_dir,
+                               "threads": cfg.rejection_sampling.compute.cpus_per_worker},
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.rejection_sampling.compute.cpus_per_worker)
+    verdicts = {v["sample_id"]: v for v in ds.take_all()}
+    for r in todo:
+        r["reason"] = "" if verdicts[r["sample_id"]]["judged"] else "unverified"
+    scored = [v for v in verdicts.values() if v["rule"] >= 0]
+    metrics = {"judge/rows": float(len(todo)), "judge/approved": float(sum(v["judged"] for v in verdicts.values()))}
+    if scored:
+        metrics["judge/agreement_with_rules"] = sum(int(v["judged"]) == v["rule"] for v in scored) / len(scored)
+    return metrics
+
+
+@task(name="rejection-sampling-check", cache_policy=NO_CACHE)
+def check(cfg: PipelineConfig, samples_dir: str, data: DataPaths, model_dir: str,
+          judge_model_dir: str | None) -> tuple[list[dict], dict]:
+    """Annotate the samples and the non-reasoning candidates on Ray Data, then judge what the
+    rules cannot verify. Returns (annotated rows, judge metrics)."""
+    rs = cfg.rejection_sampling
+    ensure_ray(cfg.runtime)
+    eval_rows = read_rows(data.heldout_file) + [r for f in rs.eval_files for r in read_rows(f)]
+    eval_texts = [r.get("question") or r["prompt"] for r in eval_rows]
+    general = non_reasoning_examples(rs.non_reasoning_examples * 2, rs.non_reasoning_mix, cfg.data.languages,
+                                     seed=cfg.runtime.seed)  # twice the quota: duplicates are dropped
+    general_file = Path(samples_dir) / "general.parquet"
+    pq.write_table(pa.Table.from_pylist([{**g, "finish_reason": "stop"} for g in general], schema=SAMPLE_SCHEMA),
+                   general_file)
+    shards = sorted(str(p) for p in Path(samples_dir).glob("shard-*.parquet"))
+    rows = annotate_with_ray(ray.data.read_parquet([*shards, str(general_file)]), rs, eval_texts,
+                             tokenizer_dir=model_dir, max_tokens=cfg.sft.seq_len)
+    return rows, judge_rows(cfg, rows, judge_model_dir)
+
+
+@task(name="rejection-sampling-write", cache_policy=NO_CACHE)
+def write_dataset(cfg: PipelineConfig, rows: list[dict], judge_metrics: dict, run_id: str, started: float,
+                  producer: dict[str, str]) -> RejectionSamplingData:
+    """Deduplicate and apply the quotas; write every candidate's verdict and the kept set;
+    per-reason counts to MLflow and to a Prefect table; the set as an MLflow dataset."""
+    rs, logger = cfg.rejection_sampling, get_run_logger()
+    final = select(rows, rs.per_problem, {True: rs.reasoning_examples, False: rs.non_reasoning_examples},
+                   rs.near_duplicate_threshold)
+    kept = [r for r in final if not r["reason"]]
+    counts = reason_counts(final)
+    if not kept:
+        raise RuntimeError(f"rejection sampling: no candidate kept ({counts})")
+    done = stage_dir(cfg) / "dataset"
+    metrics = {**{k: float(v) for k, v in counts.items()}, **judge_metrics, "examples": float(len(kept)),
+               "stage_seconds": time.time() - started}
+    result = {"dataset_dir": str(done), "num_examples": len(kept), "mlflow_run_id": run_id, "metrics": metrics}
+
+    def write(d: Path):
+        table = pa.Table.from_pylist([{c: r[c] for c in DATASET_COLUMNS} for r in kept])
+        for i in range(0, len(kept), rs.rows_per_output_shard):
+            pq.write_table(table.slice(i, rs.rows_per_output_shard), d / f"part-{i // rs.rows_per_output_shard:05d}.parquet")
+        (d / "result.json").write_text(json.dumps(result, indent=1))
+
+    candidates = stage_dir(cfg) / "candidates"
+    ckpt.write_atomically(candidates, lambda d: pq.write_table(
+        pa.Table.from_pylist([{k: v for k, v in r.items() if k != "signature"} for r in final]),
+        d / "candidates.parquet"))
+    ckpt.write_atomically(done, write)
+    client = tracking.client_for(cfg.runtime)
+    tracking.log_metrics(client, run_id, metrics)
+    tracking.set_tags(client, run_id, {f"producer_{k}": v for k, v in producer.items()})
+    log_dataset(cfg, run_id, str(done), "rejection_sampling_output", producer)
+    client.log_artifact(run_id, str(done / "result.json"), "rejection_sampling")
+    quarantine = stage_dir(cfg) / "quarantine.jsonl"
+    if quarantine.is_file():
+        client.log_artifact(run_id, str(quarantine), "rejection_sampling")
+    create_table_artifact(
+        key="rejection-sampling-reasons",
+        table=[{"count": k, "value": int(v)} for k, v in counts.items()],
+        description=f"Rejection sampling ({cfg.resolved_run_name()}): candidates, kept and rejections per reason.")
+    logger.info("rejection sampling: kept %d (%s)", len(kept), json.dumps(counts))
+    return RejectionSamplingData(**result)
