@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import zlib
+from functools import lru_cache
 
 import numpy as np
 
@@ -49,11 +50,21 @@ _A = _RNG.integers(1, 2**63, NUM_PERM, dtype=np.uint64) | np.uint64(1)  # odd mu
 _B = _RNG.integers(0, 2**63, NUM_PERM, dtype=np.uint64)
 
 
+@lru_cache(maxsize=1 << 16)
+def _word_hash(word: str) -> int:
+    return zlib.crc32(word.encode())
+
+
 def shingles(text: str, n: int = 3) -> np.ndarray:
-    """CRC-32 hashes of the word n-grams of the normalized text (the whole text if shorter)."""
-    words = WORD.findall(normalize(text))
-    grams = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))]
-    return np.array(sorted({zlib.crc32(g.encode()) for g in grams}), dtype=np.uint64)
+    """Hashes of the word n-grams of the normalized text (the whole text if shorter): the words'
+    CRC-32s combined position by position (vectorised; words repeat, so theirs are cached)."""
+    words = np.array([_word_hash(w) for w in WORD.findall(normalize(text))] or [0], dtype=np.uint64)
+    k = max(1, len(words) - n + 1)
+    grams = np.zeros(k, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(min(n, len(words))):
+            grams = grams * np.uint64(0x100000001B3) + words[i : i + k]  # FNV-style mixing, mod 2^64
+    return np.unique((grams ^ (grams >> np.uint64(32))) & np.uint64(0xFFFFFFFF))  # 32-bit keys, as minhash wants
 
 
 def minhash(text: str, n: int = 3) -> np.ndarray:

@@ -10,15 +10,13 @@ Two implementations of one interface (`Judge.judge(items) -> list[bool]`):
   short greedy completion of the same prompt whose first word is the verdict.
 
 The tiny profile's base model learns this prompt from a share of its pretraining documents
-(`reasoning_tasks.pretraining_corpus`), as a general model knows how to grade an answer.
+(`reasoning_tasks.pretraining_corpus`), as a general model knows how to grade an answer. (torch
+and the engines are imported where a judge is built: the corpus builder and the Ray Data
+workers that only need the prompt format don't pay for them.)
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Protocol
-
-import torch
-
-from r1core.engine import OpenAIEngine, Sampling
 
 JUDGE_TEMPLATE = ("Judge whether the prediction matches the reference answer. Question: {question} "
                   "Reference: {reference} Prediction: {prediction} Verdict:")
@@ -53,19 +51,23 @@ class LocalJudge:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.verdict_ids = {v: tokenizer(text, add_special_tokens=False)["input_ids"] for v, text in VERDICTS.items()}
 
-    @torch.no_grad()
     def judge(self, items: list[JudgeItem]) -> list[bool]:
+        import torch
+
         self.model.eval()
         out: list[bool] = []
-        for start in range(0, len(items), self.batch_size):
-            prompts = self.tokenizer([judge_prompt(it) for it in items[start : start + self.batch_size]],
-                                     add_special_tokens=False)["input_ids"]
-            scores = {v: self._logprob(prompts, ids) for v, ids in self.verdict_ids.items()}
-            out += (scores[True] > scores[False]).tolist()
+        with torch.no_grad():
+            for start in range(0, len(items), self.batch_size):
+                prompts = self.tokenizer([judge_prompt(it) for it in items[start : start + self.batch_size]],
+                                         add_special_tokens=False)["input_ids"]
+                scores = {v: self._logprob(prompts, ids) for v, ids in self.verdict_ids.items()}
+                out += (scores[True] > scores[False]).tolist()
         return out
 
-    def _logprob(self, prompts: list[list[int]], verdict: list[int]) -> torch.Tensor:
+    def _logprob(self, prompts: list[list[int]], verdict: list[int]):
         """log p(verdict | prompt) for each prompt; right-padded, so positions are unchanged."""
+        import torch
+
         seqs = [p + verdict for p in prompts]
         width = max(map(len, seqs))
         pad = self.tokenizer.pad_token_id
@@ -83,9 +85,13 @@ class OpenAIJudge:
     """An OpenAI-compatible completions endpoint as judge: greedy, a few tokens, first word."""
 
     def __init__(self, base_url: str, model: str, api_key: str = "EMPTY", concurrency: int = 8):
+        from r1core.engine import OpenAIEngine
+
         self.engine = OpenAIEngine(base_url, model, api_key=api_key, concurrency=concurrency)
 
     def judge(self, items: list[JudgeItem]) -> list[bool]:
+        from r1core.engine import Sampling
+
         replies = self.engine.generate([judge_prompt(it) for it in items], 1,
                                        Sampling(temperature=0.0, max_new_tokens=3))
         return [parse_verdict(r.text) for r in replies]

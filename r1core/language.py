@@ -31,6 +31,7 @@ def _script(ch: str) -> str | None:
     return name.split(" ", 1)[0] if name else None
 
 
+@lru_cache(maxsize=1 << 16)  # words repeat (Zipf): rejection sampling checks millions of them
 def word_script(word: str) -> str | None:
     """The one script of the word's letters; '' if letters of several scripts; None if no letters."""
     scripts = {s for s in map(_script, word) if s}

@@ -19,6 +19,7 @@ reference response (`r1core.general_tasks`): it is filtered, not verified.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 
@@ -103,6 +104,34 @@ def annotate(row: dict, cfg, decontaminator: Decontaminator | None,
     return {**row, "sample_id": sample_id(row), "reasoning": is_reasoning(row),
             "reason": check_candidate(row, cfg, decontaminator, judged_tasks, count_tokens, max_tokens),
             "hash": content_hash(text), "signature": minhash(text).tobytes()}
+
+
+@functools.cache
+def _decontaminator(eval_texts: tuple[str, ...]) -> Decontaminator:
+    return Decontaminator(eval_texts)
+
+
+@functools.cache
+def _token_counter(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def annotate_batch(batch: dict, cfg, eval_texts: tuple[str, ...], judged_tasks: list[str],
+                    tokenizer_dir: str | None, max_tokens: int) -> dict:
+    """`annotate` every row of a column batch (what Ray Data maps; a worker builds its helpers once)."""
+    count_tokens = _token_counter(tokenizer_dir) if tokenizer_dir else None
+    rows = [plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
+    out = [annotate(r, cfg, _decontaminator(eval_texts), frozenset(judged_tasks), count_tokens, max_tokens)
+           for r in rows]
+    return {k: [r[k] for r in out] for k in out[0]} if out else {}
+
+
+def plain(row: dict) -> dict:
+    """Arrow/numpy values as Python ones."""
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
 
 
 def _quota_order(sample: str) -> str:

@@ -12,7 +12,6 @@ run never duplicates a row; a complete `dataset/` means the stage is done.
 """
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -27,10 +26,9 @@ from pydantic import BaseModel
 
 from r1core import checkpoint as ckpt
 from r1core.config import PipelineConfig
-from r1core.filters import Decontaminator
 from r1core.general_tasks import non_reasoning_examples
 from r1core.reasoning_tasks import complete_rows, read_rows
-from r1core.rejection_sampling import NEEDS_JUDGE, annotate, reason_counts, select
+from r1core.rejection_sampling import NEEDS_JUDGE, annotate_batch, plain, reason_counts, select
 from r1core.validation import read_with_quarantine
 from tasks import tracking
 from tasks.ray_jobs import ensure_ray
@@ -107,43 +105,15 @@ def generate(cfg: PipelineConfig, prompts: list[dict], model_dir: str, run_id: s
     return str(out)
 
 
-@functools.cache
-def _decontaminator(eval_texts: tuple[str, ...]) -> Decontaminator:
-    return Decontaminator(eval_texts)
-
-
-@functools.cache
-def _token_counter(tokenizer_dir: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _annotate_batch(batch: dict, cfg, eval_texts: tuple[str, ...], judged_tasks: list[str],
-                    tokenizer_dir: str | None, max_tokens: int) -> dict:
-    """Ray Data map: `annotate` every row of a batch (a worker builds its helpers once)."""
-    count_tokens = _token_counter(tokenizer_dir) if tokenizer_dir else None
-    rows = [_plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
-    out = [annotate(r, cfg, _decontaminator(eval_texts), frozenset(judged_tasks), count_tokens, max_tokens)
-           for r in rows]
-    return {k: [r[k] for r in out] for k in out[0]} if out else {}
-
-
-def _plain(row: dict) -> dict:
-    """Arrow/numpy values as Python ones."""
-    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
-
-
 def annotate_with_ray(source: ray.data.Dataset, rs, eval_texts: list[str], tokenizer_dir: str | None = None,
                       max_tokens: int = 0) -> list[dict]:
     """Every candidate annotated (reason, hash, MinHash signature) by Ray Data tasks; `rs` is
     the `RejectionSamplingConfig`."""
-    rows = source.map_batches(_annotate_batch, batch_format="numpy", batch_size=1024,
+    rows = source.map_batches(annotate_batch, batch_format="numpy", batch_size=1024,
                               fn_kwargs={"cfg": rs, "eval_texts": tuple(eval_texts),
                                          "judged_tasks": rs.judge.judged_tasks, "tokenizer_dir": tokenizer_dir,
                                          "max_tokens": max_tokens}).take_all()
-    return [_plain(r) for r in rows]
+    return [plain(r) for r in rows]
 
 
 class JudgeActor:
@@ -165,7 +135,7 @@ class JudgeActor:
         from r1core.judge import JudgeItem
         from r1core.rewards import final_answer, is_correct
 
-        rows = [_plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
+        rows = [plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
         items = [JudgeItem(r["question"] or r["prompt"], r["answer"], final_answer(r["completion"]) or "")
                  for r in rows]
         verdicts = self.judge.judge(items)
@@ -219,6 +189,13 @@ def check(cfg: PipelineConfig, samples_dir: str, data: DataPaths, model_dir: str
     return rows, judge_rows(cfg, rows, judge_model_dir)
 
 
+def write_parts(kept: list[dict], out_dir: Path, rows_per_part: int) -> None:
+    """The kept examples (sorted by `sample_id`) as `part-NNNNN.parquet` files of DATASET_COLUMNS."""
+    table = pa.Table.from_pylist([{c: r[c] for c in DATASET_COLUMNS} for r in kept])
+    for i in range(0, len(kept), rows_per_part):
+        pq.write_table(table.slice(i, rows_per_part), out_dir / f"part-{i // rows_per_part:05d}.parquet")
+
+
 @task(name="rejection-sampling-write", cache_policy=NO_CACHE)
 def write_dataset(cfg: PipelineConfig, rows: list[dict], judge_metrics: dict, run_id: str, started: float,
                   producer: dict[str, str]) -> RejectionSamplingData:
@@ -237,9 +214,7 @@ def write_dataset(cfg: PipelineConfig, rows: list[dict], judge_metrics: dict, ru
     result = {"dataset_dir": str(done), "num_examples": len(kept), "mlflow_run_id": run_id, "metrics": metrics}
 
     def write(d: Path):
-        table = pa.Table.from_pylist([{c: r[c] for c in DATASET_COLUMNS} for r in kept])
-        for i in range(0, len(kept), rs.rows_per_output_shard):
-            pq.write_table(table.slice(i, rs.rows_per_output_shard), d / f"part-{i // rs.rows_per_output_shard:05d}.parquet")
+        write_parts(kept, d, rs.rows_per_output_shard)
         (d / "result.json").write_text(json.dumps(result, indent=1))
 
     candidates = stage_dir(cfg) / "candidates"
