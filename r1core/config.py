@@ -144,10 +144,6 @@ class PretrainConfig(Strict):
     code_switch_share: float = Field(
         0.3, ge=0, le=1, description="share of documents whose reasoning steps switch language at random"
     )
-    judge_share: float = Field(
-        0.05, ge=0, le=1, description="share of documents that grade a prediction against a reference "
-        "(the base then serves as the local model judge of rejection sampling)"
-    )
     seq_len: int = Field(256, ge=16, description="tokens per packed training sequence")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (all workers)")
     steps: int = Field(600, ge=1)
@@ -280,6 +276,8 @@ class JudgeConfig(Strict):
     base_url: str | None = Field(None, description="openai: the endpoint, e.g. http://host:8000/v1")
     judged_tasks: list[str] = Field(default_factory=list,
                                     description="tasks verified by the judge even though a rule could")
+    audit_rows: int = Field(256, ge=0, description="rule-verified rows also shown to the judge, to measure "
+                            "its agreement with the rules (its verdict is not used for them)")
     batch_size: int = Field(64, ge=1)
 
     @model_validator(mode="after")
@@ -323,7 +321,7 @@ class RejectionSamplingConfig(Strict):
     rows_per_output_shard: int = Field(1000, ge=1)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     compute: ComputeConfig = Field(
-        default_factory=lambda: ComputeConfig(cpus_per_worker=1),
+        default_factory=lambda: ComputeConfig(num_workers=2, cpus_per_worker=1),
         description="Ray Data generation actors (num_workers) and their resources")
 
     @field_validator("non_reasoning_mix")

@@ -9,10 +9,8 @@ Two implementations of one interface (`Judge.judge(items) -> list[bool]`):
 - `OpenAIJudge`: an OpenAI-compatible endpoint (vLLM, SGLang, a hosted model), asked for a
   short greedy completion of the same prompt whose first word is the verdict.
 
-The tiny profile's base model learns this prompt from a share of its pretraining documents
-(`reasoning_tasks.pretraining_corpus`), as a general model knows how to grade an answer. (torch
-and the engines are imported where a judge is built: the corpus builder and the Ray Data
-workers that only need the prompt format don't pay for them.)
+(torch and the engines are imported where a judge is built: Ray Data workers that only need
+the prompt format don't pay for them.)
 """
 from __future__ import annotations
 
@@ -32,11 +30,6 @@ class JudgeItem(NamedTuple):
 def judge_prompt(item: JudgeItem) -> str:
     return JUDGE_TEMPLATE.format(question=item.question, reference=item.reference.strip(),
                                  prediction=item.prediction.strip())
-
-
-def judge_document(item: JudgeItem, verdict: bool) -> str:
-    """A worked judgment: what a judge model is trained on (the tiny base, in pretraining)."""
-    return judge_prompt(item) + VERDICTS[verdict]
 
 
 class Judge(Protocol):

@@ -21,7 +21,6 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from r1core.judge import JudgeItem, judge_document
 from r1core.language import dominant_language
 from r1core.validation import read_checked
 
@@ -230,21 +229,6 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-JUDGMENTS_PER_DOC = 4
-
-
-def near_miss(row: dict, rng: random.Random) -> tuple[str, bool]:
-    """(a prediction for the row, whether it is right): the answer half the time, else a wrong
-    number of the kind a model gets: off by a little, an operand, an intermediate result."""
-    if rng.random() < 0.5:
-        return row["answer"], True
-    answer = int(row["answer"])
-    wrong = [answer + d for d in (-10, -3, -2, -1, 1, 2, 3, 10)]
-    wrong += [x for step in row["steps"] for x in (step[0], step[2], step[3])]
-    choice = rng.choice([w for w in wrong if w != answer])
-    return str(choice), False
-
-
 def pretraining_corpus(train_rows: list[dict], cfg, seed: int) -> list[str]:
     """`cfg.corpus_docs` documents of web-like text about the train problems (`cfg` is a
     `PretrainConfig`), built only from train rows: held-out problems never leak into pretraining.
@@ -263,9 +247,6 @@ def pretraining_corpus(train_rows: list[dict], cfg, seed: int) -> list[str]:
     - In `code_switch_share` of the documents each reasoning step is written in a language
       drawn at random, as in multilingual web text: the base model mixes languages, and RL
       without a language-consistency reward has no reason to stop it.
-    - `judge_share` are graded answers (`r1core.judge`), a few per document: a question, its
-      reference, a prediction (right half the time, else a near miss) and the verdict, so that
-      the base can serve as the model judge of rejection sampling.
     """
     for i, r in enumerate(train_rows, start=1):
         if not r.get("steps"):
@@ -277,11 +258,6 @@ def pretraining_corpus(train_rows: list[dict], cfg, seed: int) -> list[str]:
     for _ in range(cfg.corpus_docs):
         row = rng.choice(train_rows)
         q, lang, final = row["question"], row["language"], final_of(row)
-        if rng.random() < cfg.judge_share:  # a few graded answers per document, as in a grading log
-            graded = [rng.choice(train_rows) for _ in range(JUDGMENTS_PER_DOC)]
-            docs.append(" ".join(judge_document(JudgeItem(r["question"], r["answer"], prediction), right)
-                                 for r in graded for prediction, right in [near_miss(r, rng)]))
-            continue
         if rng.random() < cfg.code_switch_share:
             step_langs = [rng.choice(languages) for _ in row["steps"]]
         else:

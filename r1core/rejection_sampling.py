@@ -134,8 +134,9 @@ def plain(row: dict) -> dict:
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
 
 
-def _quota_order(sample: str) -> str:
-    """A fixed pseudo-random order: a quota keeps a uniform subset, whatever the input order."""
+def quota_order(sample: str) -> str:
+    """A fixed pseudo-random order of sample ids: a quota (or an audit) takes a uniform subset,
+    whatever the input order."""
     return hashlib.sha1(sample.encode()).hexdigest()
 
 
@@ -166,7 +167,7 @@ def select(rows: list[dict], per_problem: int, quotas: dict[bool, int], near_thr
         out.append(final)
     over = set()
     for side, kept in passing.items():
-        over |= {r["sample_id"] for r in sorted(kept, key=lambda r: _quota_order(r["sample_id"]))[quotas[side]:]}
+        over |= {r["sample_id"] for r in sorted(kept, key=lambda r: quota_order(r["sample_id"]))[quotas[side]:]}
     return [{**r, "reason": "over_quota"} if r["sample_id"] in over else r for r in out]
 
 

@@ -28,7 +28,7 @@ from r1core import checkpoint as ckpt
 from r1core.config import PipelineConfig
 from r1core.general_tasks import non_reasoning_examples
 from r1core.reasoning_tasks import complete_rows, read_rows
-from r1core.rejection_sampling import NEEDS_JUDGE, annotate_batch, plain, reason_counts, select
+from r1core.rejection_sampling import NEEDS_JUDGE, annotate_batch, plain, quota_order, reason_counts, select
 from r1core.validation import read_with_quarantine
 from tasks import tracking
 from tasks.ray_jobs import ensure_ray
@@ -145,16 +145,20 @@ class JudgeActor:
 
 
 def judge_rows(cfg: PipelineConfig, rows: list[dict], judge_model_dir: str | None) -> dict[str, float]:
-    """Apply the judge's verdicts to the rows marked NEEDS_JUDGE (in place); returns its metrics,
-    with its agreement with the rules on rows that a rule could also score."""
+    """Apply the judge's verdicts to the rows marked NEEDS_JUDGE (in place). `judge.audit_rows`
+    rule-verified rows are judged too, verdict unused: with the judged rows a rule could also
+    score, they give the judge's agreement with the rules. Returns the judge's metrics."""
     jc = cfg.rejection_sampling.judge
-    todo = [r for r in rows if r["reason"] == NEEDS_JUDGE]
     for r in rows:
         r["verifier"] = "judge" if r["reason"] == NEEDS_JUDGE else ("rule" if r["reasoning"] else "reference")
-    if not todo:
+    todo = [r for r in rows if r["reason"] == NEEDS_JUDGE]
+    verified = sorted((r for r in rows if r["verifier"] == "rule" and r["reason"] in ("", "unverified")),
+                      key=lambda r: quota_order(r["sample_id"]))
+    audit = verified[: jc.audit_rows]
+    if not todo and not audit:
         return {"judge/rows": 0.0}
     keep = ("sample_id", "question", "prompt", "answer", "task", "numbers", "completion")
-    ds = ray.data.from_items([{k: r[k] for k in keep} for r in todo]).map_batches(
+    ds = ray.data.from_items([{k: r[k] for k in keep} for r in todo + audit]).map_batches(
         JudgeActor, batch_size=jc.batch_size,
         fn_constructor_kwargs={"judge_cfg": jc.model_dump(), "model_dir": judge_model_dir,
                                "threads": cfg.rejection_sampling.compute.cpus_per_worker},
@@ -162,8 +166,9 @@ def judge_rows(cfg: PipelineConfig, rows: list[dict], judge_model_dir: str | Non
     verdicts = {v["sample_id"]: v for v in ds.take_all()}
     for r in todo:
         r["reason"] = "" if verdicts[r["sample_id"]]["judged"] else "unverified"
+    metrics = {"judge/rows": float(len(todo)), "judge/audited": float(len(audit)),
+               "judge/approved": float(sum(verdicts[r["sample_id"]]["judged"] for r in todo))}
     scored = [v for v in verdicts.values() if v["rule"] >= 0]
-    metrics = {"judge/rows": float(len(todo)), "judge/approved": float(sum(v["judged"] for v in verdicts.values()))}
     if scored:
         metrics["judge/agreement_with_rules"] = sum(int(v["judged"]) == v["rule"] for v in scored) / len(scored)
     return metrics

@@ -60,10 +60,10 @@ def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
 
     from tasks.tracking import NEWEST_ALIAS, tracking_uri
 
-    assert set(pipeline_results) == {"pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl"}
+    assert set(pipeline_results) == {"pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl", "sft"}
     client = MlflowClient(tracking_uri(micro.runtime))
     for name, stage in (("r1-base", "pretrain_base"), ("r1-zero", "r1_zero"), ("r1-cold-start", "cold_start_sft"),
-                        ("r1-reasoning-rl", "reasoning_rl")):
+                        ("r1-reasoning-rl", "reasoning_rl"), ("r1-sft", "sft")):
         version = client.get_model_version_by_alias(name, NEWEST_ALIAS)
         assert version.run_id == pipeline_results[stage].mlflow_run_id
         run = client.get_run(version.run_id)
@@ -96,6 +96,49 @@ def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
         assert parent.data.metrics[f"cold_start_data/{route}/candidates"] == 4
     dataset = micro.run_dir() / "cold_start_data" / "dataset" / "train.jsonl"
     assert len(dataset.read_text().splitlines()) == parent.data.metrics["cold_start_data/examples"]
+
+
+def test_rejection_sampling_feeds_sft_and_is_tracked(pipeline_results, micro):
+    import asyncio
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from r1core.reasoning_tasks import read_rows
+    from r1core.rejection_sampling import REASONS
+    from tasks.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(micro.runtime))
+    sft_run = client.get_run(pipeline_results["sft"].mlflow_run_id)
+    parent = client.get_run(sft_run.data.tags["mlflow.parentRunId"])
+    rs = micro.rejection_sampling
+    candidates = rs.num_prompts * rs.samples_per_prompt  # every sample counted, whatever its fate
+    assert parent.data.metrics["rejection_sampling/candidates/reasoning"] == candidates
+    assert all(f"rejection_sampling/rejected/{r}" in parent.data.metrics for r in REASONS)
+    dataset_dir = micro.run_dir() / "rejection_sampling" / "dataset"
+    kept = read_rows(dataset_dir)
+    assert len(kept) == parent.data.metrics["rejection_sampling/examples"] > 0
+    assert len({r["sample_id"] for r in kept}) == len(kept)
+    # the set is the SFT run's input and the rejection-sampling run's output, linked to its model
+    assert [i.dataset.source for i in sft_run.inputs.dataset_inputs] and \
+        str(dataset_dir) in sft_run.inputs.dataset_inputs[0].dataset.source
+    rs_runs = client.search_runs([sft_run.info.experiment_id], "tags.stage = 'rejection_sampling'")
+    output = rs_runs[0].inputs.dataset_inputs[0]
+    tags = {t.key: t.value for t in output.tags}
+    assert tags["mlflow.data.context"] == "rejection_sampling_output"
+    assert tags["model_dir"] == pipeline_results["reasoning_rl"].model_dir
+    assert tags["model"] == pipeline_results["reasoning_rl"].registered
+    assert output.dataset.digest == sft_run.inputs.dataset_inputs[0].dataset.digest
+
+    async def reasons_table():
+        async with get_client() as prefect:
+            found = await prefect.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rejection-sampling-reasons"])))
+            return json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
+
+    table = {row["count"]: row["value"] for row in asyncio.run(reasons_table())}
+    assert table["candidates/reasoning"] == candidates
 
 
 def test_rerun_skips_completed_stages(pipeline_results, prefect_env, micro):

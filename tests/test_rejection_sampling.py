@@ -51,7 +51,7 @@ def test_every_filter_names_its_reason(chain):
         assert check_candidate(row, CFG, None) == reason, reason
     heldout = Decontaminator([chain["question"]])
     assert check_candidate(cases[""], CFG, heldout) == "contaminated"
-    assert check_candidate(cases[""], CFG, None, count_tokens=lambda text: len(text), max_tokens=50) == "too_long"
+    assert check_candidate(cases[""], CFG, None, count_tokens=len, max_tokens=50) == "too_long"
 
 
 def test_the_judge_decides_where_no_rule_can(chain):
@@ -72,7 +72,7 @@ def test_non_reasoning_data_simple_queries_have_no_cot_and_translation_may_mix()
 
 
 def _annotated(rows_, completions):
-    return [annotate(_sample(r, c, sample=i), CFG, None) for i, (r, c) in enumerate(zip(rows_, completions))]
+    return [annotate(_sample(r, c, sample=i), CFG, None) for i, (r, c) in enumerate(zip(rows_, completions, strict=True))]
 
 
 def test_select_drops_duplicates_near_duplicates_per_problem_and_applies_quotas(rows):
@@ -119,3 +119,31 @@ def test_local_judge_runs_any_causal_lm(tokenizer):
     verdicts = judge.judge(items)
     assert len(verdicts) == 7 and all(isinstance(v, bool) for v in verdicts)
     assert judge.judge(items[::-1]) == verdicts[::-1]  # batching and padding do not change a verdict
+
+
+def test_judge_rows_on_ray_decide_what_rules_cannot_and_audit_the_rest(rows, tokenizer, tmp_path):
+    """The judge as a Ray Data actor: rows of a judged task get its verdict; a sample of the
+    rule-verified rows is judged too, verdict unused, for the agreement metric."""
+    from r1core.config import ModelConfig, PipelineConfig, RuntimeConfig
+    from r1core.modeling import build_model
+    from tasks.ray_jobs import ensure_ray
+    from tasks.rejection_sampling import judge_rows
+
+    build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64),
+                tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    chains = [r for r in rows[0] if r["task"] == "chain_sum"][:8]
+    countdowns = [r for r in rows[0] if r["task"] == "countdown"][:4]
+    judged = frozenset({"chain_sum"})
+    annotated = [annotate(_sample(r, _readable(r), sample=0), CFG, None, judged) for r in chains + countdowns]
+    assert [r["reason"] for r in annotated] == [NEEDS_JUDGE] * 8 + [""] * 4
+    cfg = PipelineConfig(runtime=RuntimeConfig(num_cpus=2),
+                         rejection_sampling={"judge": {"judged_tasks": ["chain_sum"], "audit_rows": 3}})
+    ensure_ray(cfg.runtime)
+    metrics = judge_rows(cfg, annotated, str(tmp_path))
+    assert [r["verifier"] for r in annotated] == ["judge"] * 8 + ["rule"] * 4
+    assert all(r["reason"] in ("", "unverified") for r in annotated[:8])
+    assert [r["reason"] for r in annotated[8:]] == [""] * 4  # audited, not overruled
+    assert metrics["judge/rows"] == 8 and metrics["judge/audited"] == 3
+    assert metrics["judge/approved"] == sum(r["reason"] == "" for r in annotated[:8])
+    assert 0 <= metrics["judge/agreement_with_rules"] <= 1  # 8 judged + 3 audited rows a rule also scores

@@ -60,7 +60,7 @@ def _parquet_rows(directory: Path) -> list[dict]:
 
 def _run(command, workdir: Path) -> None:
     args, env = command(workdir)
-    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
