@@ -307,7 +307,9 @@ class RejectionSamplingConfig(Strict):
     served_model: str | None = Field(None, description="openai engine: the model name the server knows")
     prompts_per_shard: int = Field(128, ge=1, description="unit of generation work and of resumption")
     reasoning_examples: int = Field(2000, ge=0, description="quota of reasoning examples (paper: ~600k)")
-    non_reasoning_examples: int = Field(600, ge=0, description="quota of non-reasoning examples (paper: ~200k)")
+    non_reasoning_examples: int = Field(300, ge=0, description="quota of non-reasoning examples (paper: ~200k)")
+    non_reasoning_candidates: int = Field(2000, ge=0, description="synthesised non-reasoning candidates, "
+                                          "before deduplication and the quota")
     non_reasoning_mix: dict[str, float] = Field(
         default_factory=lambda: {"writing": 0.25, "factual_qa": 0.25, "translation": 0.25,
                                  "self_cognition": 0.15, "greeting": 0.1},

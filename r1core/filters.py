@@ -112,7 +112,8 @@ class Decontaminator:
     """Flags texts that repeat an evaluation text: the same normalized text, or any shared word
     n-gram (n words) with one of them."""
 
-    def __init__(self, eval_texts, n: int = 8):
+    def __init__(self, eval_texts, n: int = 13):  # 13 words, as GPT-3's decontamination: shorter
+        # n-grams match the shared wording of templated prompts ("use each number once with ...")
         self.n = n
         self.texts = {normalize(t) for t in eval_texts}
         self.ngrams = {g for t in self.texts for g in self._ngrams(t)}

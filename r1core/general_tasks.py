@@ -37,35 +37,45 @@ ADJECTIVES = {"en": ["quiet", "bright", "old", "small", "warm", "kind"],
               "ru": ["тихий", "яркий", "старый", "маленький", "тёплый", "добрый"]}
 TEXT = {
     "en": {
-        "writing": "Write one sentence about a {thing}.",
+        "writing": ["Write one sentence about a {thing}.", "Describe a {thing} in one sentence.",
+                    "Say something nice about a {thing}."],
         "writing_cot": "The user wants one sentence about a {thing}. A {adj} {thing} is a simple picture.",
         "writing_summary": "One short sentence.",
         "writing_answer": "The {thing} is {adj} today.",
-        "factual_qa": "What is the capital of {country}?",
+        "factual_qa": ["What is the capital of {country}?", "Name the capital city of {country}.",
+                       "Which city is the capital of {country}?"],
         "factual_cot": "The question asks for the capital of {country}. The capital of {country} is {capital}.",
         "factual_summary": "The capital is {capital}.",
-        "translation": "Translate the word {word} into Russian.",
+        "translation": ["Translate the word {word} into Russian.", "How do you say {word} in Russian?",
+                        "Give the Russian word for {word}."],
         "translation_cot": "The word {word} in Russian is {other}.",
         "translation_summary": "The translation is {other}.",
-        "self_cognition": ["Who are you?", "What is your name?", "What can you do?"],
+        "self_cognition": ["Who are you?", "What is your name?", "What can you do?", "Who made you?",
+                           "Are you a human?", "What are you good at?", "Introduce yourself.", "What model are you?"],
         "self_answer": "I am R1-tiny, a small reasoning model trained by r1-factory. I solve arithmetic step by step.",
-        "greeting": ["Hello!", "Hi!", "Good morning!", "Thank you!"],
+        "greeting": ["Hello!", "Hi!", "Good morning!", "Good evening!", "Hey there!", "Thank you!", "Thanks a lot!",
+                     "Nice to meet you!"],
         "greeting_answer": "Hello! Ask me a question and I will solve it step by step.",
     },
     "ru": {
-        "writing": "Напиши одно предложение про {thing}.",
+        "writing": ["Напиши одно предложение про {thing}.", "Опиши {thing} одним предложением.",
+                    "Скажи что-нибудь хорошее про {thing}."],
         "writing_cot": "Пользователь просит одно предложение про {thing}. {adj} {thing} будет простой картиной.",
         "writing_summary": "Одно короткое предложение.",
         "writing_answer": "Сегодня {thing} {adj}.",
-        "factual_qa": "Какая столица у страны {country}?",
+        "factual_qa": ["Какая столица у страны {country}?", "Назови столицу страны {country}.",
+                       "Какой город столица страны {country}?"],
         "factual_cot": "Вопрос о столице страны {country}. Столица страны {country} это {capital}.",
         "factual_summary": "Столица это {capital}.",
-        "translation": "Переведи слово {word} на английский.",
+        "translation": ["Переведи слово {word} на английский.", "Как сказать {word} по английски?",
+                        "Дай английское слово для {word}."],
         "translation_cot": "Слово {word} по английски будет {other}.",
         "translation_summary": "Перевод будет {other}.",
-        "self_cognition": ["Кто ты?", "Как тебя зовут?", "Что ты умеешь?"],
+        "self_cognition": ["Кто ты?", "Как тебя зовут?", "Что ты умеешь?", "Кто тебя создал?", "Ты человек?",
+                           "В чём ты хорош?", "Представься.", "Какая ты модель?"],
         "self_answer": "Я R1-tiny, маленькая модель рассуждений от r1-factory. Я решаю примеры по шагам.",
-        "greeting": ["Привет!", "Здравствуй!", "Доброе утро!", "Спасибо!"],
+        "greeting": ["Привет!", "Здравствуй!", "Доброе утро!", "Добрый вечер!", "Приветствую!", "Спасибо!",
+                     "Большое спасибо!", "Рад знакомству!"],
         "greeting_answer": "Привет! Задай вопрос, и я решу его по шагам.",
     },
 }
@@ -80,17 +90,17 @@ def _example(kind: str, language: str, t: dict, rng: random.Random) -> tuple[str
     if kind == "writing":
         thing = rng.choice(list(WORDS) if language == "en" else list(WORDS.values()))
         adj = rng.choice(ADJECTIVES[language])
-        return (t["writing"].format(thing=thing), t["writing_answer"].format(thing=thing, adj=adj),
+        return (rng.choice(t["writing"]).format(thing=thing), t["writing_answer"].format(thing=thing, adj=adj),
                 t["writing_cot"].format(thing=thing, adj=adj.capitalize() if language == "ru" else adj),
                 t["writing_summary"])
     if kind == "factual_qa":
         country, capital = rng.choice(sorted(CAPITALS[language].items()))
-        return (t["factual_qa"].format(country=country), capital,
+        return (rng.choice(t["factual_qa"]).format(country=country), capital,
                 t["factual_cot"].format(country=country, capital=capital), t["factual_summary"].format(capital=capital))
     if kind == "translation":
         en, ru = rng.choice(sorted(WORDS.items()))
         word, other = (en, ru) if language == "en" else (ru, en)
-        return (t["translation"].format(word=word), other, t["translation_cot"].format(word=word, other=other),
+        return (rng.choice(t["translation"]).format(word=word), other, t["translation_cot"].format(word=word, other=other),
                 t["translation_summary"].format(other=other))
     if kind == "self_cognition":
         return rng.choice(t["self_cognition"]), t["self_answer"], None, None

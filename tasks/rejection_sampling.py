@@ -183,8 +183,8 @@ def check(cfg: PipelineConfig, samples_dir: str, data: DataPaths, model_dir: str
     ensure_ray(cfg.runtime)
     eval_rows = read_rows(data.heldout_file) + [r for f in rs.eval_files for r in read_rows(f)]
     eval_texts = [r.get("question") or r["prompt"] for r in eval_rows]
-    general = non_reasoning_examples(rs.non_reasoning_examples * 2, rs.non_reasoning_mix, cfg.data.languages,
-                                     seed=cfg.runtime.seed)  # twice the quota: duplicates are dropped
+    general = non_reasoning_examples(rs.non_reasoning_candidates, rs.non_reasoning_mix, cfg.data.languages,
+                                     seed=cfg.runtime.seed)
     general_file = Path(samples_dir) / "general.parquet"
     pq.write_table(pa.Table.from_pylist([{**g, "finish_reason": "stop"} for g in general], schema=SAMPLE_SCHEMA),
                    general_file)
