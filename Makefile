@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench clean
+.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench bench-rs clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ lint: setup
 bench: setup
 	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python bench/grpo_vs_trl.py
+
+# 600k synthetic candidates: verify + filter + dedupe + write, Ray Data vs a single-process loop
+bench-rs: setup
+	$(BIN)/python bench/rejection_sampling.py $(ARGS)
 
 clean:
 	rm -rf $(WORKDIR)
