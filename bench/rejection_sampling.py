@@ -7,9 +7,9 @@ The candidates are synthetic (no model needed): completions for the tiny profile
 lengths drawn from a long-tailed distribution, and a reject mix like real samples': wrong
 answers, malformed and truncated outputs, mixed languages, long paragraphs, code blocks,
 over-long responses, eval-set questions, exact and near duplicates. Both paths run the same
-functions (`annotate`, `judge_rows`, `select`, `write_parts`) on the same parquet shards and
-must keep the same rows. Prints rows/s for each, their ratio, wall times and peak memory (RSS
-of this process and all its children, Ray's included, sampled every 0.2 s).
+functions (`annotate_rows`, `judge_rows`, `select`, `kept_table`, `write_parts`) on the same parquet shards and
+must keep the same rows. Prints rows/s for each, their ratio, wall times and peak memory (of
+this process and all its children, Ray's included; see `PeakMemory`).
 """
 from __future__ import annotations
 
@@ -28,17 +28,19 @@ import pyarrow.parquet as pq
 import ray
 
 from r1core.config import DataConfig, PipelineConfig, RuntimeConfig
-from r1core.filters import Decontaminator
 from r1core.reasoning_tasks import PHRASES, final_of, generate_split, long_cot, readable_response
-from r1core.rejection_sampling import annotate, reason_counts, select
+from r1core.rejection_sampling import annotate_rows, reason_counts, select
 from tasks.ray_jobs import ensure_ray
-from tasks.rejection_sampling import SAMPLE_SCHEMA, annotate_with_ray, judge_rows, write_parts
+from tasks.rejection_sampling import SAMPLE_SCHEMA, annotate_with_ray, judge_rows, kept_table, write_parts
 
 SHARDS = 24
 
 
 class PeakMemory:
-    """Peak summed RSS of this process tree while the block runs."""
+    """Peak memory of this process tree while the block runs: the private resident memory of
+    every process (RSS - shared) plus the largest shared set, once (Ray's object store and the
+    libraries are mapped by many processes; summing RSS would count them in each). Read from
+    /proc/PID/statm every 0.5 s: cheap enough not to slow what it measures."""
 
     def __init__(self):
         self.peak = self.overall = 0
@@ -50,7 +52,7 @@ class PeakMemory:
             total = 0
             for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
+                    total += p.memory_full_info().pss
             self.peak, self.overall = max(self.peak, total), max(self.overall, total)
             time.sleep(0.2)
 
@@ -70,8 +72,9 @@ def candidate(row: dict, heldout: list[dict], rng: random.Random, index: int, pr
     other = "ru" if lang == "en" else "en"
     reasoning, summary = long_cot(row)
     # long-tailed length: extra reflection sentences (the paper's "aha" re-checks)
-    reflection = " ".join([PHRASES[lang]["step"].format(a=1, op=PHRASES[lang]["ops"]["+"], b=1, c=2)]
-                          * min(60, int(rng.lognormvariate(1.5, 0.9))))
+    sentences = [PHRASES[lang]["step"].format(a=a, op=PHRASES[lang]["ops"]["+"], b=b, c=a + b)
+                 for a, b in ((rng.randint(0, 9), rng.randint(0, 9)) for _ in range(min(60, int(rng.lognormvariate(1.2, 1.0)))))]
+    reflection = "\n\n".join(" ".join(sentences[i : i + 8]) for i in range(0, len(sentences), 8))
     text = readable_response(f"{reasoning} {reflection}", summary, final_of(row))
     finish = "stop"
     u = rng.random()
@@ -96,7 +99,7 @@ def candidate(row: dict, heldout: list[dict], rng: random.Random, index: int, pr
         text = previous[index % len(previous)].replace(" ", "  ")
     elif u < 0.62 and previous:  # a near duplicate: one word added
         text = previous[index % len(previous)].replace("</summary>", "indeed </summary>")
-    return {"id": row["id"], "sample": index, "task": row["task"], "language": row["language"],
+    return {"sample_id": f"{row['id']}-{index:03d}", "id": row["id"], "sample": index, "task": row["task"], "language": row["language"],
             "problem": row["problem"], "question": row["question"], "prompt": row["prompt"], "answer": row["answer"],
             "numbers": row["numbers"], "completion": text, "finish_reason": finish}
 
@@ -119,27 +122,26 @@ def build(n: int, out: Path, seed: int = 0) -> tuple[list[str], list[dict]]:
     return files, heldout
 
 
-def finish(cfg: PipelineConfig, rows: list[dict], out: Path) -> list[dict]:
+def finish(cfg: PipelineConfig, rows: list[dict], files: list[str], out: Path) -> list[dict]:
     """What both paths share after the per-row work: judge (none needed here), select, write."""
     rs = cfg.rejection_sampling
-    judge_rows(cfg, rows, None)
+    judge_rows(cfg, rows, files, None)
     final = select(rows, rs.per_problem, {True: rs.reasoning_examples, False: rs.non_reasoning_examples},
                    rs.near_duplicate_threshold)
-    kept = [r for r in final if not r["reason"]]
     out.mkdir(parents=True, exist_ok=True)
-    write_parts(kept, out, rs.rows_per_output_shard)
+    write_parts(kept_table(final, files), out, rs.rows_per_output_shard)
     return final
 
 
 def single_process(cfg: PipelineConfig, files: list[str], eval_texts: list[str], out: Path) -> list[dict]:
-    decontaminator = Decontaminator(eval_texts)
-    rows = [annotate(r, cfg.rejection_sampling, decontaminator) for f in files for r in pq.read_table(f).to_pylist()]
-    return finish(cfg, rows, out)
+    rows = [r for f in files
+            for r in annotate_rows(pq.read_table(f).to_pylist(), cfg.rejection_sampling, tuple(eval_texts))]
+    return finish(cfg, rows, files, out)
 
 
 def with_ray_data(cfg: PipelineConfig, files: list[str], eval_texts: list[str], out: Path) -> list[dict]:
-    rows = annotate_with_ray(ray.data.read_parquet(files), cfg.rejection_sampling, eval_texts)
-    return finish(cfg, rows, out)
+    rows = annotate_with_ray(files, cfg.rejection_sampling, eval_texts)
+    return finish(cfg, rows, files, out)
 
 
 def main() -> None:
@@ -150,7 +152,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # quotas above the candidate count: every row that passes is kept (the paper's ~600k + ~200k)
     cfg = PipelineConfig(rejection_sampling={"reasoning_examples": args.candidates, "non_reasoning_examples": 0,
-                                             "per_problem": args.candidates, "max_words": 200},
+                                             "per_problem": args.candidates, "max_words": 200,
+                                             "judge": {"audit_rows": 0}},  # no judge model here
                          runtime=RuntimeConfig(num_cpus=args.cpus))
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_dir, PeakMemory() as mem:

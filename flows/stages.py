@@ -129,8 +129,8 @@ def rejection_sampling_flow(config: PipelineConfig = DEFAULT_CONFIG, model_dir: 
                    "Stage 5: rejection sampling from the reasoning-RL checkpoint, plus non-reasoning data.") as run_id:
         prompts = rejection_sampling.read_prompts(config, data)
         samples = rejection_sampling.generate(config, prompts, model_dir, run_id)
-        rows, judge_metrics = rejection_sampling.check(config, samples, data, model_dir, judge_dir)
-        return rejection_sampling.write_dataset(config, rows, judge_metrics, run_id, started,
+        rows, files, judge_metrics = rejection_sampling.check(config, samples, data, model_dir, judge_dir)
+        return rejection_sampling.write_dataset(config, rows, files, judge_metrics, run_id, started,
                                                 {"model_dir": model_dir, "model": producer or model_dir})
 
 

@@ -85,25 +85,30 @@ class NearDuplicates:
             raise ValueError(f"bands must divide {NUM_PERM}")
         self.threshold, self.bands, self.n = threshold, bands, n
         self.rows = NUM_PERM // bands
-        self.buckets: list[dict[bytes, list[str]]] = [{} for _ in range(bands)]
-        self.signatures: dict[str, np.ndarray] = {}
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+        self.keys: list[str] = []
+        self.signatures = np.empty((1024, NUM_PERM), dtype=np.uint32)  # row i: keys[i]'s; grown by doubling
 
     def add(self, key: str, text: str) -> str | None:
         return self.add_signature(key, minhash(text, self.n))
 
     def add_signature(self, key: str, sig: np.ndarray) -> str | None:
         """`add` for a signature computed elsewhere (by a Ray worker, with the same `n`)."""
-        keys = [sig[band * self.rows : (band + 1) * self.rows].tobytes() for band in range(self.bands)]
-        seen: set[str] = set()
-        for band_key, bucket in zip(keys, self.buckets, strict=True):
-            for other in bucket.get(band_key, ()):
-                if other not in seen:
-                    seen.add(other)
-                    if float((self.signatures[other] == sig).mean()) >= self.threshold:
-                        return other
-        self.signatures[key] = sig
-        for band_key, bucket in zip(keys, self.buckets, strict=True):
-            bucket.setdefault(band_key, []).append(key)
+        band_keys = [sig[band * self.rows : (band + 1) * self.rows].tobytes() for band in range(self.bands)]
+        candidates = {i for band_key, bucket in zip(band_keys, self.buckets, strict=True)
+                      for i in bucket.get(band_key, ())}
+        if candidates:  # one vectorised comparison with every candidate: many texts share a band
+            idx = np.fromiter(candidates, dtype=np.int64, count=len(candidates))
+            similar = (self.signatures[idx] == sig).mean(axis=1) >= self.threshold
+            if similar.any():
+                return self.keys[int(idx[np.argmax(similar)])]
+        index = len(self.keys)
+        if index == len(self.signatures):
+            self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
+        self.signatures[index] = sig
+        self.keys.append(key)
+        for band_key, bucket in zip(band_keys, self.buckets, strict=True):
+            bucket.setdefault(band_key, []).append(index)
         return None
 
 

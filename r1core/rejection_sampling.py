@@ -99,11 +99,14 @@ def check_candidate(row: dict, cfg, decontaminator: Decontaminator | None,
 
 def annotate(row: dict, cfg, decontaminator: Decontaminator | None,
              judged_tasks: frozenset[str] = frozenset(), count_tokens=None, max_tokens: int = 0) -> dict:
-    """The per-row columns `select` needs: id, reason, exact-dedupe hash, MinHash signature."""
-    text = dedupe_text(row)
-    return {**row, "sample_id": sample_id(row), "reasoning": is_reasoning(row),
-            "reason": check_candidate(row, cfg, decontaminator, judged_tasks, count_tokens, max_tokens),
-            "hash": content_hash(text), "signature": minhash(text).tobytes()}
+    """The compact columns `select` needs (the texts stay where they are, joined back by
+    `sample_id` for what is kept): id, task, problem, reason, and for a row still in the running
+    the exact-dedupe hash and MinHash signature (a rejected row needs neither: most, at scale)."""
+    reason = check_candidate(row, cfg, decontaminator, judged_tasks, count_tokens, max_tokens)
+    text = dedupe_text(row) if reason in ("", NEEDS_JUDGE) else ""
+    return {"sample_id": sample_id(row), "task": row["task"], "problem": row["problem"],
+            "reasoning": is_reasoning(row), "reason": reason,
+            "hash": content_hash(text) if text else "", "signature": minhash(text).tobytes() if text else b""}
 
 
 @functools.cache
@@ -119,19 +122,13 @@ def _token_counter(tokenizer_dir: str):
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def annotate_batch(batch: dict, cfg, eval_texts: tuple[str, ...], judged_tasks: list[str],
-                    tokenizer_dir: str | None, max_tokens: int) -> dict:
-    """`annotate` every row of a column batch (what Ray Data maps; a worker builds its helpers once)."""
+def annotate_rows(rows: list[dict], cfg, eval_texts: tuple[str, ...], judged_tasks: tuple[str, ...] = (),
+                  tokenizer_dir: str | None = None, max_tokens: int = 0) -> list[dict]:
+    """`annotate` rows against the eval texts (and, with `tokenizer_dir`, the SFT length); the
+    unit of work of a Ray Data task or of a plain loop (a process builds its helpers once)."""
     count_tokens = _token_counter(tokenizer_dir) if tokenizer_dir else None
-    rows = [plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
-    out = [annotate(r, cfg, _decontaminator(eval_texts), frozenset(judged_tasks), count_tokens, max_tokens)
-           for r in rows]
-    return {k: [r[k] for r in out] for k in out[0]} if out else {}
-
-
-def plain(row: dict) -> dict:
-    """Arrow/numpy values as Python ones."""
-    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
+    decontaminator = _decontaminator(eval_texts)
+    return [annotate(r, cfg, decontaminator, frozenset(judged_tasks), count_tokens, max_tokens) for r in rows]
 
 
 def quota_order(sample: str) -> str:
@@ -141,34 +138,32 @@ def quota_order(sample: str) -> str:
 
 
 def select(rows: list[dict], per_problem: int, quotas: dict[bool, int], near_threshold: float) -> list[dict]:
-    """Final reasons for annotated rows (`annotate`, judge verdicts applied), in `sample_id`
-    order: exact and near duplicates, `per_problem` per problem, then the quota per side
-    (`quotas[is_reasoning]`). Returns the rows with `reason` set; kept rows have ''."""
-    rows = sorted(rows, key=lambda r: r["sample_id"])
+    """Final reasons for annotated rows (`annotate`, judge verdicts applied): exact and near
+    duplicates, `per_problem` per problem, then the quota per side (`quotas[is_reasoning]`).
+    Sorts `rows` by `sample_id` and sets their `reason` in place (no copies: at scale these
+    are millions of rows); returns them. Kept rows have ''."""
+    rows.sort(key=lambda r: r["sample_id"])
     hashes: set[str] = set()
     near = NearDuplicates(near_threshold)
     per: Counter[tuple] = Counter()
     passing: dict[bool, list[dict]] = {True: [], False: []}
-    out = []
     for r in rows:
-        reason = r["reason"]
-        if not reason:
-            if r["hash"] in hashes:
-                reason = "duplicate"
-            elif near.add_signature(r["sample_id"], np.frombuffer(r["signature"], dtype=np.uint32)):
-                reason = "near_duplicate"
-            elif per[(r["reasoning"], r["problem"])] >= per_problem:
-                reason = "per_problem"
-            hashes.add(r["hash"])
-        final = {**r, "reason": reason}
-        if not reason:
+        if r["reason"]:
+            continue
+        if r["hash"] in hashes:
+            r["reason"] = "duplicate"
+        elif near.add_signature(r["sample_id"], np.frombuffer(r["signature"], dtype=np.uint32)):
+            r["reason"] = "near_duplicate"
+        elif per[(r["reasoning"], r["problem"])] >= per_problem:
+            r["reason"] = "per_problem"
+        else:
             per[(r["reasoning"], r["problem"])] += 1
-            passing[r["reasoning"]].append(final)
-        out.append(final)
-    over = set()
+            passing[r["reasoning"]].append(r)
+        hashes.add(r["hash"])
     for side, kept in passing.items():
-        over |= {r["sample_id"] for r in sorted(kept, key=lambda r: quota_order(r["sample_id"]))[quotas[side]:]}
-    return [{**r, "reason": "over_quota"} if r["sample_id"] in over else r for r in out]
+        for r in sorted(kept, key=lambda r: quota_order(r["sample_id"]))[quotas[side]:]:
+            r["reason"] = "over_quota"
+    return rows
 
 
 def reason_counts(rows: list[dict]) -> dict[str, int]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from prefect import get_run_logger, task
@@ -28,7 +29,14 @@ from r1core import checkpoint as ckpt
 from r1core.config import PipelineConfig
 from r1core.general_tasks import non_reasoning_examples
 from r1core.reasoning_tasks import complete_rows, read_rows
-from r1core.rejection_sampling import NEEDS_JUDGE, annotate_batch, plain, quota_order, reason_counts, select
+from r1core.rejection_sampling import (
+    NEEDS_JUDGE,
+    annotate_rows,
+    quota_order,
+    reason_counts,
+    sample_id,
+    select,
+)
 from r1core.validation import read_with_quarantine
 from tasks import tracking
 from tasks.ray_jobs import ensure_ray
@@ -37,11 +45,11 @@ from tasks.stages import DataPaths, log_dataset
 
 STAGE = "rejection_sampling"
 # what a sample keeps of its prompt row (flat, so that Arrow stores it as columns)
-SAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("sample", pa.int64()), ("task", pa.string()),
+SAMPLE_SCHEMA = pa.schema([("sample_id", pa.string()), ("id", pa.string()), ("sample", pa.int64()), ("task", pa.string()),
                           ("language", pa.string()), ("problem", pa.string()), ("question", pa.string()),
                           ("prompt", pa.string()), ("answer", pa.string()), ("numbers", pa.list_(pa.int64())),
                           ("completion", pa.string()), ("finish_reason", pa.string())])
-DATASET_COLUMNS = ["sample_id", *SAMPLE_SCHEMA.names[:-1], "reasoning", "verifier"]
+DATASET_COLUMNS = [*SAMPLE_SCHEMA.names[:-1], "reasoning", "verifier"]
 
 
 class RejectionSamplingData(BaseModel):
@@ -105,15 +113,35 @@ def generate(cfg: PipelineConfig, prompts: list[dict], model_dir: str, run_id: s
     return str(out)
 
 
-def annotate_with_ray(source: ray.data.Dataset, rs, eval_texts: list[str], tokenizer_dir: str | None = None,
+def annotate_files(batch: dict, **kwargs) -> dict:
+    """Ray Data map: every candidate of the batch's parquet files annotated (`annotate_rows`)."""
+    rows = [r for f in batch["file"] for r in annotate_rows(pq.read_table(str(f)).to_pylist(), **kwargs)]
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+def annotate_with_ray(files: list[str], rs, eval_texts: list[str], tokenizer_dir: str | None = None,
                       max_tokens: int = 0) -> list[dict]:
-    """Every candidate annotated (reason, hash, MinHash signature) by Ray Data tasks; `rs` is
-    the `RejectionSamplingConfig`."""
-    rows = source.map_batches(annotate_batch, batch_format="numpy", batch_size=1024,
-                              fn_kwargs={"cfg": rs, "eval_texts": tuple(eval_texts),
-                                         "judged_tasks": rs.judge.judged_tasks, "tokenizer_dir": tokenizer_dir,
-                                         "max_tokens": max_tokens}).take_all()
-    return [plain(r) for r in rows]
+    """Every candidate of the parquet `files` annotated (reason, hash, MinHash signature), a
+    Ray Data task per file; `rs` is the `RejectionSamplingConfig`. Returns the compact rows."""
+    tasks = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    annotated = tasks.map_batches(annotate_files, batch_size=1, num_cpus=1,
+                                  fn_kwargs={"cfg": rs, "eval_texts": tuple(eval_texts),
+                                             "judged_tasks": tuple(rs.judge.judged_tasks),
+                                             "tokenizer_dir": tokenizer_dir, "max_tokens": max_tokens})
+    return list(annotated.iter_rows())  # streamed out of the object store
+
+
+def read_by_id(files: list[str], ids) -> pa.Table:
+    """The sample rows of `files` whose `sample_id` is in `ids`, sorted by it (Arrow: the
+    texts of millions of rows never become Python objects)."""
+    wanted = pa.array(sorted(ids), type=pa.string())
+    parts = [t.filter(pc.is_in(t["sample_id"], value_set=wanted)) for t in map(pq.read_table, files)]
+    return pa.concat_tables(parts).sort_by("sample_id")
+
+
+def _plain(row: dict) -> dict:
+    """Arrow/numpy values as Python ones."""
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
 
 
 class JudgeActor:
@@ -135,7 +163,7 @@ class JudgeActor:
         from r1core.judge import JudgeItem
         from r1core.rewards import final_answer, is_correct
 
-        rows = [plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
+        rows = [_plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
         items = [JudgeItem(r["question"] or r["prompt"], r["answer"], final_answer(r["completion"]) or "")
                  for r in rows]
         verdicts = self.judge.judge(items)
@@ -144,7 +172,7 @@ class JudgeActor:
                 "rule": [-1 if x is None else int(x) for x in rule]}
 
 
-def judge_rows(cfg: PipelineConfig, rows: list[dict], judge_model_dir: str | None) -> dict[str, float]:
+def judge_rows(cfg: PipelineConfig, rows: list[dict], files: list[str], judge_model_dir: str | None) -> dict[str, float]:
     """Apply the judge's verdicts to the rows marked NEEDS_JUDGE (in place). `judge.audit_rows`
     rule-verified rows are judged too, verdict unused: with the judged rows a rule could also
     score, they give the judge's agreement with the rules. Returns the judge's metrics."""
@@ -157,8 +185,12 @@ def judge_rows(cfg: PipelineConfig, rows: list[dict], judge_model_dir: str | Non
     audit = verified[: jc.audit_rows]
     if not todo and not audit:
         return {"judge/rows": 0.0}
-    keep = ("sample_id", "question", "prompt", "answer", "task", "numbers", "completion")
-    ds = ray.data.from_items([{k: r[k] for k in keep} for r in todo + audit]).map_batches(
+    if jc.kind == "local" and not judge_model_dir:
+        raise ValueError(f"rejection sampling: {len(todo)} rows to judge and {len(audit)} to audit, but no local "
+                         "judge model (judge.model)")
+    keep = ["sample_id", "question", "prompt", "answer", "task", "numbers", "completion"]
+    texts = read_by_id(files, [r["sample_id"] for r in todo + audit]).select(keep).to_pylist()
+    ds = ray.data.from_items(texts).map_batches(
         JudgeActor, batch_size=jc.batch_size,
         fn_constructor_kwargs={"judge_cfg": jc.model_dump(), "model_dir": judge_model_dir,
                                "threads": cfg.rejection_sampling.compute.cpus_per_worker},
@@ -176,9 +208,9 @@ def judge_rows(cfg: PipelineConfig, rows: list[dict], judge_model_dir: str | Non
 
 @task(name="rejection-sampling-check", cache_policy=NO_CACHE)
 def check(cfg: PipelineConfig, samples_dir: str, data: DataPaths, model_dir: str,
-          judge_model_dir: str | None) -> tuple[list[dict], dict]:
+          judge_model_dir: str | None) -> tuple[list[dict], list[str], dict]:
     """Annotate the samples and the non-reasoning candidates on Ray Data, then judge what the
-    rules cannot verify. Returns (annotated rows, judge metrics)."""
+    rules cannot verify. Returns (annotated rows, the candidate files, judge metrics)."""
     rs = cfg.rejection_sampling
     ensure_ray(cfg.runtime)
     eval_rows = read_rows(data.heldout_file) + [r for f in rs.eval_files for r in read_rows(f)]
@@ -186,37 +218,46 @@ def check(cfg: PipelineConfig, samples_dir: str, data: DataPaths, model_dir: str
     general = non_reasoning_examples(rs.non_reasoning_candidates, rs.non_reasoning_mix, cfg.data.languages,
                                      seed=cfg.runtime.seed)
     general_file = Path(samples_dir) / "general.parquet"
-    pq.write_table(pa.Table.from_pylist([{**g, "finish_reason": "stop"} for g in general], schema=SAMPLE_SCHEMA),
-                   general_file)
-    shards = sorted(str(p) for p in Path(samples_dir).glob("shard-*.parquet"))
-    rows = annotate_with_ray(ray.data.read_parquet([*shards, str(general_file)]), rs, eval_texts,
-                             tokenizer_dir=model_dir, max_tokens=cfg.sft.seq_len)
-    return rows, judge_rows(cfg, rows, judge_model_dir)
+    pq.write_table(pa.Table.from_pylist([{**g, "sample_id": sample_id(g), "finish_reason": "stop"} for g in general],
+                                        schema=SAMPLE_SCHEMA), general_file)
+    files = [*sorted(str(p) for p in Path(samples_dir).glob("shard-*.parquet")), str(general_file)]
+    rows = annotate_with_ray(files, rs, eval_texts, tokenizer_dir=model_dir, max_tokens=cfg.sft.seq_len)
+    return rows, files, judge_rows(cfg, rows, files, judge_model_dir)
 
 
-def write_parts(kept: list[dict], out_dir: Path, rows_per_part: int) -> None:
-    """The kept examples (sorted by `sample_id`) as `part-NNNNN.parquet` files of DATASET_COLUMNS."""
-    table = pa.Table.from_pylist([{c: r[c] for c in DATASET_COLUMNS} for r in kept])
-    for i in range(0, len(kept), rows_per_part):
+def kept_table(rows: list[dict], files: list[str]) -> pa.Table:
+    """The kept examples (selected `rows` whose reason is ''), their texts read back from the
+    candidate `files`, with `reasoning` and `verifier`: DATASET_COLUMNS, sorted by `sample_id`."""
+    kept = {r["sample_id"]: r for r in rows if not r["reason"]}
+    table = read_by_id(files, kept)
+    ids = table["sample_id"].to_pylist()
+    return (table.append_column("reasoning", pa.array([kept[i]["reasoning"] for i in ids], pa.bool_()))
+            .append_column("verifier", pa.array([kept[i]["verifier"] for i in ids], pa.string()))
+            .select(DATASET_COLUMNS))
+
+
+def write_parts(table: pa.Table, out_dir: Path, rows_per_part: int) -> None:
+    """`table` as `part-NNNNN.parquet` files of `rows_per_part` rows."""
+    for i in range(0, table.num_rows, rows_per_part):
         pq.write_table(table.slice(i, rows_per_part), out_dir / f"part-{i // rows_per_part:05d}.parquet")
 
 
 @task(name="rejection-sampling-write", cache_policy=NO_CACHE)
-def write_dataset(cfg: PipelineConfig, rows: list[dict], judge_metrics: dict, run_id: str, started: float,
-                  producer: dict[str, str]) -> RejectionSamplingData:
+def write_dataset(cfg: PipelineConfig, rows: list[dict], files: list[str], judge_metrics: dict, run_id: str,
+                  started: float, producer: dict[str, str]) -> RejectionSamplingData:
     """Deduplicate and apply the quotas; write every candidate's verdict and the kept set;
     per-reason counts to MLflow and to a Prefect table; the set as an MLflow dataset."""
     rs, logger = cfg.rejection_sampling, get_run_logger()
     final = select(rows, rs.per_problem, {True: rs.reasoning_examples, False: rs.non_reasoning_examples},
-                   rs.near_duplicate_threshold)
-    kept = [r for r in final if not r["reason"]]
+                   rs.near_duplicate_threshold)  # in place
     counts = reason_counts(final)
-    if not kept:
+    kept = kept_table(final, files)
+    if not kept.num_rows:
         raise RuntimeError(f"rejection sampling: no candidate kept ({counts})")
     done = stage_dir(cfg) / "dataset"
-    metrics = {**{k: float(v) for k, v in counts.items()}, **judge_metrics, "examples": float(len(kept)),
+    metrics = {**{k: float(v) for k, v in counts.items()}, **judge_metrics, "examples": float(kept.num_rows),
                "stage_seconds": time.time() - started}
-    result = {"dataset_dir": str(done), "num_examples": len(kept), "mlflow_run_id": run_id, "metrics": metrics}
+    result = {"dataset_dir": str(done), "num_examples": kept.num_rows, "mlflow_run_id": run_id, "metrics": metrics}
 
     def write(d: Path):
         write_parts(kept, d, rs.rows_per_output_shard)
@@ -224,7 +265,7 @@ def write_dataset(cfg: PipelineConfig, rows: list[dict], judge_metrics: dict, ru
 
     candidates = stage_dir(cfg) / "candidates"
     ckpt.write_atomically(candidates, lambda d: pq.write_table(
-        pa.Table.from_pylist([{k: v for k, v in r.items() if k != "signature"} for r in final]),
+        pa.Table.from_pylist(final).drop_columns(["signature"]),
         d / "candidates.parquet"))
     ckpt.write_atomically(done, write)
     client = tracking.client_for(cfg.runtime)
@@ -239,5 +280,5 @@ def write_dataset(cfg: PipelineConfig, rows: list[dict], judge_metrics: dict, ru
         key="rejection-sampling-reasons",
         table=[{"count": k, "value": int(v)} for k, v in counts.items()],
         description=f"Rejection sampling ({cfg.resolved_run_name()}): candidates, kept and rejections per reason.")
-    logger.info("rejection sampling: kept %d (%s)", len(kept), json.dumps(counts))
+    logger.info("rejection sampling: kept %d (%s)", kept.num_rows, json.dumps(counts))
     return RejectionSamplingData(**result)

@@ -16,6 +16,7 @@ from pathlib import Path
 import ray
 
 from r1core.config import ComputeConfig, RuntimeConfig, SamplingConfig
+from r1core.rejection_sampling import sample_id
 from tasks.ray_jobs import ensure_ray
 
 
@@ -62,8 +63,9 @@ class Sampler:
 
 class ShardSampler(Sampler):
     """A Ray Data actor for resumable generation: each input row is one shard of prompts; its
-    samples are written to `<out_dir>/shard-NNNNN.parquet` atomically (the same shard always
-    gets the same seed, so a re-run writes the same rows). Returns one count row per shard."""
+    samples (with their `sample_id`) are written to `<out_dir>/shard-NNNNN.parquet` atomically
+    (the same shard always gets the same seed, so a re-run writes the same rows). Returns one
+    count row per shard."""
 
     def __init__(self, out_dir: str, schema, **sampler_kwargs):
         super().__init__(**sampler_kwargs)
@@ -76,7 +78,7 @@ class ShardSampler(Sampler):
         counts = []
         for shard, rows in zip(batch["shard"], batch["rows"], strict=True):
             samples = [json.loads(r) for r in super().__call__({"row": rows.tolist()})["row"]]
-            table = pa.Table.from_pylist(samples, schema=self.schema)
+            table = pa.Table.from_pylist([{**s, "sample_id": sample_id(s)} for s in samples], schema=self.schema)
             final = shard_path(self.out_dir, int(shard))
             tmp = final.with_suffix(".tmp")
             pq.write_table(table, tmp)

@@ -1,4 +1,5 @@
 """Rejection sampling: every filter's reason, the judge, deduplication, quotas, non-reasoning data."""
+import copy
 import random
 
 import pytest
@@ -15,6 +16,7 @@ from r1core.rejection_sampling import (
     check_candidate,
     dedupe_text,
     reason_counts,
+    sample_id,
     select,
 )
 
@@ -84,11 +86,11 @@ def test_select_drops_duplicates_near_duplicates_per_problem_and_applies_quotas(
     annotated += _annotated(chains[1:], [_readable(r) for r in chains[1:]])
     annotated += [annotate({**g, "finish_reason": "stop"}, CFG, None)
                   for g in non_reasoning_examples(40, {"greeting": 1.0}, {"en": 1.0}, seed=0)]
-    out = select(annotated, per_problem=1, quotas={True: 20, False: 5}, near_threshold=0.8)
+    out = select(copy.deepcopy(annotated), per_problem=1, quotas={True: 20, False: 5}, near_threshold=0.8)
     reasons = {r["sample_id"]: r["reason"] for r in out}
     assert [reasons[f"{a['id']}-{i:03d}"] for i in range(3)] == ["", "duplicate", "near_duplicate"]
     kept = [r for r in out if not r["reason"]]
-    greetings = {normalize(dedupe_text(r)) for r in annotated if not r["reasoning"]}
+    greetings = {normalize(dedupe_text(g)) for g in non_reasoning_examples(40, {"greeting": 1.0}, {"en": 1.0}, seed=0)}
     counts = reason_counts(out)
     assert counts["kept/reasoning"] == 20 and counts["rejected/over_quota"] == 30 - 20  # 30 problems passed
     assert counts["rejected/duplicate"] == 1 + 40 - len(greetings)
@@ -98,7 +100,7 @@ def test_select_drops_duplicates_near_duplicates_per_problem_and_applies_quotas(
     assert set(REASONS) <= {k.split("/")[1] for k in counts if k.startswith("rejected/")}
     shuffled = annotated[:]
     random.Random(0).shuffle(shuffled)  # the outcome is a function of the rows, not of their order
-    assert select(shuffled, 1, {True: 20, False: 5}, 0.8) == out
+    assert select(copy.deepcopy(shuffled), 1, {True: 20, False: 5}, 0.8) == out
 
 
 def test_judge_prompt_and_verdict_parsing():
@@ -134,13 +136,20 @@ def test_judge_rows_on_ray_decide_what_rules_cannot_and_audit_the_rest(rows, tok
     tokenizer.save_pretrained(tmp_path)
     chains = [r for r in rows[0] if r["task"] == "chain_sum"][:8]
     countdowns = [r for r in rows[0] if r["task"] == "countdown"][:4]
-    judged = frozenset({"chain_sum"})
-    annotated = [annotate(_sample(r, _readable(r), sample=0), CFG, None, judged) for r in chains + countdowns]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.rejection_sampling import SAMPLE_SCHEMA
+
+    samples = [_sample(r, _readable(r), sample=0) for r in chains + countdowns]
+    pq.write_table(pa.Table.from_pylist([{**s, "sample_id": sample_id(s)} for s in samples], schema=SAMPLE_SCHEMA),
+                   tmp_path / "samples.parquet")
+    annotated = [annotate(s, CFG, None, frozenset({"chain_sum"})) for s in samples]
     assert [r["reason"] for r in annotated] == [NEEDS_JUDGE] * 8 + [""] * 4
     cfg = PipelineConfig(runtime=RuntimeConfig(num_cpus=2),
                          rejection_sampling={"judge": {"judged_tasks": ["chain_sum"], "audit_rows": 3}})
     ensure_ray(cfg.runtime)
-    metrics = judge_rows(cfg, annotated, str(tmp_path))
+    metrics = judge_rows(cfg, annotated, [str(tmp_path / "samples.parquet")], str(tmp_path))
     assert [r["verifier"] for r in annotated] == ["judge"] * 8 + ["rule"] * 4
     assert all(r["reason"] in ("", "unverified") for r in annotated[:8])
     assert [r["reason"] for r in annotated[8:]] == [""] * 4  # audited, not overruled
