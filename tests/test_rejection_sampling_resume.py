@@ -91,8 +91,11 @@ def test_killed_job_resumes_to_the_same_kept_set_without_duplicates(job):
     ids = [r["sample_id"] for r in kept["resumed"]]
     assert len(ids) == len(set(ids)) == json.loads((resumed / "dataset" / "result.json").read_text())["num_examples"]
     candidates = {n: _parquet_rows(d / "candidates") for n, d in (("ref", reference), ("resumed", resumed))}
-    assert [(c["sample_id"], c["completion"], c["reason"]) for c in candidates["resumed"]] == \
-           [(c["sample_id"], c["completion"], c["reason"]) for c in candidates["ref"]]
+    assert [(c["sample_id"], c["reason"], c["hash"]) for c in candidates["resumed"]] == \
+           [(c["sample_id"], c["reason"], c["hash"]) for c in candidates["ref"]]
     assert len(candidates["ref"]) > SHARDS * 4 * 8  # every sample of every prompt, plus non-reasoning rows
+    samples = {n: _parquet_rows(d / "samples") for n, d in (("ref", reference), ("resumed", resumed))}
+    assert [(s["sample_id"], s["completion"]) for s in samples["resumed"]] == \
+           [(s["sample_id"], s["completion"]) for s in samples["ref"]]  # regenerated shards: the same samples
     quarantined = [json.loads(line) for line in (resumed / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["line"], q["reason"]) for q in quarantined] == [(SHARDS * 4 + 1, "field 'answer' is list, not a string")]
