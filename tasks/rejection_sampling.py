@@ -1,11 +1,13 @@
 """Prefect tasks of stage 5, rejection sampling: Ray Data generates, checks and judges candidates;
-the driver deduplicates, applies the quotas and writes the SFT set.
+the driver deduplicates and applies the quotas on compact rows, then joins the kept ones back
+to their texts (Arrow, by `sample_id`) and writes the SFT set.
 
 Outputs under `<run_dir>/rejection_sampling/`:
 - `quarantine.jsonl`: prompt rows that could not be used, with line and reason;
 - `samples/shard-NNNNN.parquet`: the samples of each shard of prompts, written atomically as
   each shard finishes; a re-run generates only the missing shards (same seed per shard);
-- `candidates/`: every candidate with its `reason` ('' = kept), for inspection;
+- `candidates/`: every candidate's verdict (`sample_id`, task, problem, `reason` ('' = kept),
+  dedupe hash; its text is in `samples/`), for inspection;
 - `dataset/part-NNNNN.parquet`: the kept examples, sorted by their deterministic `sample_id`.
 `candidates/` and `dataset/` are written atomically from the samples, so a killed or retried
 run never duplicates a row; a complete `dataset/` means the stage is done.
