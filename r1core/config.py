@@ -30,6 +30,12 @@ def _known_names(names, registry, what: str) -> None:
         raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(registry)}")
 
 
+def _existing_file(v: str | None, what: str) -> str | None:
+    if v is not None and not Path(v).is_file():
+        raise ValueError(f"{what} not found: '{v}'")
+    return v
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -87,9 +93,7 @@ class DataConfig(Strict):
     @field_validator("train_file", "heldout_file")
     @classmethod
     def _file_exists(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"data file not found: '{v}'")
-        return v
+        return _existing_file(v, "data file")
 
     @field_validator("task_mix")
     @classmethod
@@ -248,9 +252,7 @@ class ColdStartConfig(Strict):
     @field_validator("seed_file")
     @classmethod
     def _seed_file_exists(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"seed file not found: '{v}'")
-        return v
+        return _existing_file(v, "seed file")
 
 
 class SFTConfig(Strict):
@@ -337,9 +339,7 @@ class RejectionSamplingConfig(Strict):
     @field_validator("prompts_file")
     @classmethod
     def _prompts_file_exists(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"prompts file not found: '{v}'")
-        return v
+        return _existing_file(v, "prompts file")
 
     @model_validator(mode="after")
     def _server(self) -> RejectionSamplingConfig:

@@ -23,7 +23,7 @@ from r1core.config import PipelineConfig
 from r1core.reasoning_tasks import read_rows, write_rows
 from tasks import tracking
 from tasks.rollouts import sample_and_process
-from tasks.stages import DataPaths, log_dataset
+from tasks.stages import DataPaths, finished_dataset, log_dataset
 
 STAGE = "cold_start_data"
 
@@ -42,10 +42,7 @@ def stage_dir(cfg: PipelineConfig) -> Path:
 
 def finished(cfg: PipelineConfig) -> ColdStartData | None:
     """The earlier result when the dataset of this configuration is complete."""
-    done = stage_dir(cfg) / "dataset"
-    if ckpt.is_complete(done):
-        return ColdStartData(**{**json.loads((done / "result.json").read_text()), "skipped": True})
-    return None
+    return finished_dataset(stage_dir(cfg) / "dataset", ColdStartData)
 
 
 def _seed_requests(path: str) -> list[dict]:

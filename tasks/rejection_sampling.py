@@ -43,7 +43,7 @@ from r1core.validation import read_with_quarantine
 from tasks import tracking
 from tasks.ray_jobs import ensure_ray
 from tasks.rollouts import generate_shards, shard_path
-from tasks.stages import DataPaths, log_dataset
+from tasks.stages import DataPaths, finished_dataset, log_dataset
 
 STAGE = "rejection_sampling"
 # what a sample keeps of its prompt row (flat, so that Arrow stores it as columns)
@@ -67,10 +67,8 @@ def stage_dir(cfg: PipelineConfig) -> Path:
 
 
 def finished(cfg: PipelineConfig) -> RejectionSamplingData | None:
-    done = stage_dir(cfg) / "dataset"
-    if ckpt.is_complete(done):
-        return RejectionSamplingData(**{**json.loads((done / "result.json").read_text()), "skipped": True})
-    return None
+    """The earlier result when the dataset of this configuration is complete."""
+    return finished_dataset(stage_dir(cfg) / "dataset", RejectionSamplingData)
 
 
 @task(name="rejection-sampling-prompts", cache_policy=NO_CACHE)

@@ -58,6 +58,14 @@ def _cached(cfg: PipelineConfig, stage: str) -> StageResult | None:
     return None
 
 
+def finished_dataset(done: Path, result_type: type[BaseModel]):
+    """The saved result of a data stage (cold start, rejection sampling) whose output directory
+    `done` is complete, marked skipped; None while it is not."""
+    if ckpt.is_complete(done):
+        return result_type(**{**json.loads((done / "result.json").read_text()), "skipped": True})
+    return None
+
+
 def save_result(cfg: PipelineConfig, result: StageResult) -> None:
     """Record a stage's result next to its model (atomically); a re-run returns it."""
     path = _stage_dir(cfg, result.stage) / "result.json"
