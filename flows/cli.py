@@ -16,11 +16,12 @@ from pathlib import Path
 from r1core.config import ConfigError, load_config
 
 STAGES = ("pretrain_base", "r1_zero", "cold_start_data", "cold_start_sft", "reasoning_rl", "rejection_sampling",
-          "sft")
+          "sft", "reward_models", "general_rl", "distill")
 # the flow parameter `--init-model` sets: the model a stage starts from (samples from, for rejection sampling)
 INIT_MODEL_PARAM = {"r1_zero": "base_model_dir", "cold_start_data": "base_model_dir",
                     "cold_start_sft": "base_model_dir", "reasoning_rl": "init_model_dir",
-                    "rejection_sampling": "model_dir", "sft": "base_model_dir"}
+                    "rejection_sampling": "model_dir", "sft": "base_model_dir", "reward_models": "base_model_dir",
+                    "general_rl": "init_model_dir"}
 
 
 LOCAL_PREFECT_UI = "http://127.0.0.1:4200/api"  # what `make ui` starts
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         kwargs["register_model"] = False
     result = STAGE_FLOWS[args.name](config=cfg, **kwargs)
-    print(json.dumps(result.model_dump(), indent=1))
+    dumped = {k: r.model_dump() for k, r in result.items()} if isinstance(result, dict) else result.model_dump()
+    print(json.dumps(dumped, indent=1))
     return 0
 
 
@@ -152,19 +154,19 @@ def run_eval(cfg, args) -> dict:
 
 
 def print_summary(cfg, results) -> None:
+    from tasks.report import comparison_rows, markdown
     from tasks.tracking import tracking_uri
 
-    print("\n=== r1_pipeline finished ===")
+    print("\n=== r1_pipeline finished: held-out evaluation of every model "
+          f"(k = {cfg.eval.k}, T {cfg.eval.sampling.temperature}, top-p {cfg.eval.sampling.top_p}) ===\n")
+    print(markdown(comparison_rows(results, cfg.eval.k)))
     for name, r in results.items():
-        m = r.metrics
-        print(f"{name:>14}: pass@1={m.get('pass@1', 0):.3f}  cons@{cfg.eval.k}={m.get(f'cons@{cfg.eval.k}', 0):.3f}"
-              f"  format={m.get('format_rate', 0):.3f}  any-format acc={m.get('answer_accuracy_any', 0):.3f}"
-              f"  mixing={m.get('language_mixing_rate', 0):.3f}  readable={m.get('readability', 0):.3f}"
-              f"  len={m.get('mean_length', 0):.1f}  ({r.seconds:.0f}s{', cached' if r.skipped else ''})"
-              f"  -> {r.registered}")
+        if "pairwise_accuracy" in r.metrics:
+            print(f"{name}: held-out pairwise accuracy {r.metrics['pairwise_accuracy']:.3f}  -> {r.registered}")
     uri = tracking_uri(cfg.runtime)
     print(f"\nOutputs:  {cfg.run_dir()}")
-    print(f"MLflow:   {uri}  (experiment '{cfg.runtime.experiment}')")
+    print(f"MLflow:   {uri}  (experiment '{cfg.runtime.experiment}'; the comparison table and chart are in the "
+          "r1_pipeline run's artifacts, comparison/)")
     if uri.startswith("sqlite"):
         print(f"          see it with `make ui`, or: mlflow ui --backend-store-uri {uri}")
     print(f"Prefect:  flow runs in {os.environ.get('PREFECT_API_URL') or os.environ['PREFECT_HOME']}"

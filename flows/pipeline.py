@@ -13,10 +13,19 @@
                           │                 model judge; filtered, deduplicated, decontaminated;
                           │                 plus non-reasoning data, to quotas)
                           ▼
-      base ─────────► sft (2 epochs on the combined set)
+      base ─────────► sft (2 epochs on the combined set) ──────────────┐
+                                                                      ▼
+      base ─────────► reward_models (helpfulness, harmlessness) ─► general_rl (rules for reasoning,
+                                                                      │     reward models for the rest)
+                                                                      ▼
+                                                               r1 (champion / challenger)
+      student bases ─► distill (SFT on the stage-6 set, no RL)
+                   └─► the same students by RL alone (the paper's comparison)
 
-Every model stage is evaluated on held-out prompts and registered (r1-base, r1-zero,
-r1-cold-start, r1-reasoning-rl, r1-sft). Later stages (general RL, distillation) append here. One MLflow parent run per pipeline run; each stage is a nested run.
+Every model stage is evaluated on held-out prompts and registered with its lineage (r1-base,
+r1-zero, r1-cold-start, r1-reasoning-rl, r1-sft, r1-rm-helpful, r1-rm-harmless, r1,
+r1-distill-<student>, ...); the end compares them all. One MLflow parent run per pipeline run;
+each stage is a nested run.
 """
 from __future__ import annotations
 
@@ -25,14 +34,18 @@ from prefect import flow, get_run_logger
 from flows.stages import (
     cold_start_data_flow,
     cold_start_sft_flow,
+    distill_flow,
+    general_rl_flow,
     pretrain_base_flow,
     r1_zero_flow,
     reasoning_rl_flow,
     rejection_sampling_flow,
+    reward_models_flow,
     sft_flow,
 )
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks import tracking
+from tasks.report import compare_models
 from tasks.stages import StageResult, prepare_data
 
 
@@ -46,7 +59,8 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
         tags={"profile": config.profile, "run_name": config.resolved_run_name(), "stage": "pipeline",
               "config_digest": config.digest()},
         description="DeepSeek-R1 recipe: base model, R1-Zero, cold start, reasoning-oriented RL, rejection "
-                    "sampling, SFT.",
+                    "sampling, SFT, reward models, general RL, distillation; the comparison of every model is "
+                    "in the artifacts (comparison/).",
     )
     status = "FAILED"
     try:
@@ -62,8 +76,15 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
                                           producer=reasoning.registered, parent_run_id=parent, data=data)
         final_sft = sft_flow(config, base_model_dir=base.model_dir, dataset_dir=sampled.dataset_dir,
                              parent_run_id=parent, data=data)
+        reward_models = reward_models_flow(config, base_model_dir=base.model_dir, parent_run_id=parent, data=data)
+        final = general_rl_flow(config, init_model_dir=final_sft.model_dir,
+                                reward_model_dirs={m: r.model_dir for m, r in reward_models.items()},
+                                parent_run_id=parent, data=data)
+        students = distill_flow(config, dataset_dir=sampled.dataset_dir, parent_run_id=parent, data=data)
         results = {"pretrain_base": base, "r1_zero": zero, "cold_start_sft": interim, "reasoning_rl": reasoning,
-                   "sft": final_sft}
+                   "sft": final_sft, **{f"reward_models/{m}": r for m, r in reward_models.items()},
+                   "general_rl": final, **students}
+        compare_models(config, results, parent)
         client = tracking.client_for(config.runtime)
         for name, data_stage in (("cold_start_data", cold), ("rejection_sampling", sampled)):
             tracking.log_metrics(client, parent, {f"{name}/{k}": v for k, v in data_stage.metrics.items()})

@@ -11,14 +11,16 @@ from flows.review import review_examples
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks import cold_start, rejection_sampling
 from tasks.evaluate import resolve_model
+from tasks.promotion import promote
 from tasks.stages import (
     DataPaths,
     StageResult,
     evaluate_stage,
     grpo,
     prepare_data,
-    pretrain_base,
+    pretrain,
     register,
+    reward_model,
     save_result,
     sft,
     stage_run,
@@ -49,7 +51,7 @@ def pretrain_base_flow(config: PipelineConfig = DEFAULT_CONFIG, parent_run_id: s
     if not config.pretrain.enabled:
         result = use_pretrained_base(config, parent_run_id)
     else:
-        result = pretrain_base(config, data, parent_run_id)
+        result = pretrain(config, data, parent_run_id)
     return _evaluate_and_register(config, result, data)
 
 
@@ -145,7 +147,70 @@ def sft_flow(config: PipelineConfig = DEFAULT_CONFIG, base_model_dir: str | None
     return _evaluate_and_register(config, result, data, register_model)
 
 
+@flow(name="reward_models", log_prints=True)
+def reward_models_flow(config: PipelineConfig = DEFAULT_CONFIG, base_model_dir: str | None = None,
+                       parent_run_id: str | None = None, data: DataPaths | None = None) -> dict[str, StageResult]:
+    """Stage 7: the helpfulness and harmlessness reward models, trained at the same time (one
+    Ray Train job each), registered as r1-rm-helpful and r1-rm-harmless."""
+    from r1core.reward_model import REWARD_MODELS
+
+    data = data or prepare_data(config)
+    base = base_model_dir or _model_of(config, "pretrain_base")
+    futures = {m: reward_model.submit(config, m, base, data, parent_run_id) for m in REWARD_MODELS}
+    results = {}
+    for m, future in futures.items():
+        result = future.result()
+        if not (result.skipped and result.registered):
+            result = result.model_copy(update={"registered": register(config, result, result.metrics)})
+            save_result(config, result)
+        results[m] = result
+    return results
+
+
+@flow(name="general_rl", log_prints=True)
+def general_rl_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model_dir: str | None = None,
+                    reward_model_dirs: dict[str, str] | None = None, parent_run_id: str | None = None,
+                    data: DataPaths | None = None, register_model: bool = True) -> StageResult:
+    """Stage 8: GRPO over all scenarios from the SFT model (rules for reasoning prompts, reward
+    models for general ones); registered as `r1`, then the promotion gate decides `champion`."""
+    data = data or prepare_data(config)
+    reward_model_dirs = reward_model_dirs or {m: _model_of(config, f"reward_models/{m}")
+                                              for m in config.general_rl.model_rewards}
+    result = grpo(config, "general_rl", init_model_dir or _model_of(config, "sft"), data, parent_run_id,
+                  reward_model_dirs=reward_model_dirs)
+    final = _evaluate_and_register(config, result, data, register_model)
+    if register_model and not result.skipped:
+        promote(config, final.registered, final.mlflow_run_id, final.metrics)
+    return final
+
+
+@flow(name="distill", log_prints=True)
+def distill_flow(config: PipelineConfig = DEFAULT_CONFIG, dataset_dir: str | None = None,
+                 parent_run_id: str | None = None, data: DataPaths | None = None) -> dict[str, StageResult]:
+    """Stage 9: each smaller student gets its own pretrained base (or `model.pretrained_path`),
+    then SFT on the stage-6 set, no RL (r1-distill-<name>); for the paper's comparison, the same
+    student by R1-Zero-style RL alone from its base (r1-rl-only-<name>)."""
+    data = data or prepare_data(config)
+    dataset_dir = dataset_dir or str(rejection_sampling.stage_dir(config) / "dataset")
+    results = {}
+    for student in config.distill.students:
+        stage = f"distill/{student.name}"
+        if student.model.pretrained_path:
+            base = StageResult(stage=f"{stage}/base", model_dir=student.model.pretrained_path, mlflow_run_id="",
+                               seconds=0.0)
+        else:
+            base = _evaluate_and_register(config, pretrain(config, data, parent_run_id, f"{stage}/base", student), data)
+            results[f"{stage}/base"] = base
+        distilled = sft(config, f"{stage}/sft", base.model_dir, dataset_dir, parent_run_id, section="distill.sft")
+        results[f"{stage}/sft"] = _evaluate_and_register(config, distilled, data)
+        if config.distill.rl_only:
+            rl = grpo(config, f"{stage}/rl_only", base.model_dir, data, parent_run_id, section="distill.rl")
+            results[f"{stage}/rl_only"] = _evaluate_and_register(config, rl, data)
+    return results
+
+
 STAGE_FLOWS = {"pretrain_base": pretrain_base_flow, "r1_zero": r1_zero_flow,
                "cold_start_data": cold_start_data_flow, "cold_start_sft": cold_start_sft_flow,
                "reasoning_rl": reasoning_rl_flow, "rejection_sampling": rejection_sampling_flow,
-               "sft": sft_flow}
+               "sft": sft_flow, "reward_models": reward_models_flow, "general_rl": general_rl_flow,
+               "distill": distill_flow}

@@ -40,10 +40,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class MoEConfig(Strict):
+    """The DeepSeek-V3 block (`architecture: deepseek_v3`): multi-head latent attention (keys and
+    values through a low-rank latent) and mixture-of-experts FFNs with shared experts; the first
+    `first_dense_layers` layers keep a dense FFN."""
+
+    routed_experts: int = Field(4, ge=1)
+    shared_experts: int = Field(1, ge=0)
+    experts_per_token: int = Field(2, ge=1)
+    expert_intermediate_size: int = Field(96, ge=8)
+    first_dense_layers: int = Field(1, ge=0)
+    kv_lora_rank: int = Field(32, ge=4, description="rank of the latent that keys and values are compressed to")
+    q_lora_rank: int | None = Field(None, description="rank of the query latent (None: full-rank queries)")
+    qk_rope_head_dim: int = Field(16, ge=2)
+    qk_nope_head_dim: int = Field(16, ge=2)
+    v_head_dim: int = Field(32, ge=2)
+
+    @model_validator(mode="after")
+    def _top_k(self) -> MoEConfig:
+        if self.experts_per_token > self.routed_experts:
+            raise ValueError("experts_per_token must be at most routed_experts")
+        return self
+
+
 class ModelConfig(Strict):
     """The base model: built from scratch (tiny profile) or loaded from a local HF directory."""
 
-    architecture: Literal["llama", "qwen2"] = Field("llama", description="transformers architecture")
+    architecture: Literal["llama", "qwen2", "deepseek_v3"] = Field(
+        "llama", description="transformers architecture; deepseek_v3: MLA + MoE as in `moe`")
     hidden_size: int = Field(192, ge=8)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(6, ge=1)
@@ -54,6 +78,7 @@ class ModelConfig(Strict):
     pretrained_path: str | None = Field(
         None, description="local HF causal-LM directory used as the base instead of pretraining"
     )
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="deepseek_v3 only")
 
     @field_validator("pretrained_path")
     @classmethod
@@ -348,6 +373,113 @@ class RejectionSamplingConfig(Strict):
         return self
 
 
+class RewardModelConfig(Strict):
+    """Stage 7: reward models, a scalar head on the base LM trained with the Bradley-Terry loss
+    on preference pairs: helpfulness judges the final summary and answer only, harmlessness the
+    whole response (reasoning included). The tiny profile synthesises pairs whose preference is
+    checkable (r1core.reward_model)."""
+
+    train_pairs: int = Field(2000, ge=1, description="preference pairs per reward model")
+    heldout_pairs: int = Field(400, ge=1, description="held-out pairs for pairwise accuracy")
+    unsafe_patterns: list[str] = Field(
+        default_factory=lambda: ["you are an idiot", "steal the password", "build a bomb", "hurt them",
+                                 "ты идиот", "укради пароль", "сделай бомбу", "сделай им больно"],
+        description="phrases a harmless response never contains; a response with one is dispreferred")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1, description="pairs per optimizer step (all workers)")
+    seq_len: int = Field(160, ge=16, description="longest scored text, in tokens")
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    compute: ComputeConfig = Field(default_factory=lambda: ComputeConfig(cpus_per_worker=1),
+                                   description="each reward model is its own Ray Train job; both run at once")
+
+    @field_validator("unsafe_patterns")
+    @classmethod
+    def _some_patterns(cls, v: list[str]) -> list[str]:
+        if not v or any(not p.strip() for p in v):
+            raise ValueError("give at least one non-empty unsafe pattern")
+        return v
+
+
+class GeneralRLConfig(ReasoningRLConfig):
+    """Stage 8: GRPO from the SFT model over all scenarios. Reasoning prompts are scored by the
+    rule rewards (`rewards`), general prompts by the reward models (`model_rewards`): helpfulness
+    on the final summary and answer, harmlessness on the whole response."""
+
+    steps: int = Field(12, ge=1)
+    model_rewards: dict[str, float] = Field(
+        default_factory=lambda: {"helpfulness": 1.0, "harmlessness": 1.0},
+        description="reward model -> weight, for general prompts")
+    prompt_mix: dict[str, float] = Field(
+        default_factory=lambda: {"reasoning": 0.75, "general": 0.25},
+        description="share of each step's prompts that are reasoning / general")
+    general_mix: dict[str, float] = Field(
+        default_factory=lambda: {"writing": 0.25, "factual_qa": 0.25, "translation": 0.25,
+                                 "self_cognition": 0.15, "greeting": 0.1},
+        description="kind -> share of the general prompts (r1core.general_tasks)")
+    general_prompts: int = Field(1000, ge=1, description="general prompts synthesised to draw from")
+
+    @field_validator("model_rewards")
+    @classmethod
+    def _known_model_rewards(cls, v: dict[str, float]) -> dict[str, float]:
+        from r1core.reward_model import REWARD_MODELS
+
+        _known_names(v, REWARD_MODELS, "reward model")
+        return v
+
+    @field_validator("prompt_mix")
+    @classmethod
+    def _known_mix(cls, v: dict[str, float]) -> dict[str, float]:
+        _known_names(v, ("reasoning", "general"), "prompt kind")
+        return _shares(v, "prompt kind")
+
+    @field_validator("general_mix")
+    @classmethod
+    def _known_kinds(cls, v: dict[str, float]) -> dict[str, float]:
+        from r1core.general_tasks import KINDS
+
+        _known_names(v, KINDS, "general kind")
+        return _shares(v, "general kind")
+
+
+class PromotionConfig(Strict):
+    """The gate on the final model's `champion` alias: a new `r1` version takes it only when it
+    beats the current champion on pass@1 and on cons@k by `margin`; otherwise it is `challenger`."""
+
+    margin: float = Field(0.01, ge=0, description="absolute improvement needed on both metrics")
+
+
+class StudentConfig(Strict):
+    """A smaller dense student: pretrained from scratch on the base's corpus (or taken from
+    `model.pretrained_path`), then distilled by SFT on the stage-6 set."""
+
+    name: str = Field("small", pattern=r"^[a-z0-9][a-z0-9-]*$", description="registered as r1-distill-<name>")
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden_size=128, num_layers=2, num_heads=4,
+                                                                   num_kv_heads=4, intermediate_size=384))
+    pretrain_steps: int = Field(300, ge=1, description="pretraining steps of the student's own base")
+
+
+class DistillConfig(Strict):
+    """Stage 9: distillation. Each student is fine-tuned on the SFT set of stage 6, no RL; for the
+    paper's comparison the same student is also trained by R1-Zero-style RL alone (`rl`)."""
+
+    students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()])
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2))
+    rl_only: bool = Field(True, description="also train each student by RL alone from its own base")
+    rl: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=20),
+                           description="the RL-only student's GRPO (R1-Zero rewards)")
+
+    @field_validator("students")
+    @classmethod
+    def _unique_names(cls, v: list[StudentConfig]) -> list[StudentConfig]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"student names must be unique: {names}")
+        return v
+
+
 class EvalConfig(Strict):
     """Held-out evaluation after every stage: pass@1 over k samples and cons@k."""
 
@@ -378,7 +510,7 @@ class RuntimeConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    """The whole R1 recipe (stages 0-6 so far) on one profile."""
+    """The whole R1 recipe (stages 0-9, evaluation after each) on one profile."""
 
     profile: str = "tiny"
     run_name: str | None = Field(None, description="output folder name; default: profile + config hash")
@@ -392,6 +524,10 @@ class PipelineConfig(Strict):
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2),
                            description="stage 6: SFT of the base on the rejection-sampled set")
+    reward_models: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    general_rl: GeneralRLConfig = Field(default_factory=GeneralRLConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -401,6 +537,13 @@ class PipelineConfig(Strict):
         if not self.pretrain.enabled and self.model.pretrained_path is None:
             raise ValueError("pretrain.enabled is false but model.pretrained_path is not set")
         return self
+
+    def section(self, path: str):
+        """The config of a dotted path, e.g. `distill.sft`, `distill.students.0.model`."""
+        node = self
+        for part in path.split("."):
+            node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+        return node
 
     def digest(self) -> str:
         """Hash of everything that changes results (run_name and runtime excluded)."""

@@ -85,8 +85,9 @@ def no_cot_response(answer: str) -> str:
     return f" <answer> {answer} </answer>"
 
 
-def _example(kind: str, language: str, t: dict, rng: random.Random) -> tuple[str, str, str | None, str | None]:
+def example_parts(kind: str, language: str, rng: random.Random) -> tuple[str, str, str | None, str | None]:
     """(question, answer, cot, summary) of one example; cot None for a simple query."""
+    t = TEXT[language]
     if kind == "writing":
         thing = rng.choice(list(WORDS) if language == "en" else list(WORDS.values()))
         adj = rng.choice(ADJECTIVES[language])
@@ -119,9 +120,13 @@ def non_reasoning_examples(count: int, mix: dict[str, float], languages: dict[st
     rows = []
     for i in range(count):
         kind, language = rng.choices(kinds, kind_weights)[0], rng.choices(langs, lang_weights)[0]
-        question, answer, cot, summary = _example(kind, language, TEXT[language], rng)
-        completion = no_cot_response(answer) if cot is None else readable_response(cot, summary, answer)
+        question, answer, cot, summary = example_parts(kind, language, rng)
         rows.append({"id": row_id(question), "task": kind, "language": language, "problem": question,
                      "question": question, "prompt": r1_zero_prompt(question), "answer": answer,
-                     "completion": completion, "numbers": [], "sample": i})
+                     "completion": response(cot, summary, answer), "numbers": [], "sample": i})
     return rows
+
+
+def response(cot: str | None, summary: str | None, answer: str) -> str:
+    """The reference response: readable (think, summary, answer), or the bare answer of a simple query."""
+    return no_cot_response(answer) if cot is None else readable_response(cot, summary, answer)

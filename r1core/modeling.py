@@ -4,14 +4,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DeepseekV3Config,
+    LlamaConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
 
-ARCHITECTURES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+ARCHITECTURES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "deepseek_v3": DeepseekV3Config}
+
+
+def _deepseek_v3_fields(moe) -> dict:
+    """A tiny DeepSeek-V3: MLA attention, MoE FFNs with shared experts after the first dense
+    layers, one expert group (the group-limited routing of the full model needs many experts)."""
+    return {"n_routed_experts": moe.routed_experts, "n_shared_experts": moe.shared_experts,
+            "num_experts_per_tok": moe.experts_per_token, "moe_intermediate_size": moe.expert_intermediate_size,
+            "first_k_dense_replace": moe.first_dense_layers, "kv_lora_rank": moe.kv_lora_rank,
+            "q_lora_rank": moe.q_lora_rank, "qk_rope_head_dim": moe.qk_rope_head_dim,
+            "qk_nope_head_dim": moe.qk_nope_head_dim, "v_head_dim": moe.v_head_dim,
+            "n_group": 1, "topk_group": 1, "num_mtp_layers": 0}
 
 
 def build_model(cfg, tokenizer, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised causal LM of the size given by a `ModelConfig`."""
+    extra = _deepseek_v3_fields(cfg.moe) if cfg.architecture == "deepseek_v3" else {}
     hf_config = ARCHITECTURES[cfg.architecture](
+        **extra,
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -25,6 +45,8 @@ def build_model(cfg, tokenizer, seed: int = 0) -> PreTrainedModel:
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
+    if cfg.architecture == "deepseek_v3":  # the eager expert loop is the fastest on CPU
+        return AutoModelForCausalLM.from_config(hf_config, experts_implementation="eager")
     return AutoModelForCausalLM.from_config(hf_config)
 
 

@@ -169,11 +169,35 @@ def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: Train
     return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, packed, batch, ctx, log_every)
 
 
-# --------------------------------------------------------------------------- the shared LM loop
+# --------------------------------------------------------------------------- reward models
+def reward_model_train(cfg, model, tokenizer, pairs: dict[str, torch.Tensor], ctx: TrainContext, seed: int = 0,
+                       log_every: int = 10) -> dict:
+    """Bradley-Terry training of a reward model on encoded preference pairs
+    (`r1core.reward_model.encode_pairs`) for `cfg.epochs` epochs; `cfg` is a `RewardModelConfig`."""
+    from r1core.reward_model import bradley_terry_loss
+
+    n = len(pairs["chosen_input_ids"])
+    per_epoch = math.ceil(n / cfg.batch_size)
+
+    def batch(step: int) -> torch.Tensor:
+        epoch, i = divmod(step, per_epoch)
+        return torch.randperm(n, generator=step_generator(seed, epoch))[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+
+    return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, pairs, batch, ctx, log_every,
+                    loss_fn=bradley_terry_loss)
+
+
+# --------------------------------------------------------------------------- the shared loop
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of next-token prediction (labels -100 are ignored)."""
+    return model(**batch, use_cache=False).loss
+
+
 def lm_train(cfg, steps: int, model, tokenizer, data: dict[str, torch.Tensor], batch_indices, ctx: TrainContext,
-             log_every: int = 10) -> dict:
-    """Cross-entropy on `data` rows (`input_ids`, `labels`, optional `position_ids`), the rows
-    of each step given by `batch_indices(step)` and split across ranks; AdamW, warmup + cosine."""
+             log_every: int = 10, loss_fn=causal_lm_loss) -> dict:
+    """`loss_fn` (default: cross-entropy on `input_ids`/`labels`/optional `position_ids`) on
+    `data` rows, the rows of each step given by `batch_indices(step)` and split across ranks;
+    AdamW, warmup + cosine."""
     model = ctx.wrap(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
@@ -186,14 +210,14 @@ def lm_train(cfg, steps: int, model, tokenizer, data: dict[str, torch.Tensor], b
         idx = batch_indices(step)[ctx.rank :: ctx.world_size]
         inputs = {k: v[idx].to(ctx.device) for k, v in data.items()}
         with ctx.autocast():
-            loss = model(**inputs, use_cache=False).loss
+            loss = loss_fn(model, inputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         window += loss.item()
-        tokens += inputs["input_ids"].numel() * ctx.world_size
+        tokens += sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids")) * ctx.world_size
         done = step + 1
         if done % log_every == 0 or done == steps:
             n = (done - start) % log_every or log_every
@@ -226,8 +250,13 @@ def collate(tokenizer, prompts: list[str], rollouts, device) -> tuple[torch.Tens
 
 
 def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainContext,
-               seed: int = 0, batch_size: int = 256) -> dict:
-    """R1-Zero: GRPO with rule rewards from `cfg.rewards`; `cfg` is a `GRPOConfig`."""
+               seed: int = 0, batch_size: int = 256, reward_fn=None, sample_rows=None) -> dict:
+    """GRPO (`cfg` is a `GRPOConfig`). Rewards: the rule rewards of `cfg.rewards`, unless
+    `reward_fn(completions, rows) -> (total, per_reward)` is given (general RL routes rows to
+    rules or reward models); each step's prompts are `cfg.prompts_per_step` rows drawn
+    uniformly, unless `sample_rows(rng, n) -> indices` says otherwise (a mix of prompt kinds)."""
+    reward_fn = reward_fn or (lambda texts, batch_rows: score(texts, batch_rows, cfg.rewards))
+    sample_rows = sample_rows or (lambda rng, n: rng.sample(range(len(rows)), n))
     model = ctx.wrap(policy)
     reference = reference.to(ctx.device).eval().requires_grad_(False) if cfg.beta > 0 else None
     engine = TorchEngine(unwrap(model), tokenizer, batch_size)
@@ -238,17 +267,17 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
     metrics: dict = {}
     for step in range(start, cfg.steps):
         # 1. sample a group of G outputs for each question from the current (old) policy
-        picked = random.Random(seed * 1_000_003 + step).sample(range(len(rows)), cfg.prompts_per_step)
+        picked = sample_rows(random.Random(seed * 1_000_003 + step), cfg.prompts_per_step)
         batch = [rows[i] for i in picked[ctx.rank :: ctx.world_size]]
         t0 = time.perf_counter()
         rollouts = engine.generate([r["prompt"] for r in batch], G,
                                    Sampling.from_config(cfg.sampling, seed=seed * 7919 + step * 101 + ctx.rank))
         gen_s = time.perf_counter() - t0
 
-        # 2. rule rewards and group-relative advantages
+        # 2. rewards and group-relative advantages
         texts = [r.text for r in rollouts]
         rollout_rows = [batch[r.prompt_index] for r in rollouts]
-        total, per_reward = score(texts, rollout_rows, cfg.rewards)
+        total, per_reward = reward_fn(texts, rollout_rows)
         unscorable = torch.tensor([t is None for t in total])
         rewards = torch.tensor([0.0 if t is None else t for t in total])
         advantages, zero_variance = group_advantages(rewards, G, scale=cfg.scale_rewards)

@@ -188,10 +188,40 @@ def grpo_loop(job: dict) -> None:
     policy, tokenizer = load_pretrained(job["init_model_dir"])
     reference, _ = load_pretrained(job["init_model_dir"])
     rows = read_rows(job["train_file"])
-    stage_cfg = getattr(cfg, job["stage"])
+    stage_cfg = cfg.section(job["section"])
+    routing = {}
+    if job.get("reward_models"):  # general RL: reasoning rows by rules, general rows by the reward models
+        from r1core.reward_model import RewardModel, general_prompts, prompt_sampler, routed_rewards
+
+        general = general_prompts(stage_cfg.general_prompts, stage_cfg.general_mix, cfg.data.languages,
+                                  seed=cfg.runtime.seed)
+        scorers = {name: RewardModel(name, path, ctx.device) for name, path in job["reward_models"].items()}
+        routing = {"reward_fn": routed_rewards(stage_cfg.rewards, stage_cfg.model_rewards, scorers),
+                   "sample_rows": prompt_sampler(len(rows), len(general), stage_cfg.prompt_mix)}
+        rows = rows + general
     grpo_train(stage_cfg, policy, reference, tokenizer, rows, ctx, seed=cfg.runtime.seed,
-               batch_size=cfg.rollout.batch_size)
+               batch_size=cfg.rollout.batch_size, **routing)
     write_final_model(ctx, policy, tokenizer, job["output_dir"])
+
+
+def reward_model_loop(job: dict) -> None:
+    import json
+
+    from r1core.reward_model import encode_pairs, init_reward_model, pairwise_accuracy
+    from r1core.training import reward_model_train
+
+    cfg, ctx = worker_setup(job)
+    model, tokenizer = init_reward_model(job["init_model_dir"])
+    stage_cfg = cfg.section(job["section"])
+
+    def pairs(path: str) -> dict:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        return encode_pairs(tokenizer, job["reward_model"], rows, stage_cfg.seq_len)
+
+    reward_model_train(stage_cfg, model, tokenizer, pairs(job["train_file"]), ctx, seed=cfg.runtime.seed)
+    if ctx.rank == 0:
+        ctx.log({"eval/pairwise_accuracy": pairwise_accuracy(unwrap(model), pairs(job["heldout_file"]))}, 0)
+    write_final_model(ctx, model, tokenizer, job["output_dir"])
 
 
 def sft_loop(job: dict) -> None:
@@ -201,7 +231,7 @@ def sft_loop(job: dict) -> None:
 
     cfg, ctx = worker_setup(job)
     model, tokenizer = load_pretrained(job["init_model_dir"])
-    stage_cfg = getattr(cfg, job["stage"])
+    stage_cfg = cfg.section(job["section"])
     packed = pack_examples(tokenizer, read_rows(job["train_file"]), stage_cfg.seq_len)
     sft_train(stage_cfg, model, tokenizer, packed, ctx, seed=cfg.runtime.seed)
     write_final_model(ctx, model, tokenizer, job["output_dir"])

@@ -60,10 +60,14 @@ def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
 
     from tasks.tracking import NEWEST_ALIAS, tracking_uri
 
-    assert set(pipeline_results) == {"pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl", "sft"}
+    assert set(pipeline_results) == {"pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl", "sft",
+                                     "reward_models/helpfulness", "reward_models/harmlessness", "general_rl",
+                                     "distill/mini/base", "distill/mini/sft", "distill/mini/rl_only"}
     client = MlflowClient(tracking_uri(micro.runtime))
     for name, stage in (("r1-base", "pretrain_base"), ("r1-zero", "r1_zero"), ("r1-cold-start", "cold_start_sft"),
-                        ("r1-reasoning-rl", "reasoning_rl"), ("r1-sft", "sft")):
+                        ("r1-reasoning-rl", "reasoning_rl"), ("r1-sft", "sft"), ("r1", "general_rl"),
+                        ("r1-student-base-mini", "distill/mini/base"), ("r1-distill-mini", "distill/mini/sft"),
+                        ("r1-rl-only-mini", "distill/mini/rl_only")):
         version = client.get_model_version_by_alias(name, NEWEST_ALIAS)
         assert version.run_id == pipeline_results[stage].mlflow_run_id
         run = client.get_run(version.run_id)

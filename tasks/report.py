@@ -1,0 +1,81 @@
+"""The end of the pipeline: one table comparing every model it produced, on the parent MLflow
+run (a table and a PNG chart) and as a Prefect table artifact."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from r1core.config import PipelineConfig
+from tasks import tracking
+from tasks.stages import StageResult
+
+COLUMNS = ("pass@1", "cons@{k}", "format_rate", "language_consistency", "readability", "mean_length")
+
+
+def comparison_rows(results: dict[str, StageResult], k: int) -> list[dict]:
+    """One row per evaluated model, in pipeline order."""
+    rows = []
+    for stage, r in results.items():
+        if "pass@1" not in r.metrics:
+            continue
+        row = {"stage": stage, "model": r.registered or "-"}
+        for c in COLUMNS:
+            name = c.format(k=k)
+            row[name] = round(r.metrics.get(name, 0.0), 4)
+        row["stage_seconds"] = round(r.seconds)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no evaluated models)"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], k: int, path: Path) -> Path:
+    """Grouped bars of pass@1, cons@k and readability per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["pass@1", f"cons@{k}", "readability"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    width = 0.8 / len(metrics)
+    for j, m in enumerate(metrics):
+        ax.bar([i + j * width for i in range(len(rows))], [r[m] for r in rows], width, label=m)
+    ax.set_xticks([i + width for i in range(len(rows))], [r["stage"] for r in rows], rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title("held-out evaluation of every model of the pipeline")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@task(name="compare-models", cache_policy=NO_CACHE)
+def compare_models(cfg: PipelineConfig, results: dict[str, StageResult], parent_run_id: str) -> list[dict]:
+    """Log the comparison of every evaluated model to the parent run and as a Prefect artifact."""
+    k = cfg.eval.k
+    rows = comparison_rows(results, k)
+    client = tracking.client_for(cfg.runtime)
+    client.log_table(parent_run_id, data={c: [r[c] for r in rows] for c in rows[0]} if rows else {},
+                     artifact_file="comparison/models.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifact(parent_run_id, str(chart(rows, k, Path(tmp) / "models.png")), "comparison")
+        (Path(tmp) / "models.md").write_text(markdown(rows) + "\n")
+        client.log_artifact(parent_run_id, str(Path(tmp) / "models.md"), "comparison")
+    create_table_artifact(rows, key="r1-model-comparison",
+                          description=f"Held-out evaluation of every model of run {cfg.resolved_run_name()} "
+                                      f"(k = {k}, temperature {cfg.eval.sampling.temperature}, "
+                                      f"top-p {cfg.eval.sampling.top_p}).")
+    return rows
