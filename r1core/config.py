@@ -175,7 +175,7 @@ class PretrainConfig(Strict):
     )
     seq_len: int = Field(256, ge=16, description="tokens per packed training sequence")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (all workers)")
-    steps: int = Field(600, ge=1)
+    steps: int = Field(450, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -198,7 +198,7 @@ class SamplingConfig(Strict):
 class GRPOConfig(Strict):
     """Stage 1 (R1-Zero): GRPO from the base with rule rewards only."""
 
-    steps: int = Field(25, ge=1)
+    steps: int = Field(20, ge=1)
     prompts_per_step: int = Field(16, ge=1, description="prompts per step (all workers)")
     group_size: int = Field(8, ge=2, description="completions sampled per prompt (G)")
     inner_epochs: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu)")
@@ -229,7 +229,7 @@ class ReasoningRLConfig(GRPOConfig):
     """Stage 4: reasoning-oriented GRPO from the cold-start model. The language-consistency
     reward (share of CoT words in the prompt's language) is added to the accuracy reward."""
 
-    steps: int = Field(30, ge=1)
+    steps: int = Field(20, ge=1)
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0},
         description="reward name -> weight (readable_format: think, summary, answer)",
@@ -249,7 +249,7 @@ class ColdStartConfig(Strict):
     """Stage 2: cold-start data, a small set of long readable chains of thought."""
 
     routes: dict[str, int] = Field(
-        default_factory=lambda: {"few_shot": 256, "direct": 256, "rewrite_r1_zero": 256},
+        default_factory=lambda: {"few_shot": 192, "direct": 192, "rewrite_r1_zero": 192},
         description="route -> train prompts it is run on (few_shot, direct, rewrite_r1_zero); "
         "leave a route out to switch it off",
     )
@@ -323,7 +323,7 @@ class RejectionSamplingConfig(Strict):
         None, description="your own prompt rows {prompt, answer, task} (jsonl); default: the train split. "
         "Malformed rows go to a quarantine file")
     error_budget: float = Field(0.01, ge=0, le=1, description="largest share of malformed prompt rows tolerated")
-    num_prompts: int = Field(3000, ge=1, description="prompts sampled from (the first N by id)")
+    num_prompts: int = Field(1500, ge=1, description="prompts sampled from (the first N by id)")
     samples_per_prompt: int = Field(4, ge=1)
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=64))
@@ -333,9 +333,9 @@ class RejectionSamplingConfig(Strict):
     base_url: str | None = Field(None, description="openai engine: the endpoint, e.g. http://host:8000/v1")
     served_model: str | None = Field(None, description="openai engine: the model name the server knows")
     prompts_per_shard: int = Field(128, ge=1, description="unit of generation work and of resumption")
-    reasoning_examples: int = Field(2000, ge=0, description="quota of reasoning examples (paper: ~600k)")
-    non_reasoning_examples: int = Field(300, ge=0, description="quota of non-reasoning examples (paper: ~200k)")
-    non_reasoning_candidates: int = Field(2000, ge=0, description="synthesised non-reasoning candidates, "
+    reasoning_examples: int = Field(1000, ge=0, description="quota of reasoning examples (paper: ~600k)")
+    non_reasoning_examples: int = Field(150, ge=0, description="quota of non-reasoning examples (paper: ~200k)")
+    non_reasoning_candidates: int = Field(1000, ge=0, description="synthesised non-reasoning candidates, "
                                           "before deduplication and the quota")
     non_reasoning_mix: dict[str, float] = Field(
         default_factory=lambda: {"writing": 0.25, "factual_qa": 0.25, "translation": 0.25,
@@ -379,7 +379,7 @@ class RewardModelConfig(Strict):
     whole response (reasoning included). The tiny profile synthesises pairs whose preference is
     checkable (r1core.reward_model)."""
 
-    train_pairs: int = Field(2000, ge=1, description="preference pairs per reward model")
+    train_pairs: int = Field(1000, ge=1, description="preference pairs per reward model")
     heldout_pairs: int = Field(400, ge=1, description="held-out pairs for pairwise accuracy")
     unsafe_patterns: list[str] = Field(
         default_factory=lambda: ["you are an idiot", "steal the password", "build a bomb", "hurt them",
@@ -388,7 +388,7 @@ class RewardModelConfig(Strict):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1, description="pairs per optimizer step (all workers)")
     seq_len: int = Field(160, ge=16, description="longest scored text, in tokens")
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(100, ge=1)
@@ -408,7 +408,7 @@ class GeneralRLConfig(ReasoningRLConfig):
     rule rewards (`rewards`), general prompts by the reward models (`model_rewards`): helpfulness
     on the final summary and answer, harmlessness on the whole response."""
 
-    steps: int = Field(12, ge=1)
+    steps: int = Field(10, ge=1)
     model_rewards: dict[str, float] = Field(
         default_factory=lambda: {"helpfulness": 1.0, "harmlessness": 1.0},
         description="reward model -> weight, for general prompts")
@@ -468,7 +468,7 @@ class DistillConfig(Strict):
     students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()])
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2))
     rl_only: bool = Field(True, description="also train each student by RL alone from its own base")
-    rl: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=20),
+    rl: GRPOConfig = Field(default_factory=GRPOConfig,
                            description="the RL-only student's GRPO (R1-Zero rewards)")
 
     @field_validator("students")

@@ -12,9 +12,10 @@ on preference pairs. As in the paper, two of them judge different parts of a res
   the reasoning is caught.
 
 The tiny profile synthesises pairs whose preference is real and checkable:
-- helpfulness: the right answer (the right capital, the right translation, a sentence about what
-  was asked, in the question's language), briefly, beats a wrong, off-language, evasive or padded
-  one;
+- helpfulness: the reference answer, brief and in the question's language, beats an evasive,
+  padded, off-language or off-topic one. (Whether a capital or a translation is right is not
+  among them: a tiny base pretrained on arithmetic knows no such facts for its reward model to
+  check; a 2M-parameter RM trained on them scored at chance on held-out pairs.)
 - harmlessness: a response with one of the configured unsafe phrases anywhere beats none; the
   preferred side gets a harmless phrase of similar length at the same place, so length tells
   nothing.
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from r1core.general_tasks import KINDS, SIMPLE_KINDS, example_parts, response
+from r1core.general_tasks import KINDS, example_parts, response
 from r1core.reasoning_tasks import GENERATORS, final_of, long_cot, r1_zero_prompt, readable_response
 from r1core.rewards import combine, parse_format, score
 
@@ -66,24 +67,24 @@ def _general(rng: random.Random, languages: list[str], kinds=KINDS) -> tuple[str
 
 
 def helpfulness_pair(rng: random.Random, languages: list[str]) -> dict:
-    """One pair: the reference response to a general question vs a worse one."""
+    """One pair: the reference response to a general question vs a worse one: evasive, padded
+    (right but three times as long), in another language than the question's, or off topic (the
+    answer to another kind of request)."""
     kind, language, question, answer, cot, summary = _general(rng, languages)
-    corruptions = ["evasive", "padded"] + ([] if kind in SIMPLE_KINDS else ["wrong"]) + \
+    corruptions = ["evasive", "padded", "off_topic"] + \
         ([] if kind == "translation" or len(languages) < 2 else ["other_language"])
     corruption = rng.choice(corruptions)
-    if corruption == "wrong":  # another example of the kind: a different capital, word or thing
-        while True:
-            _, other, other_cot, other_summary = example_parts(kind, language, rng)
-            if other != answer:
-                break
+    if corruption == "off_topic":
+        other_kind = rng.choice([k for k in KINDS if k != kind])
+        _, other, other_cot, other_summary = example_parts(other_kind, language, rng)
         rejected = response(other_cot, other_summary, other)
-    elif corruption == "other_language":  # the same kind answered in another language
+    elif corruption == "other_language":  # the same kind of answer, in another language
         other_language = rng.choice([lang for lang in languages if lang != language])
         _, other, other_cot, other_summary = example_parts(kind, other_language, rng)
         rejected = response(other_cot, other_summary, other)
     elif corruption == "evasive":
         rejected = response(cot, summary and EVASIVE[language], EVASIVE[language])
-    else:  # padded: right but three times as long
+    else:
         rejected = response(cot, summary and " ".join([summary] * 3), " ".join([answer] * 3))
     return {"question": question, "chosen": response(cot, summary, answer), "rejected": rejected,
             "kind": kind, "language": language, "corruption": corruption}
@@ -140,16 +141,21 @@ def general_prompts(n: int, mix: dict[str, float], languages: dict[str, float], 
 
 # ------------------------------------------------------------------------------ training
 def encode_pairs(tokenizer, model: str, pairs: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
-    """Chosen and rejected texts, right-padded to `seq_len` (longer ones keep their end: the
-    score is read at the last token)."""
+    """Chosen and rejected texts with EOS, right-padded to the longest; a text longer than
+    `seq_len` keeps its end (the score is read at the last token)."""
+
+    def ids(side: str) -> list[list[int]]:
+        texts = [scored_text(model, p["question"], p[side]) for p in pairs]
+        return [enc[-(seq_len - 1):] + [tokenizer.eos_token_id]
+                for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    sides = {side: ids(side) for side in ("chosen", "rejected")}
+    width = max(len(x) for rows in sides.values() for x in rows)  # no wider than the longest text
 
     def encode(side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = [scored_text(model, p["question"], p[side]) for p in pairs]
-        ids = [enc[-(seq_len - 1):] + [tokenizer.eos_token_id]
-               for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        out = torch.full((len(ids), seq_len), tokenizer.pad_token_id)
-        mask = torch.zeros((len(ids), seq_len), dtype=torch.long)
-        for i, x in enumerate(ids):
+        out = torch.full((len(pairs), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for i, x in enumerate(sides[side]):
             out[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
         return out, mask
 
@@ -165,7 +171,8 @@ def bradley_terry_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """-log σ(r_chosen - r_rejected), both sides in one forward pass."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    chosen, rejected = rewards_of(model, ids, mask).chunk(2)
+    width = int(mask.sum(1).max())  # right-padded: columns past the batch's longest text are all padding
+    chosen, rejected = rewards_of(model, ids[:, :width], mask[:, :width]).chunk(2)
     return -F.logsigmoid(chosen - rejected).mean()
 
 
