@@ -52,7 +52,7 @@ def promote(cfg: PipelineConfig, registered: str, run_id: str, metrics: dict[str
     champion, champion_version = None, None
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
-        champion_version = current.version
+        champion_version = str(current.version)
         run_metrics = client.get_run(current.run_id).data.metrics
         champion = {m: run_metrics[f"eval/{m.replace('@', '_at_')}"] for m in wanted}
     except MlflowException:  # no champion yet

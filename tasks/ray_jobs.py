@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -33,10 +34,17 @@ RAY_ENV_DEFAULTS = {
 }
 
 
+_ray_init_lock = threading.Lock()  # stages submitted concurrently (the reward models) start Ray once
+
+
 def ensure_ray(runtime: RuntimeConfig) -> None:
     """Connect to RAY_ADDRESS / runtime.ray_address, else start a local Ray on this machine."""
-    if ray.is_initialized():
-        return
+    with _ray_init_lock:
+        if not ray.is_initialized():
+            _init_ray(runtime)
+
+
+def _init_ray(runtime: RuntimeConfig) -> None:
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     address = runtime.ray_address or os.environ.get("RAY_ADDRESS")

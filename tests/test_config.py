@@ -19,6 +19,12 @@ def test_default_profile_loads_and_overrides_apply():
     (["data.task_mix={sudoku: 1}"], "data.task_mix"),
     (["data.train_file=/nope/train.jsonl"], "data.train_file"),
     (["model.pretrained_path=/nope/model"], "model.pretrained_path"),
+    (["general_rl.model_rewards={helpfulness: 1, style: 1}"], "general_rl.model_rewards"),
+    (["general_rl.prompt_mix={reasoning: 1, chitchat: 1}"], "general_rl.prompt_mix"),
+    (["distill.students=[{name: a}, {name: a}]"], "distill.students"),
+    (["distill.students=[{name: Big_One}]"], "distill.students.0.name"),
+    (["reward_models.unsafe_patterns=[]"], "reward_models.unsafe_patterns"),
+    (["promotion.margin=-0.1"], "promotion.margin"),
 ])
 def test_bad_fields_are_named(overrides, field):
     with pytest.raises(ConfigError, match=f"field '{field}'"):
@@ -62,7 +68,8 @@ def test_flow_parameters_are_typed_for_the_prefect_ui():
 
     schema = parameter_schema(r1_pipeline.fn).model_dump_for_openapi()
     config = schema["definitions"]["PipelineConfig"]["properties"]
-    assert {"model", "data", "pretrain", "r1_zero", "eval", "runtime"} <= set(config)
+    assert {"model", "data", "pretrain", "r1_zero", "reward_models", "general_rl", "promotion", "distill", "eval",
+            "runtime"} <= set(config)
     grpo = schema["definitions"]["GRPOConfig"]["properties"]
     assert grpo["group_size"]["default"] == 8 and "completions sampled per prompt" in grpo["group_size"]["description"]
 

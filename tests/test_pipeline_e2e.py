@@ -145,6 +145,58 @@ def test_rejection_sampling_feeds_sft_and_is_tracked(pipeline_results, micro):
     assert table["candidates/reasoning"] == candidates
 
 
+def test_final_stages_carry_lineage_pass_the_gate_and_are_compared(pipeline_results, micro):
+    import asyncio
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(micro.runtime))
+    r = pipeline_results
+    # the reward models: from the base, evaluated on held-out pairs, registered
+    for model, name in (("helpfulness", "r1-rm-helpful"), ("harmlessness", "r1-rm-harmless")):
+        version = client.get_model_version_by_alias(name, "newest")
+        assert version.run_id == r[f"reward_models/{model}"].mlflow_run_id
+        assert version.tags["parent_model"] == r["pretrain_base"].registered
+        assert 0.0 <= float(version.tags["pairwise_accuracy"]) <= 1.0
+        assert "eval/pairwise_accuracy" in client.get_run(version.run_id).data.metrics
+    # general RL: reasoning rows scored by rules, general rows by the reward models, every step
+    rl_run = r["general_rl"].mlflow_run_id
+    for key in ("reward/accuracy", "reward/helpfulness", "reward/harmlessness", "reward"):
+        assert [m.step for m in client.get_metric_history(rl_run, key)] == [1, 2], key
+    final = client.get_model_version_by_alias("r1", "champion")  # the first r1: no champion to beat
+    assert final.run_id == rl_run and final.tags["promotion"].startswith("promoted")
+    assert final.tags["parent_model"] == r["sft"].registered
+    assert "accuracy" in final.tags["rewards"] and "r1-rm-helpful/" in final.tags["model_rewards"]
+    assert final.tags["config_digest"] == micro.digest() and final.tags["git_commit"]
+    assert final.tags["train_datasets"].startswith("train@")
+    assert client.get_run(rl_run).data.metrics["gate/promoted"] == 1.0
+    # the student: its own base, then SFT on the same set as stage 6 (same digest)
+    distilled = client.get_model_version_by_alias("r1-distill-mini", "newest")
+    assert distilled.tags["parent_model"] == r["distill/mini/base"].registered
+    sft_digest = client.get_run(r["sft"].mlflow_run_id).inputs.dataset_inputs[0].dataset.digest
+    assert client.get_run(distilled.run_id).inputs.dataset_inputs[0].dataset.digest == sft_digest
+    assert client.get_model_version_by_alias("r1-rl-only-mini", "newest").tags["parent_model"] == \
+        r["distill/mini/base"].registered
+    # one comparison of every evaluated model: MLflow table, chart and markdown, Prefect artifact
+    parent = client.get_run(client.get_run(rl_run).data.tags["mlflow.parentRunId"])
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert files == {"comparison/models.json", "comparison/models.png", "comparison/models.md"}
+    evaluated = [k for k, v in r.items() if "pass@1" in v.metrics]
+    assert len(evaluated) == 9
+
+    async def comparison():
+        async with get_client() as prefect:
+            found = await prefect.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["r1-model-comparison"])))
+            return json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
+
+    assert [row["stage"] for row in asyncio.run(comparison())] == evaluated
+
+
 def test_rerun_skips_completed_stages(pipeline_results, prefect_env, micro):
     from flows.pipeline import r1_pipeline
 
@@ -160,7 +212,7 @@ def test_r1_eval_cli_on_a_registered_model(pipeline_results, micro, workdir, cap
     from flows.cli import main
 
     heldout = micro.run_dir() / "data" / "heldout.jsonl"
-    code = main(["eval", "--model", "models:/r1-zero@newest", "--data", str(heldout), "--k", "2",
+    code = main(["eval", "--model", "models:/r1@champion", "--data", str(heldout), "--k", "2",
                  "--config", "configs/micro.yaml", "--set", f"runtime.workdir={workdir}",
                  "--set", "eval.num_prompts=3", "--set", "eval.sampling.max_new_tokens=4"])
     assert code == 0

@@ -1,0 +1,69 @@
+"""The promotion gate on a real MLflow registry (SQLite in a temp dir) inside real Prefect flows:
+a first version becomes champion, a worse challenger does not move `champion`, a better one
+does, and each decision is logged with its numbers."""
+import pytest
+
+from r1core.config import PipelineConfig
+from tasks import tracking
+from tasks.promotion import CHALLENGER, CHAMPION, decide
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _version(cfg: PipelineConfig, model_dir, pass1: float, cons: float) -> tuple[str, str]:
+    """A registered `r1` version whose run carries these held-out numbers."""
+    run_id = tracking.start_run(cfg.runtime, "general_rl", tags={"stage": "general_rl"})
+    tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"eval/pass@1": pass1, f"eval/cons@{cfg.eval.k}": cons})
+    tracking.end_run(cfg.runtime, run_id)
+    return f"r1/{tracking.register_model(cfg.runtime, run_id, model_dir, 'r1')}", run_id
+
+
+def test_decision_needs_both_metrics_to_clear_the_margin():
+    metrics = ("pass@1", "cons@4")
+    assert decide({"pass@1": 0.5, "cons@4": 0.5}, None, 0.01, metrics).promoted
+    assert decide({"pass@1": 0.52, "cons@4": 0.52}, {"pass@1": 0.5, "cons@4": 0.5}, 0.01, metrics).promoted
+    refused = decide({"pass@1": 0.6, "cons@4": 0.505}, {"pass@1": 0.5, "cons@4": 0.5}, 0.01, metrics)
+    assert not refused.promoted and "cons@4 0.5050 < champion 0.5000 + margin 0.01" in refused.reason
+    assert not decide({"pass@1": 0.505, "cons@4": 0.6}, {"pass@1": 0.5, "cons@4": 0.5}, 0.01, metrics).promoted
+
+
+def test_gate_promotes_and_refuses(prefect_harness, tmp_path):
+    from prefect import flow
+
+    from tasks.promotion import promote
+
+    cfg = PipelineConfig(runtime={"workdir": str(tmp_path)})
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    client = tracking.client_for(cfg.runtime)
+    k = cfg.eval.k
+
+    @flow
+    def gate(registered: str, run_id: str, pass1: float, cons: float):
+        return promote(cfg, registered, run_id, {"pass@1": pass1, f"cons@{k}": cons})
+
+    first, run1 = _version(cfg, model_dir, 0.50, 0.50)
+    assert gate(first, run1, 0.50, 0.50).promoted
+    assert str(client.get_model_version_by_alias("r1", CHAMPION).version) == "1"
+
+    worse, run2 = _version(cfg, model_dir, 0.45, 0.55)
+    decision = gate(worse, run2, 0.45, 0.55)
+    assert not decision.promoted and decision.champion == {"pass@1": 0.50, f"cons@{k}": 0.50}
+    assert str(client.get_model_version_by_alias("r1", CHAMPION).version) == "1"  # champion did not move
+    assert str(client.get_model_version_by_alias("r1", CHALLENGER).version) == "2"
+    logged = client.get_run(run2).data
+    assert logged.metrics["gate/promoted"] == 0.0 and logged.metrics["gate/champion/pass_at_1"] == 0.50
+    assert logged.tags["promotion"] == "refused" and "pass@1 0.4500 < champion 0.5000" in logged.tags["promotion_reason"]
+    assert client.get_model_version("r1", "2").tags["promotion"].startswith("refused")
+
+    better, run3 = _version(cfg, model_dir, 0.60, 0.58)
+    assert gate(better, run3, 0.60, 0.58).promoted
+    assert str(client.get_model_version_by_alias("r1", CHAMPION).version) == "3"
+    assert client.get_run(run3).data.tags["champion_before"] == "1"
