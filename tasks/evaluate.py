@@ -13,13 +13,24 @@ from tasks.ray_jobs import ensure_ray
 def resolve_model(model: str, cfg: PipelineConfig | None = None) -> str:
     """A local HF directory, or an MLflow `models:/name@alias` / `runs:/` URI downloaded locally."""
     if model.startswith(("models:/", "runs:/")):
-        import mlflow
+        import tempfile
 
-        from tasks.tracking import tracking_uri
+        from mlflow import MlflowClient
 
-        if cfg is not None:
-            mlflow.set_tracking_uri(tracking_uri(cfg.runtime))
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        from tasks.tracking import client_for
+
+        # resolved with this configuration's store explicitly: mlflow.set_tracking_uri would export
+        # MLFLOW_TRACKING_URI and override every later configuration in this process
+        client = client_for(cfg.runtime) if cfg is not None else MlflowClient()
+        source = model
+        if model.startswith("models:/"):
+            ref = model[len("models:/"):]
+            name, alias = ref.split("@", 1) if "@" in ref else (ref, None)
+            version = client.get_model_version_by_alias(name, alias) if alias else \
+                client.get_model_version(*name.split("/", 1))
+            source = version.source
+        run_id, _, artifact_path = source[len("runs:/"):].partition("/")
+        local = Path(client.download_artifacts(run_id, artifact_path, dst_path=tempfile.mkdtemp(prefix="r1-model-")))
         candidates = [p.parent for p in local.rglob("config.json")]
         if not candidates:
             raise FileNotFoundError(f"{model}: no HF model (config.json) in its artifacts")

@@ -33,9 +33,10 @@ def test_decision_needs_both_metrics_to_clear_the_margin():
     assert not decide({"pass@1": 0.505, "cons@4": 0.6}, {"pass@1": 0.5, "cons@4": 0.5}, 0.01, metrics).promoted
 
 
-def test_gate_promotes_and_refuses(prefect_harness, tmp_path):
+def test_gate_promotes_and_refuses(prefect_harness, tmp_path, monkeypatch):
     from prefect import flow
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # this test's own store under tmp_path
     from tasks.promotion import promote
 
     cfg = PipelineConfig(runtime={"workdir": str(tmp_path)})
