@@ -143,6 +143,18 @@ def _shares(v: dict[str, float], what: str) -> dict[str, float]:
     return v
 
 
+def _general_mix() -> dict[str, float]:
+    """The default shares of non-reasoning kinds (rejection sampling's data, general RL's prompts)."""
+    return {"writing": 0.25, "factual_qa": 0.25, "translation": 0.25, "self_cognition": 0.15, "greeting": 0.1}
+
+
+def _general_kind_shares(v: dict[str, float]) -> dict[str, float]:
+    from r1core.general_tasks import KINDS
+
+    _known_names(v, KINDS, "non-reasoning kind")
+    return _shares(v, "non-reasoning kind")
+
+
 class ComputeConfig(Strict):
     """How a Ray Train job is scaled."""
 
@@ -338,8 +350,7 @@ class RejectionSamplingConfig(Strict):
     non_reasoning_candidates: int = Field(1000, ge=0, description="synthesised non-reasoning candidates, "
                                           "before deduplication and the quota")
     non_reasoning_mix: dict[str, float] = Field(
-        default_factory=lambda: {"writing": 0.25, "factual_qa": 0.25, "translation": 0.25,
-                                 "self_cognition": 0.15, "greeting": 0.1},
+        default_factory=_general_mix,
         description="kind -> share of the synthesised non-reasoning candidates (r1core.general_tasks)")
     per_problem: int = Field(1, ge=1, description="most examples kept per problem")
     max_words: int = Field(80, ge=1, description="longest kept response, in words")
@@ -356,10 +367,7 @@ class RejectionSamplingConfig(Strict):
     @field_validator("non_reasoning_mix")
     @classmethod
     def _known_kinds(cls, v: dict[str, float]) -> dict[str, float]:
-        from r1core.general_tasks import KINDS
-
-        _known_names(v, KINDS, "non-reasoning kind")
-        return _shares(v, "non-reasoning kind")
+        return _general_kind_shares(v)
 
     @field_validator("prompts_file")
     @classmethod
@@ -416,9 +424,7 @@ class GeneralRLConfig(ReasoningRLConfig):
         default_factory=lambda: {"reasoning": 0.75, "general": 0.25},
         description="share of each step's prompts that are reasoning / general")
     general_mix: dict[str, float] = Field(
-        default_factory=lambda: {"writing": 0.25, "factual_qa": 0.25, "translation": 0.25,
-                                 "self_cognition": 0.15, "greeting": 0.1},
-        description="kind -> share of the general prompts (r1core.general_tasks)")
+        default_factory=_general_mix, description="kind -> share of the general prompts (r1core.general_tasks)")
     general_prompts: int = Field(1000, ge=1, description="general prompts synthesised to draw from")
 
     @field_validator("model_rewards")
@@ -438,10 +444,7 @@ class GeneralRLConfig(ReasoningRLConfig):
     @field_validator("general_mix")
     @classmethod
     def _known_kinds(cls, v: dict[str, float]) -> dict[str, float]:
-        from r1core.general_tasks import KINDS
-
-        _known_names(v, KINDS, "general kind")
-        return _shares(v, "general kind")
+        return _general_kind_shares(v)
 
 
 class PromotionConfig(Strict):

@@ -140,27 +140,30 @@ def general_prompts(n: int, mix: dict[str, float], languages: dict[str, float], 
 
 
 # ------------------------------------------------------------------------------ training
+def encode_texts(tokenizer, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts with EOS, right-padded to the longest; a text longer than `seq_len` keeps its end
+    (the score is read at the last token). Returns (input_ids, attention_mask)."""
+    ids = [enc[-(seq_len - 1):] + [tokenizer.eos_token_id]
+           for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    width = max(len(x) for x in ids)
+    out = torch.full((len(ids), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+    return out, mask
+
+
 def encode_pairs(tokenizer, model: str, pairs: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
-    """Chosen and rejected texts with EOS, right-padded to the longest; a text longer than
-    `seq_len` keeps its end (the score is read at the last token)."""
-
-    def ids(side: str) -> list[list[int]]:
-        texts = [scored_text(model, p["question"], p[side]) for p in pairs]
-        return [enc[-(seq_len - 1):] + [tokenizer.eos_token_id]
-                for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-    sides = {side: ids(side) for side in ("chosen", "rejected")}
-    width = max(len(x) for rows in sides.values() for x in rows)  # no wider than the longest text
-
-    def encode(side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.full((len(pairs), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        for i, x in enumerate(sides[side]):
-            out[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
-        return out, mask
-
-    (c, cm), (r, rm) = encode("chosen"), encode("rejected")
-    return {"chosen_input_ids": c, "chosen_attention_mask": cm, "rejected_input_ids": r, "rejected_attention_mask": rm}
+    """Both sides of each pair as `model` scores them (`encode_texts`), padded to one width."""
+    sides = {side: encode_texts(tokenizer, [scored_text(model, p["question"], p[side]) for p in pairs], seq_len)
+             for side in ("chosen", "rejected")}
+    width = max(ids.shape[1] for ids, _ in sides.values())
+    out = {}
+    for side, (ids, mask) in sides.items():
+        pad = width - ids.shape[1]
+        out[f"{side}_input_ids"] = F.pad(ids, (0, pad), value=tokenizer.pad_token_id)
+        out[f"{side}_attention_mask"] = F.pad(mask, (0, pad), value=0)
+    return out
 
 
 def rewards_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -214,12 +217,12 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, questions: list[str], completions: list[str]) -> list[float]:
-        pairs = [{"question": q, "chosen": c, "rejected": c} for q, c in zip(questions, completions, strict=True)]
-        enc = encode_pairs(self.tokenizer, self.name, pairs, self.seq_len)
+        texts = [scored_text(self.name, q, c) for q, c in zip(questions, completions, strict=True)]
+        ids, mask = encode_texts(self.tokenizer, texts, self.seq_len)
         out: list[float] = []
-        for i in range(0, len(pairs), self.batch_size):
-            out += rewards_of(self.model, enc["chosen_input_ids"][i : i + self.batch_size].to(self.device),
-                              enc["chosen_attention_mask"][i : i + self.batch_size].to(self.device)).tolist()
+        for i in range(0, len(texts), self.batch_size):
+            out += rewards_of(self.model, ids[i : i + self.batch_size].to(self.device),
+                              mask[i : i + self.batch_size].to(self.device)).tolist()
         return out
 
 
