@@ -187,7 +187,7 @@ class PretrainConfig(Strict):
     )
     seq_len: int = Field(256, ge=16, description="tokens per packed training sequence")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (all workers)")
-    steps: int = Field(450, ge=1)
+    steps: int = Field(340, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -241,7 +241,7 @@ class ReasoningRLConfig(GRPOConfig):
     """Stage 4: reasoning-oriented GRPO from the cold-start model. The language-consistency
     reward (share of CoT words in the prompt's language) is added to the accuracy reward."""
 
-    steps: int = Field(20, ge=1)
+    steps: int = Field(16, ge=1)
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0},
         description="reward name -> weight (readable_format: think, summary, answer)",
@@ -261,7 +261,7 @@ class ColdStartConfig(Strict):
     """Stage 2: cold-start data, a small set of long readable chains of thought."""
 
     routes: dict[str, int] = Field(
-        default_factory=lambda: {"few_shot": 192, "direct": 192, "rewrite_r1_zero": 192},
+        default_factory=lambda: {"few_shot": 160, "direct": 160, "rewrite_r1_zero": 160},
         description="route -> train prompts it is run on (few_shot, direct, rewrite_r1_zero); "
         "leave a route out to switch it off",
     )
@@ -335,7 +335,7 @@ class RejectionSamplingConfig(Strict):
         None, description="your own prompt rows {prompt, answer, task} (jsonl); default: the train split. "
         "Malformed rows go to a quarantine file")
     error_budget: float = Field(0.01, ge=0, le=1, description="largest share of malformed prompt rows tolerated")
-    num_prompts: int = Field(1500, ge=1, description="prompts sampled from (the first N by id)")
+    num_prompts: int = Field(1200, ge=1, description="prompts sampled from (the first N by id)")
     samples_per_prompt: int = Field(4, ge=1)
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=64))
@@ -387,7 +387,7 @@ class RewardModelConfig(Strict):
     whole response (reasoning included). The tiny profile synthesises pairs whose preference is
     checkable (r1core.reward_model)."""
 
-    train_pairs: int = Field(1000, ge=1, description="preference pairs per reward model")
+    train_pairs: int = Field(800, ge=1, description="preference pairs per reward model")
     heldout_pairs: int = Field(400, ge=1, description="held-out pairs for pairwise accuracy")
     unsafe_patterns: list[str] = Field(
         default_factory=lambda: ["you are an idiot", "steal the password", "build a bomb", "hurt them",
@@ -416,12 +416,12 @@ class GeneralRLConfig(ReasoningRLConfig):
     rule rewards (`rewards`), general prompts by the reward models (`model_rewards`): helpfulness
     on the final summary and answer, harmlessness on the whole response."""
 
-    steps: int = Field(10, ge=1)
+    steps: int = Field(16, ge=1)
     model_rewards: dict[str, float] = Field(
         default_factory=lambda: {"helpfulness": 1.0, "harmlessness": 1.0},
         description="reward model -> weight, for general prompts")
     prompt_mix: dict[str, float] = Field(
-        default_factory=lambda: {"reasoning": 0.75, "general": 0.25},
+        default_factory=lambda: {"reasoning": 0.8, "general": 0.2},
         description="share of each step's prompts that are reasoning / general")
     general_mix: dict[str, float] = Field(
         default_factory=_general_mix, description="kind -> share of the general prompts (r1core.general_tasks)")
@@ -461,7 +461,7 @@ class StudentConfig(Strict):
     name: str = Field("small", pattern=r"^[a-z0-9][a-z0-9-]*$", description="registered as r1-distill-<name>")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden_size=128, num_layers=2, num_heads=4,
                                                                    num_kv_heads=4, intermediate_size=384))
-    pretrain_steps: int = Field(300, ge=1, description="pretraining steps of the student's own base")
+    pretrain_steps: int = Field(200, ge=1, description="pretraining steps of the student's own base")
 
 
 class DistillConfig(Strict):
@@ -520,7 +520,7 @@ class PipelineConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    r1_zero: GRPOConfig = Field(default_factory=GRPOConfig)
+    r1_zero: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=16))
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
     cold_start_sft: SFTConfig = Field(default_factory=SFTConfig)
     reasoning_rl: ReasoningRLConfig = Field(default_factory=ReasoningRLConfig)
