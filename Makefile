@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench bench-rs clean
+.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench bench-rs bench-sandbox clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,10 @@ bench: setup
 # 600k synthetic candidates: verify + filter + dedupe + write, Ray Data vs a single-process loop
 bench-rs: setup
 	$(BIN)/python bench/rejection_sampling.py $(ARGS)
+
+# the code-reward sandbox: calls/s through the warm worker pool vs a cold process per call
+bench-sandbox: setup
+	$(BIN)/python bench/sandbox.py $(ARGS)
 
 clean:
 	rm -rf $(WORKDIR)

@@ -136,6 +136,7 @@ def run_eval(cfg, args) -> dict:
 
     rows = read_rows(args.data)
     if args.base_url:
+        from r1core import code_rewards
         from r1core.engine import OpenAIEngine
         from r1core.evaluation import evaluate_heldout
 
@@ -146,11 +147,12 @@ def run_eval(cfg, args) -> dict:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(args.model)
+        code_rewards.configure(cfg.code)
         return evaluate_heldout(OpenAIEngine(args.base_url, args.served_model, tokenizer), rows, cfg.eval)
     from tasks.evaluate import evaluate_locally, resolve_model
 
     return evaluate_locally(resolve_model(args.model, cfg), rows, cfg.eval, cfg.rollout.batch_size,
-                            threads=cfg.runtime.num_cpus or os.cpu_count())
+                            threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code)
 
 
 def print_summary(cfg, results) -> None:

@@ -22,7 +22,7 @@ import re
 from collections import Counter
 
 from r1core.reasoning_tasks import PHRASES, final_of, long_cot, readable_response
-from r1core.rewards import final_answer, is_correct, mixes_languages, parse_format
+from r1core.rewards import final_answer, mixes_languages, parse_format, verify
 
 ROUTES = ("few_shot", "direct", "rewrite_r1_zero")
 # which model a route samples from: the base, or the R1-Zero checkpoint
@@ -94,7 +94,7 @@ def rewrite_readable(row: dict, completion: str) -> str | None:
     """R1-Zero's completion rewritten readable: its own steps, in the row's language, then a
     verification step and a summary. None when it does not verify or its steps don't parse."""
     parsed = parse_format(completion)
-    if parsed is None or not is_correct(parsed.answer, row["answer"], row["task"], row.get("numbers")):
+    if parsed is None or not verify(parsed.answer, row):
         return None
     steps = parse_steps(parsed.think)
     if steps is None:
@@ -112,7 +112,7 @@ def rejection_reason(example: dict, max_words: int) -> str | None:
     parsed = parse_format(completion)
     if parsed is None or parsed.summary is None:
         return "malformed"
-    if not is_correct(final_answer(completion), example["answer"], example["task"], example.get("numbers")):
+    if not verify(final_answer(completion), example):
         return "unverified"
     if mixes_languages(completion, example["language"]):
         return "language_mixing"

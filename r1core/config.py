@@ -101,7 +101,7 @@ class DataConfig(Strict):
     num_train: int = Field(3000, ge=1)
     num_heldout: int = Field(200, ge=1)
     task_mix: dict[str, float] = Field(
-        default_factory=lambda: {"chain_sum": 0.9, "countdown": 0.1},
+        default_factory=lambda: {"chain_sum": 0.75, "countdown": 0.1, "python_expr": 0.15},
         description="task name -> share of rows (synthetic generators in r1core.reasoning_tasks)",
     )
     languages: dict[str, float] = Field(
@@ -222,7 +222,8 @@ class GRPOConfig(Strict):
     loss_aggregation: Literal["token", "sequence"] = "token"
     scale_rewards: bool = Field(True, description="divide advantages by the group std")
     rewards: dict[str, float] = Field(
-        default_factory=lambda: {"accuracy": 1.0, "format": 0.5}, description="reward name -> weight"
+        default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "code_exec": 0.25},
+        description="reward name -> weight (code_* rewards score code rows only)"
     )
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8))
     checkpoint_every: int = Field(10, ge=1)
@@ -243,7 +244,8 @@ class ReasoningRLConfig(GRPOConfig):
 
     steps: int = Field(16, ge=1)
     rewards: dict[str, float] = Field(
-        default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0},
+        default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0,
+                                 "code_exec": 0.25},
         description="reward name -> weight (readable_format: think, summary, answer)",
     )
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8, max_new_tokens=64))
@@ -500,6 +502,30 @@ class RolloutConfig(Strict):
     batch_size: int = Field(256, ge=1, description="sequences per generate call (torch engine)")
 
 
+class SandboxConfig(Strict):
+    """Limits of the sandbox that runs model-written code (r1core/sandbox.py: what is isolated)."""
+
+    workers: int = Field(2, ge=1, description="warm sandbox workers (programs run at once)")
+    wall_s: float = Field(5.0, gt=0, description="wall-clock limit of one program and its test calls")
+    cpu_s: int = Field(2, ge=1, description="CPU-seconds limit")
+    memory_mb: int = Field(512, ge=64, description="address-space limit")
+    processes: int = Field(32, ge=1, description="process limit (counted per user)")
+    file_size_mb: int = Field(16, ge=1, description="largest file a program may write")
+    open_files: int = Field(64, ge=8, description="open file descriptors")
+    output_bytes: int = Field(65536, ge=256, description="stdout + stderr + results; more kills the program")
+    uid: int = Field(65534, ge=1, description="user the programs run as when the trainer runs as root")
+    require_isolation: bool = Field(
+        False, description="fail instead of falling back to a process group without network/file isolation")
+
+
+class CodeRewardConfig(Strict):
+    """How model-written code is scored (code_syntax, code_exec, code_tests, code_speed)."""
+
+    tests: Literal["fraction", "all"] = Field(
+        "fraction", description="code_tests: share of unit tests passed, or 1 only if all pass")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+
 class RuntimeConfig(Strict):
     """Where things run and are stored. Servers are chosen by environment variables too:
     RAY_ADDRESS, PREFECT_API_URL and MLFLOW_TRACKING_URI override the local defaults."""
@@ -533,6 +559,7 @@ class PipelineConfig(Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    code: CodeRewardConfig = Field(default_factory=CodeRewardConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")

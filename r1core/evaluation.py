@@ -19,9 +19,9 @@ from r1core.rewards import (
     answer_accuracy_any,
     cot_text,
     final_answer,
-    is_correct,
     is_readable,
     parse_format,
+    verify,
 )
 
 
@@ -54,7 +54,7 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
             consistency.append(language_consistency(cot_text(ro.text), language))
             readable.append(float(is_readable(ro.text, language)))
             pred = final_answer(ro.text) if ok_format else None
-            verdict = is_correct(pred, row["answer"], row["task"], row.get("numbers"))
+            verdict = verify(pred, row)
             correct.append(verdict)
             if pred is not None:
                 votes[_vote_key(pred)] += 1
@@ -65,7 +65,7 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
         per_prompt_correct.append(share)
         per_task[row["task"]].append(share)
         majority = votes.most_common(1)[0][0] if votes else None
-        cons.append(float(bool(is_correct(majority, row["answer"], row["task"], row.get("numbers")))))
+        cons.append(float(bool(verify(majority, row))))
     loose_scored = [x for x in loose if x is not None]
     metrics = {
         "pass@1": _mean(per_prompt_correct),

@@ -57,6 +57,7 @@ PHRASES = {
     "en": {
         "chain_sum": "Compute {expr}.",
         "countdown": "Using the numbers {listed}, make {target}. Use each number once with + - *.",
+        "python_expr": "Write a Python expression for {words}.",
         "ops": {"+": "plus", "-": "minus", "*": "times", "/": "divided by"},
         "step": "{a} {op} {b} is {c}.",
         "check": "Check: {c} {op} {b} is {a}.",
@@ -67,6 +68,7 @@ PHRASES = {
     "ru": {
         "chain_sum": "Вычисли {expr}.",
         "countdown": "Из чисел {listed} получи {target}. Каждое число один раз, + - *.",
+        "python_expr": "Напиши выражение на Python: {words}.",
         "ops": {"+": "плюс", "-": "минус", "*": "умножить на", "/": "делить на"},
         "step": "{a} {op} {b} будет {c}.",
         "check": "Проверка: {c} {op} {b} будет {a}.",
@@ -143,14 +145,30 @@ def countdown(rng: random.Random, countdown_numbers: int, max_operand: int, **_)
             "numbers": nums, "expression": expr, "fields": {"listed": listed, "target": value}}
 
 
-GENERATORS: dict[str, Callable[..., dict]] = {"chain_sum": chain_sum, "countdown": countdown}
+def python_expr(rng: random.Random, chain_min_terms: int, chain_max_terms: int, max_operand: int, **_) -> dict:
+    """A chain sum told in words ("3 plus 4 minus 2"), answered as Python code (`3 + 4 - 2`).
+
+    The code task of the tiny profile: the answer is run in the sandbox and must evaluate to the
+    total using exactly the given numbers (r1core/code_rewards.py); the reasoning works it out."""
+    row = chain_sum(rng, chain_min_terms, chain_max_terms, max_operand)
+    expr = row["problem"]
+    terms = [int(t) for t in expr.split()[::2]]
+    return {**row, "task": "python_expr", "problem": f"python: {expr}", "numbers": terms, "expression": expr,
+            "fields": {"words": expr}}
+
+
+GENERATORS: dict[str, Callable[..., dict]] = {"chain_sum": chain_sum, "countdown": countdown,
+                                              "python_expr": python_expr}
 
 
 def localize(problem: dict, language: str) -> dict:
     """A task row in one language: its question, prompt and worked solution."""
     row = {k: v for k, v in problem.items() if k != "fields"}
     row["language"] = language
-    row["question"] = PHRASES[language][row["task"]].format(**problem["fields"])
+    fields = dict(problem["fields"])
+    if "words" in fields:  # operations in the row's language: "3 plus 4", "3 плюс 4"
+        fields["words"] = " ".join(PHRASES[language]["ops"].get(t, t) for t in fields["words"].split())
+    row["question"] = PHRASES[language][row["task"]].format(**fields)
     row["solution"] = render_steps(row["steps"], [language] * len(row["steps"]))
     return _finish(row)
 

@@ -13,7 +13,7 @@ per prompt; keep only the verified, readable ones; add non-reasoning data; that 
 `check_candidate` sees one row and is what Ray Data maps over the candidates; `select` needs
 them all and runs once, on compact columns. A row is kept when its `reason` is empty; the first
 failing check names it. A reasoning row is verified by rules when its task has a rule verifier
-that can score its reference (`rewards.is_correct`), otherwise (or when its task is listed in
+that can score its reference (`rewards.verify`), otherwise (or when its task is listed in
 `judged_tasks`) the model judge decides (`r1core.judge`). A non-reasoning row carries its
 reference response (`r1core.general_tasks`): it is filtered, not verified.
 """
@@ -34,7 +34,7 @@ from r1core.filters import (
     minhash,
 )
 from r1core.general_tasks import CROSS_LINGUAL, KINDS, NO_COT, SIMPLE_KINDS
-from r1core.rewards import final_answer, is_correct, mixes_languages, parse_format
+from r1core.rewards import final_answer, mixes_languages, parse_format, verify
 
 FILTER_REASONS = ("truncated", "malformed", "mixed_language", "long_paragraph", "code_block", "too_long",
                   "contaminated", "unverified")
@@ -62,7 +62,7 @@ def verdict(row: dict, judged_tasks: frozenset[str] = frozenset()) -> str:
     when no rule can score the reference (or the task's rows go to the judge by configuration)."""
     if row["task"] in judged_tasks:
         return NEEDS_JUDGE
-    ok = is_correct(final_answer(row["completion"]), row["answer"], row["task"], row.get("numbers"))
+    ok = verify(final_answer(row["completion"]), row)
     return NEEDS_JUDGE if ok is None else ("" if ok else "unverified")
 
 

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import NamedTuple
 
-from math_verify import parse, verify
+import math_verify
 
+from r1core import code_rewards
 from r1core.language import language_consistency
 
 # We run math-verify without its signal-based timeouts (they fail off the main thread); it
@@ -117,7 +118,7 @@ def math_equal(prediction: str, reference: str) -> bool:
     if _several_candidates(prediction):
         return False
     gold, target = _math_parse(reference), _math_parse(prediction)
-    return bool(gold and target and verify(gold, target, timeout_seconds=None))
+    return bool(gold and target and math_verify.verify(gold, target, timeout_seconds=None))
 
 
 def reference_parses(reference: str) -> bool:
@@ -131,7 +132,7 @@ def reference_parses(reference: str) -> bool:
 
 def _math_parse(text: str):
     # timeouts off: math-verify uses signal.alarm, which fails off the main thread (Ray workers)
-    return parse(text if "$" in text else f"${text}$", parsing_timeout=None)
+    return math_verify.parse(text if "$" in text else f"${text}$", parsing_timeout=None)
 
 
 def _several_candidates(text: str) -> bool:
@@ -178,7 +179,10 @@ def countdown_value(expression: str, numbers: list[int]) -> Fraction | None:
 
 
 def is_correct(prediction: str | None, answer: str, task: str, numbers=None) -> bool | None:
-    """Verify one prediction against a row's reference. None: the reference is unscorable."""
+    """Verify one prediction against a reference. None: the reference is unscorable. (Code rows
+    need their tests: `verify`.)"""
+    if code_rewards.is_code_task(task):
+        return code_rewards.passes(prediction, {"task": task, "answer": answer, "numbers": numbers})
     if task == "countdown":
         target = parse_number(str(answer))
         if target is None or not numbers:
@@ -191,19 +195,35 @@ def is_correct(prediction: str | None, answer: str, task: str, numbers=None) -> 
     return math_equal(prediction, str(answer))
 
 
+def verify(prediction: str | None, row: dict) -> bool | None:
+    """Verify a prediction against a task row: code rows by their tests in the sandbox, the
+    others by `is_correct`."""
+    if code_rewards.is_code_task(row["task"]):
+        return code_rewards.passes(prediction, row)
+    return is_correct(prediction, row["answer"], row["task"], row.get("numbers"))
+
+
+# the row columns a reward function may read (`score` passes them; absent ones are None)
+ROW_COLUMNS = ("answer", "task", "numbers", "language", "tests", "entry_point")
+
+
+def _rows(n: int, columns: dict) -> list[dict]:
+    """Rows back from reward columns, with the defaults of rows that lack a column."""
+    defaults = {"task": "math", "numbers": [], "language": "en"}
+    return [{k: (columns[k][i] if columns.get(k) is not None else defaults.get(k)) for k in ROW_COLUMNS}
+            for i in range(n)]
+
+
 def _columns(n: int, value, default):
     return value if value is not None else [default] * n
 
 
 @register("accuracy")
-def accuracy(completions: list[str], answer: list[str], task: list[str] | None = None,
-             numbers: list | None = None, **_) -> list[float | None]:
+def accuracy(completions: list[str], answer: list[str], **columns) -> list[float | None]:
     """1 if the final <answer> (after the reasoning) verifies against the reference, else 0."""
-    task = _columns(len(completions), task, "math")
-    numbers = _columns(len(completions), numbers, [])
     out = []
-    for c, a, t, nums in zip(completions, answer, task, numbers, strict=False):
-        ok = is_correct(final_answer(c), a, t, nums)
+    for c, row in zip(completions, _rows(len(completions), {"answer": answer, **columns}), strict=True):
+        ok = verify(final_answer(c), row)
         out.append(None if ok is None else float(ok))
     return out
 
@@ -257,6 +277,21 @@ def is_readable(completion: str, language: str, max_words: int | None = None) ->
             and (max_words is None or len(completion.split()) <= max_words))
 
 
+def _code_reward(name: str, doc: str) -> RewardFn:
+    def reward(completions: list[str], answer: list[str], **columns) -> list[float | None]:
+        rows = _rows(len(completions), {"answer": answer, **columns})
+        return code_rewards.code_scores([final_answer(c) for c in completions], rows)[name]
+
+    reward.__name__, reward.__doc__ = name, doc
+    return register(name)(reward)
+
+
+code_syntax = _code_reward("code_syntax", "Code rows: 1 if the final answer's code parses; None for other rows.")
+code_exec = _code_reward("code_exec", "Code rows: 1 if it runs in the sandbox without error or limit.")
+code_tests = _code_reward("code_tests", "Code rows: share (or all-or-nothing) of unit tests passed.")
+code_speed = _code_reward("code_speed", "Code rows: 1 - wall/limit when every test passes, else 0.")
+
+
 def answer_accuracy_any(completions: list[str], answer: list[str], task: list[str],
                         numbers: list | None = None) -> list[float | None]:
     """Format-agnostic accuracy: the last answer the text states, wherever it stands."""
@@ -278,8 +313,16 @@ def combine(per_reward: dict[str, list[float | None]], weights: dict[str, float]
     return total
 
 
+def applies(reward: str, row: dict) -> bool:
+    """Code rewards score code rows only; the others apply to every row."""
+    return reward not in code_rewards.CODE_REWARDS or code_rewards.is_code_task(row.get("task"))
+
+
 def score(completions: list[str], rows: list[dict], weights: dict[str, float]):
-    """All weighted rewards for completions of `rows` (one row per completion)."""
-    columns = {k: [r.get(k) for r in rows] for k in ("answer", "task", "numbers", "language")}
+    """All weighted rewards for completions of `rows` (one row per completion). A row's total
+    sums the rewards that apply to it (`applies`); None if one of those is None."""
+    columns = {k: [r.get(k) for r in rows] for k in ROW_COLUMNS}
     per_reward = {name: REWARDS[name](completions, **columns) for name in weights}
-    return combine(per_reward, weights), per_reward
+    total = [combine({k: [per_reward[k][i]] for k in row_weights}, row_weights)[0] if row_weights else None
+             for i, row_weights in enumerate({k: w for k, w in weights.items() if applies(k, row)} for row in rows)]
+    return total, per_reward

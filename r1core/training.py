@@ -18,6 +18,7 @@ import torch
 from r1core import checkpoint as ckpt
 from r1core.engine import Sampling, TorchEngine
 from r1core.grpo import group_advantages, grpo_loss, token_logprobs
+from r1core.reasoning_tasks import GENERATORS
 from r1core.rewards import format_reward, mixes_languages, score
 
 
@@ -264,6 +265,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     start = resume(ctx, model, optimizer, scheduler)
     G = cfg.group_size
+    tasks = sorted({r["task"] for r in rows if r["task"] in GENERATORS})  # the same keys on every rank
     metrics: dict = {}
     for step in range(start, cfg.steps):
         # 1. sample a group of G outputs for each question from the current (old) policy
@@ -310,6 +312,9 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "reward": sum(scored) / max(1, len(scored)),
             **{f"reward/{k}": _mean(v) for k, v in per_reward.items()},
             "accuracy": _mean(per_reward.get("accuracy", [])),
+            **{f"accuracy/{task}": _mean(a for a, r in zip(per_reward.get("accuracy") or [None] * len(texts),
+                                                           rollout_rows, strict=True) if r["task"] == task)
+               for task in tasks},
             "format_rate": _mean(format_reward(texts)),
             "language_mixing_rate": _mean(mixes_languages(t, r["language"]) for t, r in zip(texts, rollout_rows,
                                                                                              strict=True)),

@@ -2,12 +2,16 @@
 reason (a quarantine), and the job goes on while they stay within an error budget.
 
 A row needs `prompt`, `answer` and `task` as non-empty strings (an integer answer is accepted
-and turned into its string); a line that is not valid UTF-8 or not a JSON object is bad too.
+and turned into its string); a `code` row (MBPP / HumanEval style) needs `prompt` and `tests`
+instead of an answer (r1core/code_rewards.py: test forms). A line that is not valid UTF-8 or
+not a JSON object is bad too.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from r1core.code_rewards import normalise_tests
 
 REQUIRED_TEXT = ("prompt", "answer", "task")
 
@@ -20,7 +24,13 @@ def row_problem(row) -> str | None:
     """Why a parsed row cannot be used, or None."""
     if not isinstance(row, dict):
         return f"not a JSON object ({type(row).__name__})"
-    for name in REQUIRED_TEXT:
+    code = row.get("task") == "code"
+    if code:
+        try:
+            normalise_tests(row.get("tests"), "code row")
+        except ValueError as e:
+            return str(e)
+    for name in REQUIRED_TEXT if not code else ("prompt", "task"):
         value = row.get(name)
         if value is None or value == "":
             return f"missing field '{name}'"
@@ -39,7 +49,8 @@ def check_rows(rows: list, first_line: int = 1) -> tuple[list[dict], list[dict]]
         if problem:
             bad.append({"line": line_no, "raw": json.dumps(row, default=str), "reason": problem})
         else:
-            good.append({**row, "answer": str(row["answer"])})
+            good.append({**row, "answer": str(row.get("answer", "")),
+                         **({"tests": normalise_tests(row["tests"], "")} if row["task"] == "code" else {})})
     return good, bad
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import ray
 
-from r1core.config import EvalConfig, PipelineConfig
+from r1core.config import CodeRewardConfig, EvalConfig, PipelineConfig
 from tasks.ray_jobs import ensure_ray
 
 
@@ -41,22 +41,25 @@ def resolve_model(model: str, cfg: PipelineConfig | None = None) -> str:
 
 
 def evaluate_locally(model_dir: str, rows: list[dict], eval_cfg: EvalConfig, batch_size: int = 256,
-                     threads: int | None = None) -> dict[str, float]:
+                     threads: int | None = None, code: CodeRewardConfig | None = None) -> dict[str, float]:
     import torch
 
+    from r1core import code_rewards
     from r1core.engine import TorchEngine
     from r1core.evaluation import evaluate_heldout
     from r1core.modeling import load_pretrained
 
     if threads:
         torch.set_num_threads(threads)
+    code_rewards.configure(code)
     model, tokenizer = load_pretrained(model_dir)
     return evaluate_heldout(TorchEngine(model, tokenizer, batch_size), rows, eval_cfg)
 
 
 @ray.remote
-def _evaluate_remote(model_dir: str, rows: list[dict], eval_cfg: dict, batch_size: int, threads: int):
-    return evaluate_locally(model_dir, rows, EvalConfig.model_validate(eval_cfg), batch_size, threads)
+def _evaluate_remote(model_dir: str, rows: list[dict], eval_cfg: dict, batch_size: int, threads: int, code: dict):
+    return evaluate_locally(model_dir, rows, EvalConfig.model_validate(eval_cfg), batch_size, threads,
+                            CodeRewardConfig.model_validate(code))
 
 
 def evaluate_on_ray(cfg: PipelineConfig, model_dir: str, heldout_file: str) -> dict[str, float]:
@@ -66,5 +69,5 @@ def evaluate_on_ray(cfg: PipelineConfig, model_dir: str, heldout_file: str) -> d
     threads = cfg.runtime.num_cpus or os.cpu_count() or 1
     rows = read_rows(heldout_file)
     ref = _evaluate_remote.options(num_cpus=threads).remote(
-        model_dir, rows, cfg.eval.model_dump(), cfg.rollout.batch_size, threads)
+        model_dir, rows, cfg.eval.model_dump(), cfg.rollout.batch_size, threads, cfg.code.model_dump())
     return ray.get(ref)

@@ -155,8 +155,11 @@ def fit(stage: str, loop, job: dict, cfg: PipelineConfig, compute) -> None:
 
 
 def worker_setup(job: dict) -> tuple[PipelineConfig, RayContext]:
+    from r1core import code_rewards
+
     torch.set_num_threads(job["threads"])
     cfg = PipelineConfig.model_validate(job["config"])
+    code_rewards.configure(cfg.code)  # the sandbox limits for code rewards in this worker
     return cfg, RayContext(job)
 
 

@@ -161,13 +161,13 @@ class JudgeActor:
 
     def __call__(self, batch: dict) -> dict:
         from r1core.judge import JudgeItem
-        from r1core.rewards import final_answer, is_correct
+        from r1core.rewards import final_answer, verify
 
         rows = [_plain(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
         items = [JudgeItem(r["question"] or r["prompt"], r["answer"], final_answer(r["completion"]) or "")
                  for r in rows]
         verdicts = self.judge.judge(items)
-        rule = [is_correct(it.prediction, r["answer"], r["task"], r["numbers"]) for it, r in zip(items, rows, strict=True)]
+        rule = [verify(it.prediction, r) for it, r in zip(items, rows, strict=True)]
         return {"sample_id": [r["sample_id"] for r in rows], "judged": verdicts,
                 "rule": [-1 if x is None else int(x) for x in rule]}
 

@@ -33,7 +33,7 @@ def _readable(row: dict, languages=None, answer=None) -> str:
 
 @pytest.fixture(scope="module")
 def chain(rows):
-    return next(r for r in rows[0] if r["task"] == "chain_sum" and len(r["steps"]) == 2)
+    return next(r for r in rows[0] if r["task"] == "chain_sum" and len(r["steps"]) == 2 and r["language"] == "en")
 
 
 def test_every_filter_names_its_reason(chain):
@@ -78,7 +78,7 @@ def _annotated(rows_, completions):
 
 
 def test_select_drops_duplicates_near_duplicates_per_problem_and_applies_quotas(rows):
-    chains = [r for r in rows[0] if r["task"] == "chain_sum"][:30]
+    chains = [r for r in rows[0] if r["task"] == "chain_sum" and r["language"] == "en"][:30]
     a = chains[0]
     text = _readable(a)
     near = text.replace("</summary>", "indeed </summary>")  # one word added
@@ -88,7 +88,9 @@ def test_select_drops_duplicates_near_duplicates_per_problem_and_applies_quotas(
                   for g in non_reasoning_examples(40, {"greeting": 1.0}, {"en": 1.0}, seed=0)]
     out = select(copy.deepcopy(annotated), per_problem=1, quotas={True: 20, False: 5}, near_threshold=0.8)
     reasons = {r["sample_id"]: r["reason"] for r in out}
-    assert [reasons[f"{a['id']}-{i:03d}"] for i in range(3)] == ["", "duplicate", "near_duplicate"]
+    # the first copy competes for the quota like any problem; its copies are duplicates either way
+    assert [reasons[f"{a['id']}-{i:03d}"] for i in range(1, 3)] == ["duplicate", "near_duplicate"]
+    assert reasons[f"{a['id']}-000"] in ("", "over_quota")
     kept = [r for r in out if not r["reason"]]
     greetings = {normalize(dedupe_text(g)) for g in non_reasoning_examples(40, {"greeting": 1.0}, {"en": 1.0}, seed=0)}
     counts = reason_counts(out)
@@ -134,7 +136,7 @@ def test_judge_rows_on_ray_decide_what_rules_cannot_and_audit_the_rest(rows, tok
     build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64),
                 tokenizer).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    chains = [r for r in rows[0] if r["task"] == "chain_sum"][:8]
+    chains = [r for r in rows[0] if r["task"] == "chain_sum" and r["language"] == "en"][:8]
     countdowns = [r for r in rows[0] if r["task"] == "countdown"][:4]
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -51,8 +51,12 @@ def test_split_is_disjoint_deterministic_and_verifiable(rows):
         assert accuracy([completion], answer=[r["answer"]], task=[r["task"]], numbers=[r["numbers"]]) == [1.0], r
 
 
-def test_both_task_kinds_are_generated(rows):
-    assert {r["task"] for r in rows[0]} == {"chain_sum", "countdown"}
+def test_every_task_kind_is_generated(rows):
+    assert {r["task"] for r in rows[0]} == {"chain_sum", "countdown", "python_expr"}
+    code = next(r for r in rows[0] if r["task"] == "python_expr" and r["language"] == "ru")
+    assert code["question"].startswith("Напиши выражение на Python:")
+    assert ("плюс" in code["question"] or "минус" in code["question"]) and "+" not in code["question"]
+    assert code["expression"] == code["problem"].removeprefix("python: ")
     assert all(r["prompt"].startswith("A conversation between User and Assistant") for r in rows[0])
 
 
