@@ -70,7 +70,8 @@ def check_candidate(row: dict, cfg, decontaminator: Decontaminator | None,
                     judged_tasks: frozenset[str] = frozenset(), count_tokens=None, max_tokens: int = 0) -> str:
     """The first reason (FILTER_REASONS order) the candidate is rejected, NEEDS_JUDGE, or ''.
     `cfg` holds `max_words` and `max_paragraph_words` (a `RejectionSamplingConfig`); with
-    `count_tokens(text)`, an example longer than `max_tokens` (the SFT sequence) is too long."""
+    `count_tokens(prompt, completion)` (`sft_length`), an example longer than `max_tokens` (the
+    SFT sequence) is too long."""
     completion = row["completion"]
     reasoning = is_reasoning(row)
     if row.get("finish_reason") == "length":
@@ -88,7 +89,7 @@ def check_candidate(row: dict, cfg, decontaminator: Decontaminator | None,
         return "code_block"
     if len(completion.split()) > cfg.max_words:
         return "too_long"
-    if count_tokens is not None and count_tokens(row["prompt"] + completion) + 1 > max_tokens:  # + EOS
+    if count_tokens is not None and count_tokens(row["prompt"], completion) > max_tokens:
         return "too_long"
     if decontaminator is not None and any(map(decontaminator.contaminated,
                                               (row.get("question") or row["prompt"], completion))):
@@ -118,8 +119,10 @@ def _decontaminator(eval_texts: tuple[str, ...]) -> Decontaminator:
 def _token_counter(tokenizer_dir: str):
     from transformers import AutoTokenizer
 
+    from r1core.tokenizer import sft_length
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return functools.partial(sft_length, tokenizer)
 
 
 def annotate_rows(rows: list[dict], cfg, eval_texts: tuple[str, ...], judged_tasks: tuple[str, ...] = (),

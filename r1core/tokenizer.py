@@ -50,6 +50,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return tok
 
 
+def sft_length(tokenizer, prompt: str, completion: str) -> int:
+    """Tokens an SFT example takes: prompt and completion tokenized apart (as SFT packs them)
+    plus the EOS after the completion."""
+    encode = tokenizer([prompt, completion], add_special_tokens=False)["input_ids"]
+    return len(encode[0]) + len(encode[1]) + 1
+
+
 def decode_completion(tokenizer, token_ids) -> str:
     """Decode dropping padding and EOS, keeping everything else."""
     drop = {tokenizer.pad_token_id, tokenizer.eos_token_id}

@@ -83,10 +83,24 @@ def build_candidates(cfg: PipelineConfig, data: DataPaths, model_dirs: dict[str,
     candidates = sample_and_process(requests, functools.partial(finish_candidate, max_words=cs.max_words),
                                     cs.sampling, cs.samples_per_prompt, cs.compute, cfg.runtime,
                                     cfg.rollout.batch_size)
+    _reject_over_sft_length(candidates, model_dirs["base"], cfg.cold_start_sft.seq_len)
     candidates.sort(key=lambda c: (c["route"], c["id"], c["completion"], c["raw_completion"]))
     tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"generation_seconds": time.time() - t0})
     ckpt.write_atomically(out, lambda d: write_rows(candidates, d / "candidates.jsonl"))
     return str(out / "candidates.jsonl")
+
+
+def _reject_over_sft_length(candidates: list[dict], tokenizer_dir: str, seq_len: int) -> None:
+    """Kept candidates that would not fit one SFT sequence become `too_long` (words are checked
+    in the workers; tokens here, with the base's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from r1core.tokenizer import sft_length
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    for c in candidates:
+        if not c["rejection"] and sft_length(tokenizer, c["prompt"], c["completion"]) > seq_len:
+            c["rejection"] = "too_long"
 
 
 def selected(cfg: PipelineConfig, candidates_file: str) -> list[dict]:

@@ -27,8 +27,9 @@ def _write_seed_examples(data_cfg, path, n: int = 8) -> list[dict]:
     """`n` candidate cold-start examples of our own for the config's train rows: all readable
     and right except the 7th (mixes languages) and the 8th (wrong answer)."""
     train, _ = generate_split(data_cfg)
+    chains = [r for r in train if r["task"] == "chain_sum"]  # short enough for the micro SFT sequence
     examples = []
-    for i, r in enumerate(train[:n]):
+    for i, r in enumerate(chains[:n]):
         langs = [r["language"]] * len(r["steps"])
         if i == 6:
             langs[0] = "ru" if r["language"] == "en" else "en"

@@ -53,7 +53,7 @@ def test_every_filter_names_its_reason(chain):
         assert check_candidate(row, CFG, None) == reason, reason
     heldout = Decontaminator([chain["question"]])
     assert check_candidate(cases[""], CFG, heldout) == "contaminated"
-    assert check_candidate(cases[""], CFG, None, count_tokens=len, max_tokens=50) == "too_long"
+    assert check_candidate(cases[""], CFG, None, count_tokens=lambda p, c: len(p) + len(c) + 1, max_tokens=50) == "too_long"
 
 
 def test_the_judge_decides_where_no_rule_can(chain):
