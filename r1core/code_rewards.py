@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from r1core.config import CodeRewardConfig
-from r1core.sandbox import Result, Sandbox
+from r1core.sandbox import STATUSES, Result, Sandbox
 
 CODE_TASKS = ("python_expr", "code")
 CODE_REWARDS = ("code_syntax", "code_exec", "code_tests", "code_speed")
@@ -60,9 +60,11 @@ def sandbox() -> Sandbox:
         return _Shared.pool
 
 
-def sandbox_counts() -> dict[str, int]:
-    """Programs run in this process so far, by sandbox status ("unavailable" included)."""
-    return dict(_Shared.pool.counts) if _Shared.pool else {}
+def sandbox_counts(all_statuses: bool = False) -> dict[str, int]:
+    """Programs run in this process so far, by sandbox status ("unavailable" included); every
+    status, zeros too, with `all_statuses` (the same keys on every rank)."""
+    counts = dict(_Shared.pool.counts) if _Shared.pool else {}
+    return {s: counts.get(s, 0) for s in STATUSES} if all_statuses else counts
 
 
 def is_code_task(task: str | None) -> bool:

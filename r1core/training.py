@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from r1core import checkpoint as ckpt
+from r1core import code_rewards
 from r1core.engine import Sampling, TorchEngine
 from r1core.grpo import group_advantages, grpo_loss, token_logprobs
 from r1core.reasoning_tasks import GENERATORS
@@ -328,6 +329,8 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "grad_norm": float(grad_norm),
             "zero_variance_frac": float(zero_variance.float().mean()),
             "unscorable_frac": float(unscorable.float().mean()),
+            # programs run for code rewards so far, by outcome ("unavailable": the sandbox could not run one)
+            **{f"sandbox/{status}": float(n) for status, n in code_rewards.sandbox_counts(all_statuses=True).items()},
             "gen_tokens_per_s": n_tokens / gen_s,
             "train_tokens_per_s": float(attn.sum()) * cfg.inner_epochs / train_s,
         }
