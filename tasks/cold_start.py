@@ -83,7 +83,10 @@ def build_candidates(cfg: PipelineConfig, data: DataPaths, model_dirs: dict[str,
     candidates = sample_and_process(requests, functools.partial(finish_candidate, max_words=cs.max_words),
                                     cs.sampling, cs.samples_per_prompt, cs.compute, cfg.runtime,
                                     cfg.rollout.batch_size)
-    _reject_over_sft_length(candidates, model_dirs["base"], cfg.cold_start_sft.seq_len)
+    if Path(model_dirs["base"]).is_dir():
+        _reject_over_sft_length(candidates, model_dirs["base"], cfg.cold_start_sft.seq_len)
+    else:  # e.g. a seed file alone, before any base exists: the SFT checks lengths when it packs
+        get_run_logger().info("cold start: no base model at %s; SFT lengths not checked here", model_dirs["base"])
     candidates.sort(key=lambda c: (c["route"], c["id"], c["completion"], c["raw_completion"]))
     tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"generation_seconds": time.time() - t0})
     ckpt.write_atomically(out, lambda d: write_rows(candidates, d / "candidates.jsonl"))
