@@ -162,8 +162,10 @@ def test_writes_outside_the_working_directory_do_not_reach_the_host(sandbox, tmp
 
 
 def test_no_network(sandbox):
-    if sandbox.mode != "namespaced":
-        pytest.skip("process-group fallback: no network isolation (documented in r1core/sandbox.py)")
+    if sandbox.mode != "namespaced":  # no network isolation in the fallback: it must refuse when asked to
+        with pytest.raises(RuntimeError, match="require_isolation"):
+            Sandbox({**LIMITS, "require_isolation": True})
+        return
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
