@@ -36,18 +36,12 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -m "not slow" $(ARGS)
 
+# Prefect UI (deployments served) + MLflow UI on 127.0.0.1, on the demo's stores; Ctrl-C stops all
 ui: setup
-	@mkdir -p $(WORKDIR)
-	@$(BIN)/prefect server start --host 127.0.0.1 --port 4200 > $(WORKDIR)/prefect-server.log 2>&1 & echo $$! > $(WORKDIR)/ui.pids
-	@$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
-		--backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db \
-		--default-artifact-root $(abspath $(WORKDIR))/mlartifacts > $(WORKDIR)/mlflow-server.log 2>&1 & echo $$! >> $(WORKDIR)/ui.pids
-	@echo "Prefect UI: http://127.0.0.1:4200   (log: $(WORKDIR)/prefect-server.log)"
-	@echo "MLflow UI:  http://127.0.0.1:5000   (log: $(WORKDIR)/mlflow-server.log)"
-	@echo "Stop both with: make ui-stop"
+	$(BIN)/r1 ui --set runtime.workdir=$(WORKDIR) $(ARGS)
 
-ui-stop:
-	@test -f $(WORKDIR)/ui.pids && (kill $$(cat $(WORKDIR)/ui.pids) 2>/dev/null; rm -f $(WORKDIR)/ui.pids; echo stopped) || echo "no UI running"
+ui-stop: setup
+	$(BIN)/r1 ui --stop --set runtime.workdir=$(WORKDIR)
 
 lint: setup
 	$(BIN)/ruff check r1core tasks flows tests bench

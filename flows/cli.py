@@ -4,6 +4,8 @@
     r1 run stage NAME [--config FILE] [--set key=value ...] [--init-model DIR] [--no-register]
     r1 eval --model PATH_OR_MODELS_URI --data FILE [--k K] [--base-url URL --served-model NAME]
     r1 config [--config FILE] [--set key=value ...]
+    r1 serve [--config FILE] [--set key=value ...]      the Prefect deployments, served until stopped
+    r1 ui [--prefect-port P] [--mlflow-port M] [--artifacts-destination DIR] [--stop]
 """
 from __future__ import annotations
 
@@ -79,6 +81,15 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--served-model", help="model name on that server")
     _config_args(ev)
     _config_args(sub.add_parser("config", help="print the resolved configuration"))
+    _config_args(sub.add_parser("serve", help="register the deployments (pipeline, every stage, scheduled "
+                                              "retrain) with the Prefect API and run their flow runs"))
+    ui = sub.add_parser("ui", help="Prefect server + MLflow server + `r1 serve` on 127.0.0.1 (Ctrl-C stops all)")
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--artifacts-destination", help="the MLflow server keeps artifacts here and flow runs upload "
+                                                    "them over HTTP (default: the local store, as `make demo`)")
+    ui.add_argument("--stop", action="store_true", help="stop the UI started from this workdir")
+    _config_args(ui)
     return ap
 
 
@@ -100,9 +111,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
+    if args.command == "ui":
+        from flows import ui
+
+        if args.stop:
+            return ui.stop_running(cfg.runtime.workdir)
+        config_args = ([f"--config={Path(args.config).resolve()}"] if args.config else []) + [f"--set={o}" for o in args.overrides]
+        return ui.run(cfg, config_args, args.prefect_port, args.mlflow_port, args.artifacts_destination)
     local_defaults(cfg.runtime.workdir)
     if args.command == "eval":
         print(json.dumps(run_eval(cfg, args), indent=None))
+        return 0
+    if args.command == "serve":
+        from flows.deployments import serve
+
+        if not os.environ.get("PREFECT_API_URL"):
+            print("r1 serve: no Prefect server: set PREFECT_API_URL, or use `r1 ui` / `make ui`", file=sys.stderr)
+            return 2
+        serve(cfg)
         return 0
     if args.what == "pipeline":
         from flows.pipeline import r1_pipeline

@@ -12,6 +12,7 @@ from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks import cold_start, rejection_sampling
 from tasks.evaluate import resolve_model
 from tasks.promotion import promote
+from tasks.report import publish_stage_summary
 from tasks.stages import (
     DataPaths,
     StageResult,
@@ -40,7 +41,13 @@ def _evaluate_and_register(config: PipelineConfig, result: StageResult, data: Da
     registered = register(config, result, metrics) if register_model else None
     final = result.model_copy(update={"metrics": metrics, "registered": registered})
     save_result(config, final)
+    _publish(config, final)
     return final
+
+
+def _publish(config: PipelineConfig, result: StageResult) -> None:
+    publish_stage_summary(config, result.stage, result.mlflow_run_id, result.metrics, result.model_dir,
+                          result.registered, result.seconds)
 
 
 @flow(name="pretrain_base", log_prints=True)
@@ -84,7 +91,10 @@ def cold_start_data_flow(config: PipelineConfig = DEFAULT_CONFIG, base_model_dir
         if config.cold_start.review.enabled:
             decisions = review_examples(cold_start.selected(config, candidates), config.cold_start.review,
                                         seed=config.runtime.seed)
-        return cold_start.write_dataset(config, candidates, decisions, run_id, started)
+        written = cold_start.write_dataset(config, candidates, decisions, run_id, started)
+    publish_stage_summary(config, cold_start.STAGE, written.mlflow_run_id, written.metrics, written.dataset_file,
+                          seconds=time.time() - started)
+    return written
 
 
 @flow(name="cold_start_sft", log_prints=True)
@@ -132,8 +142,11 @@ def rejection_sampling_flow(config: PipelineConfig = DEFAULT_CONFIG, model_dir: 
         prompts = rejection_sampling.read_prompts(config, data)
         samples = rejection_sampling.generate(config, prompts, model_dir, run_id)
         rows, files, judge_metrics = rejection_sampling.check(config, samples, data, model_dir, judge_dir)
-        return rejection_sampling.write_dataset(config, rows, files, judge_metrics, run_id, started,
-                                                {"model_dir": model_dir, "model": producer or model_dir})
+        written = rejection_sampling.write_dataset(config, rows, files, judge_metrics, run_id, started,
+                                                   {"model_dir": model_dir, "model": producer or model_dir})
+    publish_stage_summary(config, rejection_sampling.STAGE, written.mlflow_run_id, written.metrics,
+                          written.dataset_dir, seconds=time.time() - started)
+    return written
 
 
 @flow(name="sft", log_prints=True)
@@ -163,6 +176,7 @@ def reward_models_flow(config: PipelineConfig = DEFAULT_CONFIG, base_model_dir: 
         if not (result.skipped and result.registered):
             result = result.model_copy(update={"registered": register(config, result, result.metrics)})
             save_result(config, result)
+            _publish(config, result)
         results[m] = result
     return results
 

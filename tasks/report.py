@@ -2,11 +2,12 @@
 run (a table and a PNG chart) and as a Prefect table artifact."""
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from r1core.config import PipelineConfig
@@ -79,3 +80,28 @@ def compare_models(cfg: PipelineConfig, results: dict[str, StageResult], parent_
                                       f"(k = {k}, temperature {cfg.eval.sampling.temperature}, "
                                       f"top-p {cfg.eval.sampling.top_p}).")
     return rows
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+@task(name="publish-stage-summary", cache_policy=NO_CACHE)
+def publish_stage_summary(cfg: PipelineConfig, stage: str, mlflow_run_id: str, metrics: dict[str, float],
+                          output: str, registered: str | None = None, seconds: float | None = None) -> None:
+    """What the stage did, its key numbers and a link to its MLflow run, as a Prefect markdown
+    artifact on the flow run (the operator's view in the Prefect UI)."""
+    run = tracking.client_for(cfg.runtime).get_run(mlflow_run_id)
+    lines = [f"## {stage} ({cfg.resolved_run_name()})", "", run.data.tags.get("mlflow.note.content", ""), "",
+             f"- MLflow run: [{run.info.run_name} {mlflow_run_id[:8]}]({tracking.run_url(cfg.runtime, mlflow_run_id)})",
+             f"- output: `{output}`"]
+    if registered:
+        lines.append(f"- registered: `{registered}`")
+    if seconds is not None:
+        lines.append(f"- took {seconds:.0f} s")
+    if metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(stage),
+                             description=f"{stage}: summary of {cfg.resolved_run_name()}")

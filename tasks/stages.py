@@ -159,6 +159,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, 
         result = StageResult(stage=stage, model_dir=job["output_dir"], mlflow_run_id=run_id,
                              seconds=time.time() - t0)
         tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
+        tracking.log_curves(cfg.runtime, run_id)
     save_result(cfg, result)
     return result
 

@@ -127,3 +127,59 @@ def register_model(runtime: RuntimeConfig, run_id: str, model_dir: Path, name: s
                                           tags={k: str(v) for k, v in (tags or {}).items()})
     client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
     return version.version
+
+
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # what `make ui` starts on a local store by default
+MLFLOW_UI_ENV = "R1_MLFLOW_UI_URL"  # set by `r1 ui` for the runs it serves
+
+
+def run_url(runtime: RuntimeConfig, run_id: str) -> str:
+    """The run's page in the MLflow UI: the tracking server's own, or `r1 ui`'s for a local store."""
+    uri = tracking_uri(runtime)
+    base = uri if uri.startswith(("http://", "https://")) else os.environ.get(MLFLOW_UI_ENV, LOCAL_MLFLOW_UI)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id(runtime)}/runs/{run_id}"
+
+
+CURVE_PANELS = (("reward", "reward"), ("accuracy", "accuracy"), ("response length (tokens)", "response_length"),
+                ("loss", "loss"))
+
+
+def log_curves(runtime: RuntimeConfig, run_id: str) -> str | None:
+    """A PNG of the run's per-step curves (reward and its parts, accuracy per task, response
+    length, loss) as the run's artifact `curves/training_curves.png`; None without curves."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = client_for(runtime)
+    keys = client.get_run(run_id).data.metrics
+    panels = []
+    for title, prefix in CURVE_PANELS:
+        series = {}
+        for key in sorted(k for k in keys if k == prefix or k.startswith(prefix + "/")):
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            if len(history) > 1:
+                series[key] = history
+        if series:
+            panels.append((title, series))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels, strict=True):
+        for key, history in series.items():
+            ax.plot(*zip(*history, strict=True), label=key, linewidth=2.2 if key in dict(CURVE_PANELS).values() else 1.0)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(series) > 1:
+            ax.legend(fontsize=6)
+    fig.suptitle(client.get_run(run_id).info.run_name)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "training_curves.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        client.log_artifact(run_id, str(path), "curves")
+    return "curves/training_curves.png"

@@ -1,0 +1,39 @@
+"""`retrain`: the scheduled deployment's flow. New prompt files in the watched folder ->
+general RL from the current `r1@champion` (rule rewards, the registered reward models) ->
+a new `r1` version, which the promotion gate makes champion only if it is better."""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed
+
+from flows.stages import general_rl_flow
+from r1core.config import DEFAULT_CONFIG, PipelineConfig
+from r1core.reward_model import REGISTERED as REWARD_MODEL_NAMES
+from tasks.evaluate import resolve_model
+from tasks.retrain import find_new_data, incoming_dir, mark_consumed
+from tasks.stages import prepare_data
+
+
+@flow(name="retrain", log_prints=True)
+def retrain_flow(config: PipelineConfig = DEFAULT_CONFIG):
+    """Retrain `r1` from its champion on prompt files new in `retrain.data_dir`; ends early, and
+    says so, when there are none."""
+    logger = get_run_logger()
+    batch = find_new_data(config)
+    if batch is None:
+        message = f"no new data in {incoming_dir(config)}: nothing to retrain"
+        logger.info(message)
+        return Completed(message=message)
+    logger.info("retraining r1@%s on %d rows from %d new file(s): %s", config.retrain.from_alias, batch.num_rows,
+                len(batch.files), ", ".join(batch.files))
+    heldout = prepare_data(config).heldout_file  # the pipeline's held-out set: comparable with the champion's
+    run = config.model_copy(deep=True, update={"run_name": f"retrain-{batch.digest}"})
+    run.data.train_file, run.data.heldout_file = batch.rows_file, heldout
+    run.general_rl.steps = config.retrain.steps or config.general_rl.steps
+    result = general_rl_flow(
+        run, init_model_dir=resolve_model(f"models:/r1@{config.retrain.from_alias}", config),
+        reward_model_dirs={m: resolve_model(f"models:/{REWARD_MODEL_NAMES[m]}@newest", config)
+                           for m in run.general_rl.model_rewards},
+        data=prepare_data(run))
+    mark_consumed(config, batch)
+    return result
