@@ -35,6 +35,21 @@ class TrainContext:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.history: list[tuple[int, dict]] = []
         self._log_fn = log_fn
+        self.progress: tuple[int, int, float] | None = None  # (first step, total steps, start time)
+
+    def begin(self, start: int, total: int) -> None:
+        """The loop runs steps start..total-1 from now on: what progress lines (rate, ETA) count."""
+        self.progress = (start, total, time.perf_counter())
+
+    def progress_line(self, step: int) -> str:
+        """`step 7/16, 0.11 steps/s, ETA 1m22s` (after `begin`)."""
+        if self.progress is None:
+            return f"step {step}"
+        start, total, began = self.progress
+        rate = (step - start) / max(time.perf_counter() - began, 1e-9)
+        eta = (total - step) / rate if rate > 0 else float("inf")
+        eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta != float("inf") else "?"
+        return f"step {step}/{total}, {rate:.3g} steps/s, ETA {eta_text}"
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
@@ -208,6 +223,7 @@ def lm_train(cfg, steps: int, model, tokenizer, data: dict[str, torch.Tensor], b
     model.train()
     metrics: dict = {}
     t0, window, tokens = time.perf_counter(), 0.0, 0
+    ctx.begin(start, steps)
     for step in range(start, steps):
         idx = batch_indices(step)[ctx.rank :: ctx.world_size]
         inputs = {k: v[idx].to(ctx.device) for k, v in data.items()}
@@ -268,6 +284,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
     G = cfg.group_size
     tasks = sorted({r["task"] for r in rows if r["task"] in GENERATORS})  # the same keys on every rank
     metrics: dict = {}
+    ctx.begin(start, cfg.steps)
     for step in range(start, cfg.steps):
         # 1. sample a group of G outputs for each question from the current (old) policy
         picked = sample_rows(random.Random(seed * 1_000_003 + step), cfg.prompts_per_step)

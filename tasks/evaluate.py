@@ -1,6 +1,7 @@
 """Evaluation jobs: a model directory (or `models:/` URI) on held-out rows, as a Ray task."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import ray
 
 from r1core.config import CodeRewardConfig, EvalConfig, PipelineConfig
 from tasks.ray_jobs import ensure_ray
+
+REGISTRY_FILE = "registry.json"  # next to a model downloaded from the registry: which version it is
 
 
 def resolve_model(model: str, cfg: PipelineConfig | None = None) -> str:
@@ -34,6 +37,8 @@ def resolve_model(model: str, cfg: PipelineConfig | None = None) -> str:
         candidates = [p.parent for p in local.rglob("config.json")]
         if not candidates:
             raise FileNotFoundError(f"{model}: no HF model (config.json) in its artifacts")
+        if model.startswith("models:/"):  # the lineage of what trains from it names the version
+            (candidates[0].parent / REGISTRY_FILE).write_text(json.dumps({"registered": f"{name}/{version.version}"}))
         return str(candidates[0])
     if not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"model '{model}': not an HF model directory nor a models:/ URI")

@@ -103,7 +103,7 @@ class RayContext(TrainContext):
 
             log_metrics(self.client, self.run_id, metrics, step)
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:8])
-            log.info("[%s] step %d (%.0fs) %s", self.stage, step, time.time() - self.started, shown)
+            log.info("[%s] %s (%.0fs) %s", self.stage, self.progress_line(step), time.time() - self.started, shown)
 
     def latest_checkpoint(self) -> Path | None:
         """Ray Train's latest checkpoint (after a worker failure or a re-run of the same job),

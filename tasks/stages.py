@@ -21,6 +21,7 @@ from r1core.config import PipelineConfig, StudentConfig
 from r1core.reasoning_tasks import generate_split, pretraining_corpus, read_rows, write_rows
 from r1core.rewards import REWARD_VERSIONS
 from tasks import ray_jobs, tracking
+from tasks.evaluate import REGISTRY_FILE
 
 
 class DataPaths(BaseModel):
@@ -326,11 +327,13 @@ def evaluate_stage(cfg: PipelineConfig, stage: StageResult, heldout_file: str) -
 def _registered_of(model_dir: str) -> str:
     """The registry version (`name/version`) of a model a stage of this project wrote (from the
     result saved next to it); for a model from elsewhere, its directory."""
-    result = Path(model_dir).parent / "result.json"
+    result, downloaded = Path(model_dir).parent / "result.json", Path(model_dir).parent / REGISTRY_FILE
     if result.is_file():
         registered = json.loads(result.read_text())["result"].get("registered")
         if registered:
             return registered
+    if downloaded.is_file():
+        return json.loads(downloaded.read_text())["registered"]
     return str(model_dir)
 
 

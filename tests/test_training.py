@@ -116,3 +116,13 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         ckpt.write_atomically(tmp_path / "step_000001", boom)
     assert ckpt.latest_complete(tmp_path) is None
     assert not (tmp_path / "step_000001").exists()
+
+
+def test_progress_lines_give_rate_and_eta():
+    import time
+
+    ctx = TrainContext("/nonexistent")
+    assert ctx.progress_line(3) == "step 3"
+    ctx.progress = (2, 12, time.perf_counter() - 4.0)  # resumed at step 2, 4 steps done in 4 s
+    line = ctx.progress_line(6)
+    assert line.startswith("step 6/12, 1 steps/s, ETA 0m0") and line[-3:] in ("06s", "05s")
