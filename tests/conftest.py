@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 
 from r1core.config import DataConfig, PretrainConfig
@@ -41,3 +43,24 @@ def _write_seed_examples(data_cfg, path, n: int = 8) -> list[dict]:
 @pytest.fixture(scope="session")
 def write_seed_examples():
     return _write_seed_examples
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function giving a TCP port free on 127.0.0.1 right now."""
+    return _free_port
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """Prefect's test harness (a temporary API and database) for the module's flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -8,14 +8,6 @@ import pytest
 from r1core.config import CONFIG_DIR, load_config
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def cfg(tmp_path):
     return load_config(CONFIG_DIR / "micro.yaml", [f"runtime.workdir={tmp_path}", "retrain.cron='*/30 * * * *'",

@@ -1,7 +1,6 @@
 """Rollout engines: the in-process torch engine, and the OpenAI-compatible client against a
 real local server (`transformers serve`) running the tiny model on CPU."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -76,18 +75,13 @@ def test_pass_at_1_and_cons_at_k_arithmetic():
     assert m["answer_accuracy_any"] == pytest.approx(5 / 8)  # "5" and "7" count without format
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def served_model(tmp_path_factory, tiny_model, tokenizer):
+def served_model(tmp_path_factory, tiny_model, tokenizer, free_port):
     model_dir = tmp_path_factory.mktemp("served")
     tiny_model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).parent / "transformers"
     with open(model_dir / "server.log", "w") as log:
         proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
@@ -124,8 +118,8 @@ def test_openai_client_against_a_real_local_server(served_model, tokenizer, rows
     assert m["num_prompts"] == 2
 
 
-def test_openai_client_reports_http_errors(tokenizer):
-    engine = OpenAIEngine(f"http://127.0.0.1:{_free_port()}/v1", "m", tokenizer, timeout_s=2)
+def test_openai_client_reports_http_errors(tokenizer, free_port):
+    engine = OpenAIEngine(f"http://127.0.0.1:{free_port()}/v1", "m", tokenizer, timeout_s=2)
     with pytest.raises(OSError):
         engine.generate(["x"], 1, Sampling(max_new_tokens=2))
 

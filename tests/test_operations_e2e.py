@@ -8,7 +8,6 @@ Then the scheduled retrain deployment retrains from the champion on new data."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,25 +26,20 @@ BIN = Path(sys.executable).parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ray(*args: str, env: dict) -> None:
     subprocess.run([str(BIN / "ray"), *args], env=env, check=True, capture_output=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, write_seed_examples):
+def stack(tmp_path_factory, write_seed_examples, free_port):
     """Ray head + worker node, then `r1 ui` (Prefect server, MLflow server with its own artifact
     store, `r1 serve`) with RAY_ADDRESS in its environment; the micro profile as the forms'
     defaults, pretraining on 2 workers of 2 CPUs each: more than one 2-CPU node holds."""
     workdir = tmp_path_factory.mktemp("ops")
     server_artifacts = tmp_path_factory.mktemp("mlflow-server") / "artifacts"
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    gcs, prefect_port, mlflow_port = _free_port(), _free_port(), _free_port()
+    gcs, prefect_port, mlflow_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME")}
     env.update(RAY_AUTH_MODE="disabled", PREFECT_HOME=str(workdir / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -228,7 +222,7 @@ def test_the_run_used_the_cluster_and_the_servers_artifact_store(stack, pipeline
 def test_scheduled_retrain_deployment_retrains_from_the_champion_on_new_data(stack, pipeline_run):
     from mlflow import MlflowClient
 
-    from r1core.reasoning_tasks import generate_split, write_rows
+    from r1core.reasoning_tasks import read_rows, write_rows
     from tasks.retrain import incoming_dir, read_ledger
 
     cfg, prefect_url = stack["cfg"], stack["prefect"]
@@ -236,8 +230,9 @@ def test_scheduled_retrain_deployment_retrains_from_the_champion_on_new_data(sta
     assert deployment["global_concurrency_limit"]["limit"] == 1
     client = MlflowClient(stack["mlflow"])
     champion_before = client.get_model_version_by_alias("r1", "champion")
-    train, _ = generate_split(cfg.data.model_copy(update={"seed": 7}))
-    write_rows(train[:24], incoming_dir(cfg) / "new-prompts.jsonl")
+    # new prompt rows (any rows but held-out ones, which the retrain refuses): some of the run's own
+    train = read_rows(stack["workdir"] / "runs" / RUN_NAME / "data" / "train.jsonl")
+    write_rows(train[-24:], incoming_dir(cfg) / "new-prompts.jsonl")
     httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10) \
         .raise_for_status()
     run = _wait_for_run(prefect_url, deployment["id"], timeout_s=600)

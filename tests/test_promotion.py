@@ -1,19 +1,10 @@
 """The promotion gate on a real MLflow registry (SQLite in a temp dir) inside real Prefect flows:
 a first version becomes champion, a worse challenger does not move `champion`, a better one
 does, and each decision is logged with its numbers."""
-import pytest
 
 from r1core.config import PipelineConfig
 from tasks import tracking
 from tasks.promotion import CHALLENGER, CHAMPION, decide
-
-
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _version(cfg: PipelineConfig, model_dir, pass1: float, cons: float) -> tuple[str, str]:
