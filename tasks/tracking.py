@@ -22,6 +22,7 @@ from r1core.config import PROJECT_ROOT, RuntimeConfig
 
 PARENT_TAG = "mlflow.parentRunId"
 NEWEST_ALIAS = "newest"  # MLflow reserves "latest"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens training runs, not its GenAI views
 
 
 def tracking_uri(runtime: RuntimeConfig) -> str:
@@ -57,7 +58,8 @@ def experiment_id(runtime: RuntimeConfig) -> str:
         return exp.experiment_id
     try:
         return client.create_experiment(runtime.experiment,
-                                        artifact_location=artifact_location(runtime, tracking_uri(runtime)))
+                                        artifact_location=artifact_location(runtime, tracking_uri(runtime)),
+                                        tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     except MlflowException:  # created concurrently
         return client.get_experiment_by_name(runtime.experiment).experiment_id
 

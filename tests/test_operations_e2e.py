@@ -164,23 +164,29 @@ def pipeline_run(stack, browser):
 def test_browser_starts_the_pipeline_from_the_form_and_finds_it_in_both_uis(stack, browser, pipeline_run):
     assert pipeline_run["state_type"] == "COMPLETED", pipeline_run["state"]
     assert pipeline_run["parameters"]["config"]["profile"] == "micro"  # the form's defaults, one field changed
+    from urllib.parse import quote
+
+    from mlflow import MlflowClient
+
     shots, mlflow_url = _screenshots(), stack["mlflow"]
+    experiment = MlflowClient(mlflow_url).get_experiment_by_name(stack["cfg"].runtime.experiment)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)
-    page.goto(f"{mlflow_url}/#/experiments", wait_until="networkidle")
-    page.get_by_text("r1-factory").first.click()
+    # MLflow is a single-page app on hash routes: wait for content, not for page loads
+    page.goto(f"{mlflow_url}/#/experiments", wait_until="commit")
+    page.get_by_text(experiment.name).first.wait_for()
+    page.screenshot(path=shots / "06-mlflow-experiments.png")
+    # this pipeline run and its stage runs (every stage run is tagged with the run name)
+    search = quote(f"tags.run_name = '{RUN_NAME}'")
+    page.goto(f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs?searchFilter={search}", wait_until="commit")
     page.get_by_text(f"r1_pipeline/{RUN_NAME}").first.wait_for()
-    page.screenshot(path=shots / "06-mlflow-experiment.png")
-    # the stage runs of this pipeline run: every one is tagged with its run name
-    experiment_id = page.url.split("/experiments/")[1].split("/")[0].split("?")[0]
-    page.goto(f"{mlflow_url}/#/experiments/{experiment_id}?searchFilter="
-              f"tags.run_name%20%3D%20%27{RUN_NAME}%27%20and%20tags.stage%20%3D%20%27general_rl%27",
-              wait_until="networkidle")
-    page.get_by_text("general_rl").first.wait_for()
-    page.screenshot(path=shots / "07-mlflow-stage-run.png")
-    page.goto(f"{mlflow_url}/#/models", wait_until="networkidle")
-    page.get_by_text("r1-distill-mini").first.wait_for()
-    page.get_by_role("link", name="r1", exact=True).wait_for()
+    page.locator("[role=gridcell] button").first.click()  # expand the parent run
+    for stage in ("pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl", "sft", "general_rl"):
+        page.get_by_text(stage, exact=True).first.wait_for()
+    page.screenshot(path=shots / "07-mlflow-stage-runs.png")
+    page.goto(f"{mlflow_url}/#/models", wait_until="commit")
+    page.get_by_role("link", name="r1-distill-mini", exact=True).wait_for()
+    page.keyboard.press("Escape")  # MLflow's "new registry UI" announcement, when it shows
     page.screenshot(path=shots / "08-mlflow-registered-models.png")
     page.get_by_role("link", name="r1", exact=True).click()
     page.get_by_text("champion").first.wait_for()
