@@ -49,6 +49,7 @@ def stack(tmp_path_factory, write_seed_examples, free_port):
     try:
         _ray("start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "2", "--disable-usage-stats", env=env)
         seed_file = workdir / "seed.jsonl"
+        seed_file.touch()  # the config checks it exists; its rows need the config's data settings
         overrides = [f"runtime.workdir={workdir}", f"cold_start.seed_file={seed_file}",
                      "pretrain.compute.num_workers=2"]
         cfg = load_config(CONFIG_DIR / "micro.yaml", overrides)
