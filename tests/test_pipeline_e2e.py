@@ -1,56 +1,279 @@
-"""End to end: `r1_pipeline` on the micro profile through real Prefect (test harness), a real
-local Ray and a temporary MLflow store; then the registry, the metrics and resumability."""
+"""The pipeline end to end, "as on a cluster" on this machine: a Ray cluster from `ray start` (a
+head and one more node on loopback), a Prefect server, an MLflow server keeping the artifacts
+itself, and `r1 serve`, all started by `r1 ui` (what `make ui` runs) and pointed at each other
+through environment variables only. A headless Chromium (Debian's, driven by Playwright) starts
+`r1-pipeline` on the micro profile from the deployment's form with a changed parameter and finds
+the results in both UIs (screenshots of every step in R1_TEST_ARTIFACTS, default
+.r1/test-artifacts/); without a browser (and R1_REQUIRE_BROWSER unset) the run is started through
+the API instead. Then the registry, the metrics, the lineage and the gate of that run, a re-run
+that skips every stage, `r1 eval` on the champion, and the scheduled retrain deployment."""
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
+import httpx
 import pytest
+
+from r1core.config import CONFIG_DIR, PROJECT_ROOT, load_config
 
 pytestmark = pytest.mark.slow
 
+RUN_NAME = "from-the-browser"
+BIN = Path(sys.executable).parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+
+def _ray(*args: str, env: dict) -> None:
+    subprocess.run([str(BIN / "ray"), *args], env=env, check=True, capture_output=True, timeout=180)
+
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("r1")
-
-
-@pytest.fixture(scope="module")
-def prefect_env(workdir):
-    from prefect.testing.utilities import prefect_test_harness
-
-    saved = os.environ.get("PREFECT_LOCAL_STORAGE_PATH")
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(workdir / "prefect-results")  # the harness doesn't isolate it
+def stack(tmp_path_factory, write_seed_examples, free_port):
+    """Ray head + worker node, then `r1 ui` (Prefect server, MLflow server with its own artifact
+    store, `r1 serve`) with RAY_ADDRESS in its environment; the micro profile as the forms'
+    defaults, pretraining on 2 workers of 2 CPUs each: more than one 2-CPU node holds."""
+    workdir = tmp_path_factory.mktemp("ops")
+    server_artifacts = tmp_path_factory.mktemp("mlflow-server") / "artifacts"
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    gcs, prefect_port, mlflow_port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "PREFECT_HOME")}
+    env.update(RAY_AUTH_MODE="disabled", PREFECT_HOME=str(workdir / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    _ray("start", "--head", "--port", str(gcs), "--num-cpus", "2", "--include-dashboard", "false",
+         "--temp-dir", ray_tmp, "--disable-usage-stats", env=env)
+    ui = None
     try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
+        _ray("start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "2", "--disable-usage-stats", env=env)
+        seed_file = workdir / "seed.jsonl"
+        seed_file.touch()  # the config checks it exists; its rows need the config's data settings
+        overrides = [f"runtime.workdir={workdir}", f"cold_start.seed_file={seed_file}",
+                     "pretrain.compute.num_workers=2"]
+        cfg = load_config(CONFIG_DIR / "micro.yaml", overrides)
+        write_seed_examples(cfg.data, seed_file)
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "ui", "--prefect-port", str(prefect_port), "--mlflow-port",
+             str(mlflow_port), "--artifacts-destination", str(server_artifacts), "--config",
+             str(CONFIG_DIR / "micro.yaml"), *(f"--set={o}" for o in overrides)],
+            cwd=PROJECT_ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
+        _wait_for_deployment(prefect_url, ui)
+        yield {"cfg": cfg, "workdir": workdir, "server_artifacts": server_artifacts, "prefect": prefect_url,
+               "mlflow": mlflow_url, "ray": f"127.0.0.1:{gcs}", "env": env}
     finally:
-        if saved is None:
-            os.environ.pop("PREFECT_LOCAL_STORAGE_PATH", None)
-        else:
-            os.environ["PREFECT_LOCAL_STORAGE_PATH"] = saved
+        if ui is not None:
+            ui.terminate()  # the launcher stops the serve process and both servers
+            out, _ = ui.communicate(timeout=60)
+            print(out[-3000:])
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_for_deployment(prefect_url: str, ui: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert ui.poll() is None, ui.stdout.read()
+        try:
+            found = httpx.post(f"{prefect_url}/api/deployments/filter", json={}, timeout=5).json()
+            if {"r1-pipeline", "r1-retrain"} <= {d["name"] for d in found}:
+                return
+        except (httpx.HTTPError, json.JSONDecodeError):
+            pass
+        time.sleep(1)
+    raise TimeoutError("the deployments were not served in time")
+
+
+def _deployment(prefect_url: str, name: str) -> dict:
+    found = httpx.post(f"{prefect_url}/api/deployments/filter",
+                       json={"deployments": {"name": {"any_": [name]}}}, timeout=10).json()
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _wait_for_run(prefect_url: str, deployment_id: str, run_name: str | None = None,
+                  timeout_s: float = 1200) -> dict:
+    """The deployment's newest flow run (with `config.run_name`, if given), once it ended."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        runs = httpx.post(f"{prefect_url}/api/flow_runs/filter", timeout=10, json={
+            "deployments": {"id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_DESC"}).json()
+        runs = [r for r in runs if run_name is None or r["parameters"]["config"]["run_name"] == run_name]
+        if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return runs[0]
+        time.sleep(3)
+    raise TimeoutError(f"no finished run of deployment {deployment_id} within {timeout_s} s")
+
+
+def _artifact(stack: dict, key: str):
+    """The newest Prefect artifact under `key`, its data decoded (tables are JSON strings)."""
+    found = httpx.post(f"{stack['prefect']}/api/artifacts/filter", timeout=10, json={
+        "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).json()
+    assert found, f"no Prefect artifact {key}"
+    data = found[0]["data"]
+    return json.loads(data) if found[0]["type"] == "table" and isinstance(data, str) else data
+
+
+def _screenshots() -> Path:
+    out = Path(os.environ.get("R1_TEST_ARTIFACTS", PROJECT_ROOT / ".r1" / "test-artifacts")) / "browser"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 @pytest.fixture(scope="module")
-def micro(workdir, write_seed_examples):
-    """The micro profile, its pretraining on 2 DDP workers; an untrained micro model writes no
-    usable cold-start data, so a seed file of our own examples joins the three routes."""
-    from r1core.config import CONFIG_DIR, load_config
+def browser():
+    """Headless Debian chromium, or None where it is not installed (a failure under R1_REQUIRE_BROWSER)."""
+    if CHROMIUM is None:
+        if os.environ.get("R1_REQUIRE_BROWSER"):
+            pytest.fail("R1_REQUIRE_BROWSER is set but Debian's chromium is not installed")
+        yield None
+        return
+    from playwright.sync_api import sync_playwright
 
-    seed_file = workdir / "seed.jsonl"
-    seed_file.touch()
-    cfg = load_config(CONFIG_DIR / "micro.yaml", [f"runtime.workdir={workdir}", "pretrain.compute.num_workers=2",
-                                                   "pretrain.compute.cpus_per_worker=1", f"cold_start.seed_file={seed_file}"])
-    write_seed_examples(cfg.data, seed_file)
-    return cfg
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="module")
-def pipeline_results(prefect_env, micro):
+def pipeline_run(stack, browser):
+    """The micro pipeline, started from the Prefect UI: Deployments -> r1-pipeline -> Run ->
+    Custom run -> the config's run_name set in the form -> Submit; followed to its end. Without
+    a browser, the same parameters go through the API."""
+    prefect_url = stack["prefect"]
+    deployment = _deployment(prefect_url, "r1-pipeline")
+    if browser is None:
+        config = {**deployment["parameters"]["config"], "run_name": RUN_NAME}
+        httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run",
+                   json={"parameters": {"config": config}}, timeout=10).raise_for_status()
+        return _wait_for_run(prefect_url, deployment["id"], RUN_NAME)
+    shots = _screenshots()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(f"{prefect_url}/deployments", wait_until="networkidle")
+    page.get_by_text("r1-pipeline").first.wait_for()
+    page.screenshot(path=shots / "01-prefect-deployments.png")
+    page.get_by_text("r1-pipeline").first.click()
+    page.get_by_role("button", name="Run", exact=True).wait_for()
+    page.screenshot(path=shots / "02-prefect-r1-pipeline.png")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").first.click()
+    page.wait_for_load_state("networkidle")
+    page.get_by_text("Profile (Optional)").wait_for()
+    page.screenshot(path=shots / "03-prefect-run-form.png")
+    # config.run_name is `str | None` (None: profile + config hash): switch it to str and name the run
+    page.get_by_role("button", name="str", exact=True).first.click()
+    page.locator("textarea").nth(1).fill(RUN_NAME)
+    page.screenshot(path=shots / "04-prefect-run-form-changed.png")
+    page.get_by_role("button", name="Submit").click()
+    run = _wait_for_run(prefect_url, deployment["id"], RUN_NAME)
+    page.goto(f"{prefect_url}/runs/flow-run/{run['id']}", wait_until="networkidle")
+    page.get_by_text("Completed").first.wait_for()
+    page.screenshot(path=shots / "05-prefect-flow-run-completed.png")
+    page.close()
+    return run
+
+
+@pytest.fixture(scope="module")
+def micro(stack, pipeline_run):
+    """The configuration the served run used (the form's defaults, run_name changed), pointed at
+    the stack's MLflow server and Ray cluster; the test process talks to its Prefect server."""
+    cfg = stack["cfg"]
+    return cfg.model_copy(update={"run_name": RUN_NAME, "runtime": cfg.runtime.model_copy(
+        update={"mlflow_tracking_uri": stack["mlflow"], "ray_address": stack["ray"]})})
+
+
+@pytest.fixture(scope="module")
+def prefect_api(stack):
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"{stack['prefect']}/api",
+                             PREFECT_LOCAL_STORAGE_PATH: str(stack["workdir"] / "prefect-results")}):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipeline_results(micro, prefect_api) -> dict:
+    """Each stage's result as the run saved it next to its model (`result.json`)."""
+    from tasks.stages import StageResult
+
+    stages = ("pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl", "sft", "reward_models/helpfulness",
+              "reward_models/harmlessness", "general_rl", "distill/mini/base", "distill/mini/sft",
+              "distill/mini/rl_only")
+    return {s: StageResult(**json.loads((micro.run_dir() / s / "result.json").read_text())["result"])
+            for s in stages}
+
+
+def test_browser_starts_the_pipeline_from_the_form_and_finds_it_in_both_uis(stack, browser, pipeline_run):
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium); the run went through the API")
+    assert pipeline_run["state_type"] == "COMPLETED", pipeline_run["state"]
+    assert pipeline_run["parameters"]["config"]["profile"] == "micro"  # the form's defaults, one field changed
+    from urllib.parse import quote
+
+    from mlflow import MlflowClient
+
+    shots, mlflow_url = _screenshots(), stack["mlflow"]
+    experiment = MlflowClient(mlflow_url).get_experiment_by_name(stack["cfg"].runtime.experiment)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    # MLflow is a single-page app on hash routes: wait for content, not for page loads
+    page.goto(f"{mlflow_url}/#/experiments", wait_until="commit")
+    page.get_by_text(experiment.name).first.wait_for()
+    page.screenshot(path=shots / "06-mlflow-experiments.png")
+    # this pipeline run and its stage runs (every stage run is tagged with the run name)
+    search = quote(f"tags.run_name = '{RUN_NAME}'")
+    page.goto(f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs?searchFilter={search}", wait_until="commit")
+    page.get_by_text(f"r1_pipeline/{RUN_NAME}").first.wait_for()
+    page.locator("[role=gridcell] button").first.click()  # expand the parent run
+    for stage in ("pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl", "sft", "general_rl"):
+        page.get_by_text(stage, exact=True).first.wait_for()
+    page.screenshot(path=shots / "07-mlflow-stage-runs.png")
+    page.goto(f"{mlflow_url}/#/models", wait_until="commit")
+    page.get_by_role("link", name="r1-distill-mini", exact=True).wait_for()
+    page.keyboard.press("Escape")  # MLflow's "new registry UI" announcement, when it shows
+    page.screenshot(path=shots / "08-mlflow-registered-models.png")
+    page.get_by_role("link", name="r1", exact=True).click()
+    page.get_by_text("champion").first.wait_for()
+    page.screenshot(path=shots / "09-mlflow-r1-champion.png")
+    page.close()
+
+
+def test_the_run_used_the_cluster_and_the_servers_artifact_store(stack, pipeline_run):
     import ray
+    from mlflow import MlflowClient
 
-    from flows.pipeline import r1_pipeline
-
+    assert pipeline_run["state_type"] == "COMPLETED"
+    client = MlflowClient(stack["mlflow"])
+    experiment = client.get_experiment_by_name(stack["cfg"].runtime.experiment)
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([experiment.experiment_id], f"tags.run_name = '{RUN_NAME}'")
+    stages = {r.data.tags["stage"] for r in runs}
+    assert {"pipeline", "pretrain_base", "r1_zero", "cold_start_sft", "general_rl", "distill/mini/sft"} <= stages
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # every artifact went over HTTP into the server's store; nothing was written as a local MLflow store
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
+    champion = client.get_model_version_by_alias("r1", "champion")
+    assert champion.run_id in {r.info.run_id for r in runs}
+    model_files = list(stack["server_artifacts"].rglob(f"{champion.run_id}/artifacts/model/config.json"))
+    assert len(model_files) == 1
+    assert list(stack["server_artifacts"].rglob("curves/training_curves.png"))
+    assert not (stack["workdir"] / "mlartifacts").exists()
+    # pretraining asked for 2 workers x 2 CPUs: only the two 2-CPU nodes together could run it
+    pretrain = next(r for r in runs if r.data.tags["stage"] == "pretrain_base")
+    assert pretrain.data.params["pretrain.compute.num_workers"] == "2"
+    assert pretrain.data.params["pretrain.compute.cpus_per_worker"] == "2"
+    ray.init(address=stack["ray"], logging_level="ERROR")
     try:
-        yield r1_pipeline(config=micro)
+        assert sum(n["Alive"] for n in ray.nodes()) == 2
     finally:
         ray.shutdown()
 
@@ -102,12 +325,8 @@ def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
     assert len(dataset.read_text().splitlines()) == parent.data.metrics["cold_start_data/examples"]
 
 
-def test_rejection_sampling_feeds_sft_and_is_tracked(pipeline_results, micro):
-    import asyncio
-
+def test_rejection_sampling_feeds_sft_and_is_tracked(pipeline_results, micro, stack):
     from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from r1core.reasoning_tasks import read_rows
     from r1core.rejection_sampling import REASONS
@@ -135,22 +354,12 @@ def test_rejection_sampling_feeds_sft_and_is_tracked(pipeline_results, micro):
     assert tags["model"] == pipeline_results["reasoning_rl"].registered
     assert output.dataset.digest == sft_run.inputs.dataset_inputs[0].dataset.digest
 
-    async def reasons_table():
-        async with get_client() as prefect:
-            found = await prefect.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rejection-sampling-reasons"])))
-            return json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
-
-    table = {row["count"]: row["value"] for row in asyncio.run(reasons_table())}
+    table = {row["count"]: row["value"] for row in _artifact(stack, "rejection-sampling-reasons")}
     assert table["candidates/reasoning"] == candidates
 
 
-def test_final_stages_carry_lineage_pass_the_gate_and_are_compared(pipeline_results, micro):
-    import asyncio
-
+def test_final_stages_carry_lineage_pass_the_gate_and_are_compared(pipeline_results, micro, stack):
     from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from tasks.tracking import tracking_uri
 
@@ -188,33 +397,72 @@ def test_final_stages_carry_lineage_pass_the_gate_and_are_compared(pipeline_resu
     evaluated = [k for k, v in r.items() if "pass@1" in v.metrics]
     assert len(evaluated) == 9
 
-    async def comparison():
-        async with get_client() as prefect:
-            found = await prefect.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["r1-model-comparison"])))
-            return json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
-
-    assert [row["stage"] for row in asyncio.run(comparison())] == evaluated
+    assert [row["stage"] for row in _artifact(stack, "r1-model-comparison")] == evaluated
+    # each stage's summary for operators: what it did, its numbers, a link to its run on the server
+    summary = _artifact(stack, "general-rl")
+    assert f"{stack['mlflow']}/#/experiments/" in summary and r["general_rl"].mlflow_run_id in summary
+    assert f"registered: `{r['general_rl'].registered}`" in summary and "| pass@1 |" in summary
 
 
-def test_rerun_skips_completed_stages(pipeline_results, prefect_env, micro):
+def test_rerun_skips_completed_stages(pipeline_results, micro):
+    import ray
+
     from flows.pipeline import r1_pipeline
 
-    again = r1_pipeline(config=micro)
-    assert all(r.skipped for r in again.values())
+    try:
+        again = r1_pipeline(config=micro)  # in this process, against the same servers and cluster
+    finally:
+        ray.shutdown()
+    assert set(again) == set(pipeline_results) and all(r.skipped for r in again.values())
     assert again["r1_zero"].mlflow_run_id == pipeline_results["r1_zero"].mlflow_run_id
 
 
-def test_r1_eval_cli_on_a_registered_model(pipeline_results, micro, workdir, capsys, monkeypatch):
-    from r1core.config import PROJECT_ROOT
-
+def test_r1_eval_cli_on_a_registered_model(pipeline_results, micro, stack, capsys, monkeypatch):
     monkeypatch.chdir(PROJECT_ROOT)
     from flows.cli import main
 
     heldout = micro.run_dir() / "data" / "heldout.jsonl"
     code = main(["eval", "--model", "models:/r1@champion", "--data", str(heldout), "--k", "2",
-                 "--config", "configs/micro.yaml", "--set", f"runtime.workdir={workdir}",
+                 "--config", "configs/micro.yaml", "--set", f"runtime.workdir={stack['workdir']}",
+                 "--set", f"runtime.mlflow_tracking_uri={stack['mlflow']}",
                  "--set", "eval.num_prompts=3", "--set", "eval.sampling.max_new_tokens=4"])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["k"] == 2 and out["num_prompts"] == 3 and {"pass@1", "cons@2", "format_rate", "mean_length"} <= set(out)
+
+
+def test_scheduled_retrain_deployment_retrains_from_the_champion_on_new_data(stack, pipeline_run):
+    from mlflow import MlflowClient
+
+    from r1core.reasoning_tasks import read_rows, write_rows
+    from tasks.retrain import incoming_dir, read_ledger
+
+    cfg, prefect_url = stack["cfg"], stack["prefect"]
+    deployment = _deployment(prefect_url, "r1-retrain")
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    client = MlflowClient(stack["mlflow"])
+    champion_before = client.get_model_version_by_alias("r1", "champion")
+    # new prompt rows (any rows but held-out ones, which the retrain refuses): some of the run's own
+    train = read_rows(stack["workdir"] / "runs" / RUN_NAME / "data" / "train.jsonl")
+    write_rows(train[-24:], incoming_dir(cfg) / "new-prompts.jsonl")
+    httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10) \
+        .raise_for_status()
+    run = _wait_for_run(prefect_url, deployment["id"], timeout_s=600)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    newest = client.get_model_version_by_alias("r1", "newest")
+    assert int(newest.version) > int(champion_before.version)
+    assert newest.tags["parent_model"] == f"r1/{champion_before.version}"  # trained from the champion
+    retrain_run = client.get_run(newest.run_id)
+    assert retrain_run.data.tags["run_name"].startswith("retrain-")
+    # the gate decided against the champion it started from, and its alias follows the decision
+    assert retrain_run.data.tags["champion_before"] == champion_before.version
+    alias = "champion" if retrain_run.data.tags["promotion"] == "promoted" else "challenger"
+    assert client.get_model_version_by_alias("r1", alias).version == newest.version
+    assert set(read_ledger(cfg).values()) == {"new-prompts.jsonl"}
+    # the same data again: the next run ends early and says so
+    httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10) \
+        .raise_for_status()
+    time.sleep(2)
+    again = _wait_for_run(prefect_url, deployment["id"], timeout_s=300)
+    assert again["id"] != run["id"] and again["state_type"] == "COMPLETED"
+    assert again["state"]["message"].startswith("no new data in")
