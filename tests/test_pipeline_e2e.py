@@ -193,11 +193,17 @@ def micro(stack, pipeline_run):
 
 @pytest.fixture(scope="module")
 def prefect_api(stack):
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: f"{stack['prefect']}/api",
                              PREFECT_LOCAL_STORAGE_PATH: str(stack["workdir"] / "prefect-results")}):
         yield
+        # send this process's flow-run logs and events while their server is up: left queued, a
+        # later test harness would wait on them forever when it drains at its end
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
 
 
 @pytest.fixture(scope="module")
