@@ -302,11 +302,19 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
         rewards = torch.tensor([0.0 if t is None else t for t in total])
         advantages, zero_variance = group_advantages(rewards, G, scale=cfg.scale_rewards)
         unscorable = unscorable.view(-1, G).any(dim=1, keepdim=True).expand(-1, G).reshape(-1)
-        advantages = advantages.masked_fill(unscorable, 0.0).to(ctx.device)
+        advantages = advantages.masked_fill(unscorable, 0.0)
+        # a group whose rewards are all equal has no policy gradient (A = 0): with
+        # `skip_flat_groups` it is left out of the update (DAPO's dynamic-sampling filter), so its
+        # tokens do not dilute the step's gradient and its forward/backward passes are saved; one
+        # output is always kept (with DDP every rank takes part in the backward pass)
+        kept = [j for j in range(len(rollouts))
+                if not (cfg.skip_flat_groups and (zero_variance[j] or unscorable[j]))] or [0]
+        advantages = advantages[kept].to(ctx.device)
 
         # 3. policy update on the sampled tokens
         t1 = time.perf_counter()
-        input_ids, attn, mask, start_col = collate(tokenizer, [r["prompt"] for r in batch], rollouts, ctx.device)
+        input_ids, attn, mask, start_col = collate(tokenizer, [r["prompt"] for r in batch],
+                                                   [rollouts[j] for j in kept], ctx.device)
         with torch.no_grad(), ctx.autocast():
             ref_logp = token_logprobs(reference, input_ids, attn, start_col) if reference is not None else None
             old_logp = token_logprobs(model, input_ids, attn, start_col) if cfg.inner_epochs > 1 else None
@@ -324,7 +332,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
         train_s = time.perf_counter() - t1
 
         # 4. what the paper plots: reward, accuracy and response length per step
-        n_tokens = float(mask.sum())
+        n_tokens = float(sum(len(r.completion_ids) for r in rollouts))
         scored = [t for t in total if t is not None]
         metrics = {
             "reward": sum(scored) / max(1, len(scored)),
@@ -345,6 +353,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
             "grad_norm": float(grad_norm),
             "zero_variance_frac": float(zero_variance.float().mean()),
+            "trained_frac": len(kept) / len(rollouts),
             "unscorable_frac": float(unscorable.float().mean()),
             # programs run for code rewards so far, by outcome ("unavailable": the sandbox could not run one)
             **{f"sandbox/{status}": float(n) for status, n in code_rewards.sandbox_counts(all_statuses=True).items()},

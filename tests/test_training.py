@@ -90,6 +90,28 @@ def test_grpo_improves_reward_on_a_learnable_signal(tokenizer, rows, tmp_path):
         assert key in ctx.history[-1][1]
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_grpo_leaves_flat_groups_out_of_the_update(tokenizer, rows, tmp_path, skip):
+    """Groups whose rewards are all equal have A = 0: with `skip_flat_groups` only one output
+    (for DDP) goes through the update; either way, with no KL term, the weights do not move."""
+    from r1core import rewards as R
+
+    R.register("constant")(lambda completions, **_: [1.0] * len(completions))
+    try:
+        cfg = GRPOConfig(steps=2, prompts_per_step=3, group_size=4, lr=1e-2, beta=0.0, rewards={"constant": 1.0},
+                         skip_flat_groups=skip, sampling={"max_new_tokens": 5}, checkpoint_every=100)
+        model = build_model(MICRO, tokenizer, seed=4)
+        before = copy.deepcopy(_weights(model))
+        ctx = TrainContext(tmp_path)
+        grpo_train(cfg, model, None, tokenizer, rows[0], ctx)
+    finally:
+        del R.REWARDS["constant"], R.REWARD_VERSIONS["constant"]
+    assert [m["zero_variance_frac"] for _, m in ctx.history] == [1.0, 1.0]
+    assert [m["trained_frac"] for _, m in ctx.history] == ([1 / 12] * 2 if skip else [1.0] * 2)
+    for k, v in _weights(model).items():
+        torch.testing.assert_close(v, before[k], msg=k)
+
+
 def test_grpo_resumes_exactly_after_a_kill(tokenizer, rows, tmp_path):
     cfg = GRPOConfig(steps=4, prompts_per_step=2, group_size=2, lr=1e-3, beta=0.1, checkpoint_every=2,
                      sampling={"max_new_tokens": 5})
