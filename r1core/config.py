@@ -221,8 +221,10 @@ class GRPOConfig(Strict):
     kl_estimator: Literal["k1", "k3"] = "k3"
     loss_aggregation: Literal["token", "sequence"] = "token"
     scale_rewards: bool = Field(True, description="divide advantages by the group std")
-    skip_flat_groups: bool = Field(True, description="leave groups whose rewards are all equal (no "
-                                   "policy gradient) out of the update, as DAPO's dynamic sampling does")
+    # off by default: in the tiny profile it lowered R1-Zero's held-out pass@1 (README, issue 5)
+    skip_flat_groups: bool = Field(False, description="leave groups whose rewards are all equal (no "
+                                   "policy gradient, only the KL term) out of the update, as DAPO's "
+                                   "dynamic sampling does: fewer passes, less pull to the reference")
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "code_exec": 0.25},
         description="reward name -> weight (code_* rewards score code rows only)"
