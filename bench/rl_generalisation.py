@@ -26,9 +26,9 @@ import torch
 
 from r1core.config import GRPOConfig, load_config
 from r1core.engine import Sampling, TorchEngine
+from r1core.evaluation import evaluate
 from r1core.modeling import load_pretrained
 from r1core.reasoning_tasks import generate_split, read_rows
-from r1core.rewards import final_answer, parse_format, verify
 from r1core.training import TrainContext, grpo_train
 
 SETTINGS = {  # name -> (training problems, steps, prompts per step)
@@ -55,9 +55,7 @@ def unseen_problems(run: str, n: int) -> list[dict]:
 
 
 def accuracy(model, tokenizer, rows: list[dict], k: int = 8) -> float:
-    rollouts = TorchEngine(model, tokenizer).generate([r["prompt"] for r in rows], k, EVAL)
-    return sum(bool(verify(final_answer(x.text) if parse_format(x.text) else None, rows[x.prompt_index]))
-               for x in rollouts) / len(rollouts)
+    return evaluate(TorchEngine(model, tokenizer), rows, k, EVAL)["pass@1"]
 
 
 def main() -> None:
