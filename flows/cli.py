@@ -3,6 +3,7 @@
     r1 run pipeline [--config FILE] [--set key=value ...]
     r1 run stage NAME [--config FILE] [--set key=value ...] [--init-model DIR] [--no-register]
     r1 eval --model PATH_OR_MODELS_URI --data FILE [--k K] [--base-url URL --served-model NAME]
+    r1 eval --model A --model B [--model C ...] --data FILE [--k K]   B - A, C - A on the same prompts
     r1 config [--config FILE] [--set key=value ...]
     r1 serve [--config FILE] [--set key=value ...]      the Prefect deployments, served until stopped
     r1 ui [--prefect-port P] [--mlflow-port M] [--artifacts-destination DIR] [--stop]
@@ -72,8 +73,12 @@ def parser() -> argparse.ArgumentParser:
     stage.add_argument("--no-register", action="store_true",
                        help="evaluate but do not register the model (ablations)")
     _config_args(stage)
-    ev = sub.add_parser("eval", help="held-out pass@1 / cons@k / format rate of a model")
-    ev.add_argument("--model", required=True, help="HF model dir, or models:/name@alias, runs:/id/model")
+    ev = sub.add_parser("eval", help="held-out pass@1 / cons@k / format rate of a model, or of several "
+                        "compared on the same prompts")
+    ev.add_argument("--model", required=True, action="append",
+                    help="HF model dir, or models:/name@alias, runs:/id/model; given again, each further model "
+                         "is compared with the first: the paired difference in pass@1 and readability over "
+                         "prompts, with a 95%% bootstrap interval")
     ev.add_argument("--data", required=True, help="JSONL or parquet rows {prompt, answer, task}")
     ev.add_argument("--k", type=int, help="samples per prompt (default: eval.k)")
     ev.add_argument("--num-prompts", type=int, help="first N rows (default: eval.num_prompts)")
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.eval = cfg.eval.model_copy(update={k: v for k, v in overrides.items() if v is not None})
             if not Path(args.data).is_file():
                 raise ConfigError(f"--data: file not found: '{args.data}'")
+            if len(args.model) > 1 and args.base_url:
+                raise ConfigError("--base-url evaluates one served model: compare several --model in-process")
     except ConfigError as e:
         print(f"r1: {e}", file=sys.stderr)
         return 2
@@ -161,6 +168,9 @@ def run_eval(cfg, args) -> dict:
     from r1core.reasoning_tasks import read_rows
 
     rows = read_rows(args.data)
+    if len(args.model) > 1:
+        return compare_models(cfg, args.model, rows)
+    args.model = args.model[0]
     if args.base_url:
         from r1core import code_rewards
         from r1core.engine import OpenAIEngine
@@ -179,6 +189,22 @@ def run_eval(cfg, args) -> dict:
 
     return evaluate_locally(resolve_model(args.model, cfg), rows, cfg.eval, cfg.rollout.batch_size,
                             threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code)
+
+
+def compare_models(cfg, models: list[str], rows: list[dict]) -> dict:
+    """Each model's metrics, and each further model minus the first, prompt by prompt."""
+    from r1core.evaluation import paired_difference
+    from tasks.evaluate import evaluate_locally, resolve_model
+
+    metrics, scores = {}, {}
+    for model in models:
+        metrics[model], scores[model] = evaluate_locally(
+            resolve_model(model, cfg), rows, cfg.eval, cfg.rollout.batch_size,
+            threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code, per_prompt=True)
+    first = models[0]
+    return {"models": metrics,
+            f"minus {first}": {m: {name: paired_difference(scores[first][name], scores[m][name])
+                                   for name in scores[m]} for m in models[1:]}}
 
 
 def print_summary(cfg, results) -> None:

@@ -46,7 +46,8 @@ def resolve_model(model: str, cfg: PipelineConfig | None = None) -> str:
 
 
 def evaluate_locally(model_dir: str, rows: list[dict], eval_cfg: EvalConfig, batch_size: int = 256,
-                     threads: int | None = None, code: CodeRewardConfig | None = None) -> dict[str, float]:
+                     threads: int | None = None, code: CodeRewardConfig | None = None, per_prompt: bool = False):
+    """The metrics (and with `per_prompt` each row's scores, as `r1core.evaluation.evaluate`)."""
     import torch
 
     from r1core import code_rewards
@@ -58,7 +59,7 @@ def evaluate_locally(model_dir: str, rows: list[dict], eval_cfg: EvalConfig, bat
         torch.set_num_threads(threads)
     code_rewards.configure(code)
     model, tokenizer = load_pretrained(model_dir)
-    return evaluate_heldout(TorchEngine(model, tokenizer, batch_size), rows, eval_cfg)
+    return evaluate_heldout(TorchEngine(model, tokenizer, batch_size), rows, eval_cfg, per_prompt)
 
 
 @ray.remote

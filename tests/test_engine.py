@@ -51,6 +51,22 @@ def test_evaluate_reports_the_paper_metrics(tiny_model, tokenizer, rows):
     assert m["num_prompts"] == 4 and 0 <= m["pass@1"] <= 1 and 1 <= m["mean_length"] <= 5
 
 
+def test_paired_difference_keeps_each_prompts_scores_together():
+    from r1core.evaluation import paired_difference
+
+    easy_and_hard = [0.9, 0.1, 0.8, 0.0, 0.5, None]
+    same = paired_difference(easy_and_hard, easy_and_hard)
+    assert same["difference"] == same["low"] == same["high"] == 0 and same["prompts"] == 5
+    # a constant gain is exact however different the prompts are: pairing removes their spread
+    gain = paired_difference(easy_and_hard, [None if x is None else x + 0.1 for x in easy_and_hard])
+    assert gain["low"] == pytest.approx(0.1) and gain["high"] == pytest.approx(0.1)
+    mixed = paired_difference([0.5] * 40, [0.5 + (0.2 if i % 2 else -0.1) for i in range(40)])
+    assert mixed["difference"] == pytest.approx(0.05) and mixed["low"] < 0.05 < mixed["high"]
+    assert mixed["low"] > -0.1 and mixed["high"] < 0.2
+    with pytest.raises(ValueError, match="same prompts: 2 vs 3"):
+        paired_difference([0.1, 0.2], [0.1, 0.2, 0.3])
+
+
 class _Scripted:
     """An engine that returns fixed completions (to check the metric arithmetic)."""
 
@@ -68,7 +84,8 @@ def test_pass_at_1_and_cons_at_k_arithmetic():
     ok5, ok7 = "<think> a </think> <answer> 5 </answer>", "<think> a </think> <answer> 7 </answer>"
     bad = "<think> a </think> <answer> 1 </answer>"
     texts = [ok5, bad, ok5, "5", bad, bad, ok7, "7"]  # row 1: 2/4 correct, majority 5; row 2: 1/4, majority 1
-    m = evaluate(_Scripted(texts), rows, k=4, sampling=Sampling())
+    m, per_prompt = evaluate(_Scripted(texts), rows, k=4, sampling=Sampling(), per_prompt=True)
+    assert per_prompt["pass@1"] == [2 / 4, 1 / 4] and len(per_prompt["readability"]) == 2
     assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert m["cons@4"] == pytest.approx(0.5)
     assert m["format_rate"] == pytest.approx(6 / 8)

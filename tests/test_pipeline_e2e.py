@@ -435,6 +435,16 @@ def test_r1_eval_cli_on_a_registered_model(pipeline_results, micro, stack, capsy
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["k"] == 2 and out["num_prompts"] == 3 and {"pass@1", "cons@2", "format_rate", "mean_length"} <= set(out)
+    # two models on the same prompts and samples' seeds: the champion against itself differs by exactly 0
+    code = main(["eval", "--model", "models:/r1@champion", "--model", "models:/r1@champion", "--data", str(heldout),
+                 "--k", "2", "--config", "configs/micro.yaml", "--set", f"runtime.workdir={stack['workdir']}",
+                 "--set", f"runtime.mlflow_tracking_uri={stack['mlflow']}",
+                 "--set", "eval.num_prompts=3", "--set", "eval.sampling.max_new_tokens=4"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (difference,) = out["minus models:/r1@champion"].values()
+    assert set(difference) == {"pass@1", "readability"}
+    assert difference["pass@1"]["difference"] == difference["pass@1"]["low"] == difference["pass@1"]["high"] == 0
 
 
 def test_scheduled_retrain_deployment_retrains_from_the_champion_on_new_data(stack, pipeline_run):
