@@ -37,9 +37,9 @@ def _evaluate_and_register(config: PipelineConfig, result: StageResult, data: Da
                            register_model: bool = True) -> StageResult:
     if result.skipped and (result.registered or result.metrics):  # done in an earlier run of this config
         return result
-    metrics = evaluate_stage(config, result, data.heldout_file)
+    metrics, per_prompt = evaluate_stage(config, result, data.heldout_file)
     registered = register(config, result, metrics) if register_model else None
-    final = result.model_copy(update={"metrics": metrics, "registered": registered})
+    final = result.model_copy(update={"metrics": metrics, "per_prompt": per_prompt, "registered": registered})
     save_result(config, final)
     _publish(config, final)
     return final

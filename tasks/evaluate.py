@@ -65,10 +65,11 @@ def evaluate_locally(model_dir: str, rows: list[dict], eval_cfg: EvalConfig, bat
 @ray.remote
 def _evaluate_remote(model_dir: str, rows: list[dict], eval_cfg: dict, batch_size: int, threads: int, code: dict):
     return evaluate_locally(model_dir, rows, EvalConfig.model_validate(eval_cfg), batch_size, threads,
-                            CodeRewardConfig.model_validate(code))
+                            CodeRewardConfig.model_validate(code), per_prompt=True)
 
 
-def evaluate_on_ray(cfg: PipelineConfig, model_dir: str, heldout_file: str) -> dict[str, float]:
+def evaluate_on_ray(cfg: PipelineConfig, model_dir: str, heldout_file: str) -> tuple[dict[str, float], dict]:
+    """The held-out metrics and each prompt's scores (for paired comparisons between models)."""
     from r1core.reasoning_tasks import read_rows
 
     ensure_ray(cfg.runtime)

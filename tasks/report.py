@@ -11,14 +11,26 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from r1core.config import PipelineConfig
+from r1core.evaluation import paired_difference
 from tasks import tracking
 from tasks.stages import StageResult
 
 COLUMNS = ("pass@1", "cons@{k}", "format_rate", "language_consistency", "readability", "mean_length")
+PAIRED = ("pass@1", "readability")  # compared with the parent model prompt by prompt
+
+
+def trained_from(result: StageResult, results: dict[str, StageResult]) -> str | None:
+    """The stage of `results` whose model `result` trained from, when it is one of them."""
+    if not result.init_model_dir:
+        return None
+    init = Path(result.init_model_dir).resolve()
+    return next((s for s, r in results.items() if Path(r.model_dir).resolve() == init), None)
 
 
 def comparison_rows(results: dict[str, StageResult], k: int) -> list[dict]:
-    """One row per evaluated model, in pipeline order."""
+    """One row per evaluated model, in pipeline order, with the change from the model it trained
+    from: the mean per-prompt difference and its 95% bootstrap interval (same prompts and samples'
+    seed; at 200 prompts x 4 samples an interval of about ±0.02 pass@1 is sampling alone)."""
     rows = []
     for stage, r in results.items():
         if "pass@1" not in r.metrics:
@@ -27,6 +39,13 @@ def comparison_rows(results: dict[str, StageResult], k: int) -> list[dict]:
         for c in COLUMNS:
             name = c.format(k=k)
             row[name] = round(r.metrics.get(name, 0.0), 4)
+        parent = trained_from(r, results)
+        paired = parent is not None and all(results[parent].per_prompt.get(m) and r.per_prompt.get(m)
+                                            for m in PAIRED)
+        row["trained_from"] = parent or "-"
+        for m in PAIRED:
+            d = paired_difference(results[parent].per_prompt[m], r.per_prompt[m]) if paired else None
+            row[f"{m} change (95%)"] = f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "-"
         row["stage_seconds"] = round(r.seconds)
         rows.append(row)
     return rows

@@ -37,6 +37,9 @@ class StageResult(BaseModel):
     mlflow_run_id: str
     seconds: float
     metrics: dict[str, float] = {}
+    # each held-out prompt's pass@1 and readability (None: unscorable), for paired comparisons
+    per_prompt: dict[str, list[float | None]] = {}
+    init_model_dir: str | None = None  # the model it trained from (None: pretrained from scratch)
     registered: str | None = None  # "name/version"
     skipped: bool = False
 
@@ -158,7 +161,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, 
         logger.info("%s: Ray Train job on %d worker(s)", stage, compute.num_workers)
         ray_jobs.fit(stage, loop, job, cfg, compute)
         result = StageResult(stage=stage, model_dir=job["output_dir"], mlflow_run_id=run_id,
-                             seconds=time.time() - t0)
+                             seconds=time.time() - t0, init_model_dir=job.get("init_model_dir"))
         tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
         tracking.log_curves(cfg.runtime, run_id)
     save_result(cfg, result)
@@ -313,15 +316,17 @@ def _job(cfg: PipelineConfig, run_id: str, stage_dir: Path, **extra) -> dict:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_stage(cfg: PipelineConfig, stage: StageResult, heldout_file: str) -> dict[str, float]:
-    """Held-out pass@1 / cons@k / format rate / length of a stage's model, logged to its run."""
+def evaluate_stage(cfg: PipelineConfig, stage: StageResult, heldout_file: str) -> tuple[dict[str, float], dict]:
+    """Held-out pass@1 / cons@k / format rate / length of a stage's model, logged to its run
+    (with each prompt's scores as `eval/per_prompt.json`); returns the metrics and those scores."""
     from tasks.evaluate import evaluate_on_ray
 
-    metrics = evaluate_on_ray(cfg, stage.model_dir, heldout_file)
-    tracking.log_metrics(tracking.client_for(cfg.runtime), stage.mlflow_run_id,
-                         {f"eval/{k}": v for k, v in metrics.items()})
+    metrics, per_prompt = evaluate_on_ray(cfg, stage.model_dir, heldout_file)
+    client = tracking.client_for(cfg.runtime)
+    tracking.log_metrics(client, stage.mlflow_run_id, {f"eval/{k}": v for k, v in metrics.items()})
+    client.log_dict(stage.mlflow_run_id, per_prompt, "eval/per_prompt.json")
     get_run_logger().info("%s held-out: %s", stage.stage, json.dumps(metrics))
-    return metrics
+    return metrics, per_prompt
 
 
 def _registered_of(model_dir: str) -> str:

@@ -9,6 +9,7 @@ the API instead. Then the registry, the metrics, the lineage and the gate of tha
 that skips every stage, `r1 eval` on the champion, and the scheduled retrain deployment."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -403,7 +404,14 @@ def test_final_stages_carry_lineage_pass_the_gate_and_are_compared(pipeline_resu
     evaluated = [k for k, v in r.items() if "pass@1" in v.metrics]
     assert len(evaluated) == 9
 
-    assert [row["stage"] for row in _artifact(stack, "r1-model-comparison")] == evaluated
+    table = _artifact(stack, "r1-model-comparison")
+    assert [row["stage"] for row in table] == evaluated
+    # each model against the one it trained from, prompt by prompt (scores kept on the stage's run)
+    general = next(row for row in table if row["stage"] == "general_rl")
+    assert general["trained_from"] == "sft"
+    assert re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", general["pass@1 change (95%)"])
+    assert {a.path for a in client.list_artifacts(r["general_rl"].mlflow_run_id, "eval")} == {"eval/per_prompt.json"}
+    assert len(r["general_rl"].per_prompt["pass@1"]) == len(r["sft"].per_prompt["pass@1"]) > 0
     # each stage's summary for operators: what it did, its numbers, a link to its run on the server
     summary = _artifact(stack, "general-rl")
     assert f"{stack['mlflow']}/#/experiments/" in summary and r["general_rl"].mlflow_run_id in summary

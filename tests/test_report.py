@@ -1,0 +1,29 @@
+"""The pipeline's comparison table: each model against the model it trained from, prompt by prompt."""
+from tasks.report import comparison_rows, markdown
+from tasks.stages import StageResult
+
+
+def _result(tmp_path, stage, init, pass1, readability, **extra):
+    return StageResult(stage=stage, model_dir=str(tmp_path / stage / "model"), mlflow_run_id=stage, seconds=1.0,
+                       init_model_dir=init, metrics={"pass@1": 0.0, "cons@4": 0.0},
+                       per_prompt={"pass@1": pass1, "readability": readability}, **extra)
+
+
+def test_each_model_is_compared_with_the_model_it_trained_from(tmp_path):
+    base = _result(tmp_path, "pretrain_base", None, [0.0, 0.25, 0.0, None], [0.5] * 4)
+    # the path it names need not be spelled the same way as the parent's model_dir
+    sft = _result(tmp_path, "sft", str(tmp_path / "pretrain_base" / ".." / "pretrain_base" / "model"),
+                  [0.5, 0.25, 0.5, None], [1.0] * 4)
+    rl = _result(tmp_path, "general_rl", sft.model_dir, [0.5, 0.25, 0.5, 0.75], [1.0] * 4)
+    outside = _result(tmp_path, "distill/small/sft", str(tmp_path / "elsewhere"), [0.0] * 4, [0.0] * 4)
+    before_scores = _result(tmp_path, "r1_zero", base.model_dir, [], [])  # a result saved before scores were kept
+    rows = comparison_rows({"pretrain_base": base, "r1_zero": before_scores, "sft": sft, "general_rl": rl,
+                            "distill/small/sft": outside}, k=4)
+    by_stage = {r["stage"]: r for r in rows}
+    assert [by_stage[s]["trained_from"] for s in by_stage] == ["-", "pretrain_base", "pretrain_base", "sft", "-"]
+    assert by_stage["sft"]["pass@1 change (95%)"].startswith("+0.333 [")  # prompt 4 unscorable for the base
+    assert by_stage["sft"]["readability change (95%)"] == "+0.500 [+0.500, +0.500]"
+    assert by_stage["general_rl"]["pass@1 change (95%)"] == "+0.000 [+0.000, +0.000]"
+    for stage in ("pretrain_base", "r1_zero", "distill/small/sft"):
+        assert by_stage[stage]["pass@1 change (95%)"] == by_stage[stage]["readability change (95%)"] == "-"
+    assert "trained_from" in markdown(rows).splitlines()[0]
