@@ -40,15 +40,25 @@ def comparison_rows(results: dict[str, StageResult], k: int) -> list[dict]:
             name = c.format(k=k)
             row[name] = round(r.metrics.get(name, 0.0), 4)
         parent = trained_from(r, results)
-        paired = parent is not None and all(results[parent].per_prompt.get(m) and r.per_prompt.get(m)
-                                            for m in PAIRED)
         row["trained_from"] = parent or "-"
         for m in PAIRED:
-            d = paired_difference(results[parent].per_prompt[m], r.per_prompt[m]) if paired else None
-            row[f"{m} change (95%)"] = f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "-"
+            row[f"{m} change (95%)"] = _change(results[parent].per_prompt.get(m), r.per_prompt.get(m)) \
+                if parent else "-"
         row["stage_seconds"] = round(r.seconds)
         rows.append(row)
     return rows
+
+
+def _change(before: list | None, after: list | None) -> str:
+    """`after - before` with its interval; "-" where the two were not scored on the same prompts
+    (a result saved before per-prompt scores were kept, or no prompt scorable for both)."""
+    if not before or not after:
+        return "-"
+    try:
+        d = paired_difference(before, after)
+    except ValueError:
+        return "-"
+    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
 def markdown(rows: list[dict]) -> str:

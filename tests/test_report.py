@@ -17,13 +17,15 @@ def test_each_model_is_compared_with_the_model_it_trained_from(tmp_path):
     rl = _result(tmp_path, "general_rl", sft.model_dir, [0.5, 0.25, 0.5, 0.75], [1.0] * 4)
     outside = _result(tmp_path, "distill/small/sft", str(tmp_path / "elsewhere"), [0.0] * 4, [0.0] * 4)
     before_scores = _result(tmp_path, "r1_zero", base.model_dir, [], [])  # a result saved before scores were kept
-    rows = comparison_rows({"pretrain_base": base, "r1_zero": before_scores, "sft": sft, "general_rl": rl,
-                            "distill/small/sft": outside}, k=4)
+    other_prompts = _result(tmp_path, "reasoning_rl", base.model_dir, [0.5] * 3, [1.0] * 3)
+    rows = comparison_rows({"pretrain_base": base, "r1_zero": before_scores, "reasoning_rl": other_prompts,
+                            "sft": sft, "general_rl": rl, "distill/small/sft": outside}, k=4)
     by_stage = {r["stage"]: r for r in rows}
-    assert [by_stage[s]["trained_from"] for s in by_stage] == ["-", "pretrain_base", "pretrain_base", "sft", "-"]
+    assert [by_stage[s]["trained_from"] for s in by_stage] == ["-", "pretrain_base", "pretrain_base",
+                                                               "pretrain_base", "sft", "-"]
     assert by_stage["sft"]["pass@1 change (95%)"].startswith("+0.333 [")  # prompt 4 unscorable for the base
     assert by_stage["sft"]["readability change (95%)"] == "+0.500 [+0.500, +0.500]"
     assert by_stage["general_rl"]["pass@1 change (95%)"] == "+0.000 [+0.000, +0.000]"
-    for stage in ("pretrain_base", "r1_zero", "distill/small/sft"):
+    for stage in ("pretrain_base", "r1_zero", "reasoning_rl", "distill/small/sft"):
         assert by_stage[stage]["pass@1 change (95%)"] == by_stage[stage]["readability change (95%)"] == "-"
     assert "trained_from" in markdown(rows).splitlines()[0]
