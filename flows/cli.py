@@ -170,7 +170,7 @@ def run_eval(cfg, args) -> dict:
     rows = read_rows(args.data)
     if len(args.model) > 1:
         return compare_models(cfg, args.model, rows)
-    args.model = args.model[0]
+    (model,) = args.model
     if args.base_url:
         from r1core import code_rewards
         from r1core.engine import OpenAIEngine
@@ -179,28 +179,30 @@ def run_eval(cfg, args) -> dict:
         if not args.served_model:
             raise SystemExit("r1: --base-url needs --served-model")
         tokenizer = None
-        if Path(args.model).is_dir():
+        if Path(model).is_dir():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            tokenizer = AutoTokenizer.from_pretrained(model)
         code_rewards.configure(cfg.code)
         return evaluate_heldout(OpenAIEngine(args.base_url, args.served_model, tokenizer), rows, cfg.eval)
+    return evaluate_in_process(cfg, model, rows)
+
+
+def evaluate_in_process(cfg, model: str, rows: list[dict], per_prompt: bool = False):
+    """`tasks.evaluate.evaluate_locally` of a model dir or `models:/` URI, as this configuration asks."""
     from tasks.evaluate import evaluate_locally, resolve_model
 
-    return evaluate_locally(resolve_model(args.model, cfg), rows, cfg.eval, cfg.rollout.batch_size,
-                            threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code)
+    return evaluate_locally(resolve_model(model, cfg), rows, cfg.eval, cfg.rollout.batch_size,
+                            threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code, per_prompt=per_prompt)
 
 
 def compare_models(cfg, models: list[str], rows: list[dict]) -> dict:
     """Each model's metrics, and each further model minus the first, prompt by prompt."""
     from r1core.evaluation import paired_difference
-    from tasks.evaluate import evaluate_locally, resolve_model
 
     metrics, scores = {}, {}
     for model in models:
-        metrics[model], scores[model] = evaluate_locally(
-            resolve_model(model, cfg), rows, cfg.eval, cfg.rollout.batch_size,
-            threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code, per_prompt=True)
+        metrics[model], scores[model] = evaluate_in_process(cfg, model, rows, per_prompt=True)
     first = models[0]
     return {"models": metrics,
             f"minus {first}": {m: {name: paired_difference(scores[first][name], scores[m][name])

@@ -40,7 +40,6 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
     share of its k samples (pass@1: None for a row whose reference cannot be scored)."""
     prompts = [r["prompt"] for r in rows]
     rollouts = engine.generate(prompts, k, sampling)
-    per_prompt_correct: list[float] = []
     per_task: dict[str, list[float]] = defaultdict(list)
     cons, formatted, lengths, scorable = [], [], [], 0
     consistency, readable = [], []
@@ -73,14 +72,13 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
             continue
         scorable += 1
         share = sum(map(float, correct)) / k
-        per_prompt_correct.append(share)
         scores["pass@1"].append(share)
         per_task[row["task"]].append(share)
         majority = votes.most_common(1)[0][0] if votes else None
         cons.append(float(bool(verify(majority, row))))
     loose_scored = [x for x in loose if x is not None]
     metrics = {
-        "pass@1": _mean(per_prompt_correct),
+        "pass@1": _mean(x for x in scores["pass@1"] if x is not None),
         f"cons@{k}": _mean(cons),
         "format_rate": _mean(formatted),
         "answer_accuracy_any": _mean(loose_scored),
