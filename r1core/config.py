@@ -521,6 +521,9 @@ class SandboxConfig(Strict):
     file_size_mb: int = Field(16, ge=1, description="largest file a program may write")
     open_files: int = Field(64, ge=8, description="open file descriptors")
     output_bytes: int = Field(65536, ge=256, description="stdout + stderr + results; more kills the program")
+    tmp_mb: int = Field(64, ge=1, description="bytes a program may write in all (its working directory, /tmp, "
+                                              "/var/tmp, /dev/shm: one fresh tmpfs per program), in MB")
+    tmp_inodes: int = Field(4096, ge=64, description="files and directories a program may create in all")
     uid: int = Field(65534, ge=1, description="user the programs run as when the trainer runs as root")
     require_isolation: bool = Field(
         False, description="fail instead of falling back to a process group without network/file isolation")

@@ -1,15 +1,15 @@
 """Synthetic verifiable reasoning tasks with exact answers, and the R1-Zero prompt template.
 
 Every row is `{id, task, language, problem, question, prompt, answer, solution, steps, numbers,
-expression}`:
+operations, expression}`:
 - `problem` is the language-neutral problem, `question` its text in the row's `language`
   (English or Russian: two languages with their own words, so that a model can mix them),
   `prompt` the question inside the R1-Zero template;
 - `answer` the reference the accuracy reward verifies against;
 - `steps` the derivation as `[a, op, b, result]`, `solution` it written out (used to write the
   pretraining corpus and the cold-start exemplars);
-- `numbers` the numbers a Countdown row allows (empty for other tasks), `expression` one
-  expression that reaches its target.
+- `numbers` the numbers a Countdown row allows (empty for other tasks), `operations` the
+  operations its answer may use, `expression` one expression that reaches its target.
 Train and held-out rows are disjoint by problem (in any language); the split is a function of
 the seed.
 """
@@ -142,7 +142,8 @@ def countdown(rng: random.Random, countdown_numbers: int, max_operand: int, **_)
         value = new
     listed = ", ".join(str(x) for x in nums)
     return {"task": "countdown", "problem": f"{listed} -> {value}", "answer": str(value), "steps": steps,
-            "numbers": nums, "expression": expr, "fields": {"listed": listed, "target": value}}
+            "numbers": nums, "expression": expr, "operations": ["+", "-", "*"],
+            "fields": {"listed": listed, "target": value}}
 
 
 def python_expr(rng: random.Random, chain_min_terms: int, chain_max_terms: int, max_operand: int, **_) -> dict:
@@ -154,11 +155,15 @@ def python_expr(rng: random.Random, chain_min_terms: int, chain_max_terms: int, 
     expr = row["problem"]
     terms = [int(t) for t in expr.split()[::2]]
     return {**row, "task": "python_expr", "problem": f"python: {expr}", "numbers": terms, "expression": expr,
-            "fields": {"words": expr}}
+            "operations": ["+", "-"], "fields": {"words": expr}}
 
 
 GENERATORS: dict[str, Callable[..., dict]] = {"chain_sum": chain_sum, "countdown": countdown,
                                               "python_expr": python_expr}
+# What each task's <answer> must hold (r1core/rewards.py: answer kinds): chain sums an integer
+# literal (not the expression, not a hedge), Countdown an expression of the row's numbers and
+# operations, the code task code. Other tasks' rows are `math` unless a row says otherwise.
+ANSWER_KINDS = {"chain_sum": "integer", "countdown": "countdown", "python_expr": "code"}
 
 
 def localize(problem: dict, language: str) -> dict:
@@ -181,6 +186,7 @@ def _finish(row: dict) -> dict:
     row["id"] = row_id(row["question"])
     row["prompt"] = r1_zero_prompt(row["question"])
     row.setdefault("expression", "")
+    row.setdefault("operations", [])
     return row
 
 

@@ -1,45 +1,60 @@
 """Untrusted Python in a separate process with hard limits: the sandbox behind the code rewards.
 
 A program written by the model is untrusted input. It runs in a fresh process forked by a
-*sandbox worker*, never in the trainer, and the checker never runs inside it: the program
-reports the values of the test calls as JSON on a pipe of its own, and the parent compares
-them with expected values the program never sees (`run` returns them; `r1core/code_rewards.py`
-scores them). A worker serves one program at a time; a pool of warm workers (`Sandbox`) keeps
-the cost of a call to a fork instead of an interpreter start-up.
+*sandbox worker*, never in the trainer. A worker serves one program at a time; a pool of warm
+workers (`Sandbox`) keeps the cost of a call to a fork instead of an interpreter start-up.
 
-What is isolated, per program (limits from `SandboxConfig`, set by the worker before the
-program's first instruction):
+How results come back (the test protocol, `_Exchange`): the program runs as `__main__`; then its
+harness says "ready" on a result channel (fd 3) and the worker sends the tests one at a time on
+a request channel (fd 4), each only after the reply to the previous one. A reply is accepted
+only after its test was sent, exactly one per test and in order; a value before "ready", before
+its test or beyond the last one is a protocol violation and the run's results do not count. A
+test is a call (its value comes back as tagged JSON, `encode`, and is compared with the
+expected value in the trainer, which the program never sees) or a check function (HumanEval's
+`check(candidate)`, MBPP's asserts): that runs twice, first in the program's process with the
+program's functions behind recorders, returning only the calls made and their results, then in
+a fresh process that never ran the program, on those recorded results, where its asserts are
+judged (`_Check`). A value the harness cannot encode (a non-builtin type, deep nesting, a
+huge integer) fails its test.
+
+What is isolated, per program (limits from `SandboxConfig`, set before the program's first
+instruction):
 - time: wall clock (the worker kills the whole process group; the parent kills the worker if
   the worker itself stops answering), CPU seconds (RLIMIT_CPU);
 - memory: address space (RLIMIT_AS), so a 10 GB allocation is a MemoryError;
 - processes: RLIMIT_NPROC, counted per user, and every process the program left behind is
   killed after the call (see "modes");
-- files: a fresh temporary working directory, file size (RLIMIT_FSIZE), open files
-  (RLIMIT_NOFILE), no core dumps; stdin is empty; stdout and stderr are capped
-  (`output_bytes`; the program is killed when it writes more);
-- environment: a fixed, minimal environment (PATH, HOME and TMPDIR in the working directory,
-  LANG); the worker is started with that environment too and imports only the standard
-  library, so no variable, credential or tracking URI of the trainer reaches the program,
-  neither through `os.environ` nor through `/proc/<pid>/environ` of its parent.
+- files: file size (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core dumps; stdin is the
+  test's; stdout and stderr are capped (`output_bytes`; the program is killed past it);
+- environment: a fixed, minimal environment (PATH, HOME, TMPDIR, LANG); the worker is started
+  with that environment too and imports only the standard library, so no variable, credential
+  or tracking URI of the trainer reaches the program, neither through `os.environ` nor through
+  `/proc/<pid>/environ` of its parent.
 
-Modes (chosen once per process by probing `unshare`; the mode is logged and in `Sandbox.mode`):
+Modes (chosen once per process by probing; the mode is logged and in `Sandbox.mode`):
 - `namespaced` (where the OS permits user or root namespaces): each worker runs as PID 1 of its
-  own PID, network and mount namespaces. There is no network but a loopback that is down (no
-  connection to 127.0.0.1 nor outside); /tmp, /var/tmp, /dev/shm and the home directory are
-  private empty tmpfs mounts, and every other mount is read-only, so nothing outside the working
-  directory can be written or deleted; after each call the worker kills every other process of
-  its namespace (`kill(-1)` from PID 1), which catches children that left the process group,
-  and when the worker dies the kernel kills the whole namespace. Run as root, the program also
-  drops to an unprivileged user (`uid`, default nobody), which makes RLIMIT_NPROC bite.
-- `process-group` (fallback): the program runs in its own session; stray processes are found by
-  parentage (the worker is a child subreaper) and killed after each call. There is NO network
-  isolation and NO file-system isolation beyond the user's permissions in this mode: the log line
-  says so, and `SandboxConfig.require_isolation` turns it into an error instead.
+  own PID, network and mount namespaces: no network but a loopback that is down. Each program
+  then gets a mount namespace and a root file system of its own (`_private_root`): a fresh
+  tmpfs (`tmp_mb`, `tmp_inodes`) holding read-only binds of the interpreter's standard library
+  and the system library directories (`SYSTEM_VIEW`), a few devices, and empty writable /tmp,
+  /var/tmp, /dev/shm and /sandbox (its working directory and home). The host's root is
+  detached: the project, data, checkpoints, stores and home directories do not exist for it,
+  and nothing it writes survives it or reaches the next program. After each call the worker
+  kills every other process of its namespace (`kill(-1)` from PID 1); when the worker dies the
+  kernel kills the whole namespace. Run as root, the program drops to an unprivileged user
+  (`uid`, default nobody); in either case it keeps no capability (bounding set emptied,
+  no-new-privileges).
+- `process-group` (fallback): the program runs in its own session, in a temporary working
+  directory; stray processes are found by parentage (the worker is a child subreaper) and
+  killed after each call. There is NO network isolation and NO file-system isolation beyond the
+  user's permissions in this mode (it sees the host's files, /tmp is shared): the log line says
+  so, and `SandboxConfig.require_isolation` turns it into an error instead.
 
 Not isolated in either mode: CPU time is limited but not shared fairly with the trainer (a
-program can use its CPU seconds on any core); the program can read files its user can read; it
-runs the same Python as the trainer (without site-packages or the project on its path, but
-`ctypes` works) -- contained by the limits above, not by a language-level jail.
+program can use its CPU seconds on any core); it runs the same Python as the trainer (without
+site-packages or the project on its path; `ctypes` works), contained by the limits above, not by
+a language-level jail; inside its own process it can patch the harness (see "What an in-process
+harness cannot prevent" in the README: a program that knows the expected values can return them).
 
 This file is also the worker program: `python -I -S sandbox.py --serve CONFIG_JSON` (standard
 library only, on purpose).
@@ -90,28 +105,95 @@ class Result:
         return self.status == "ok"
 
 
+# ------------------------------------------------------------------------------ values on the wire
+# Test values cross processes as JSON with the Python types that JSON lacks tagged, so that a
+# tuple stays a tuple and a set a set. Only the builtin types themselves are encoded (never a
+# subclass, whose __eq__ or __repr__ the program controls); anything else, nesting deeper than
+# MAX_DEPTH or an integer of more than 4,300 digits is not a value (`Unencodable`).
+MAX_DEPTH = 64
+
+
+class Unencodable(ValueError):
+    pass
+
+
+def encode(value, depth: int = 0):
+    if depth > MAX_DEPTH:
+        raise Unencodable("nested too deeply")
+    t = type(value)
+    if value is None or t in (bool, str):
+        return value
+    if t is int:
+        if abs(value) >= 1 << 53:  # exact beyond float precision, and bounded in digits
+            return {"<int>": str(value)}
+        return value
+    if t is float:
+        return value if value == value and value not in (float("inf"), float("-inf")) else {"<float>": repr(value)}
+    if t is list:
+        return [encode(v, depth + 1) for v in value]
+    if t in (tuple, set, frozenset):
+        items = [encode(v, depth + 1) for v in value]
+        return {f"<{t.__name__}>": sorted(items, key=repr) if t is not tuple else items}
+    if t is dict:
+        return {"<dict>": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
+    if t is bytes:
+        return {"<bytes>": value.hex()}
+    if t is complex:
+        return {"<complex>": [repr(value.real), repr(value.imag)]}
+    raise Unencodable(f"not a plain value: {t.__name__}")
+
+
+def decode(data, depth: int = 0):
+    """The Python value of an `encode`d one; `Unencodable` for anything that is not one."""
+    if depth > MAX_DEPTH:
+        raise Unencodable("nested too deeply")
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if type(data) is list:
+        return [decode(v, depth + 1) for v in data]
+    if type(data) is not dict or len(data) != 1:
+        raise Unencodable("not an encoded value")
+    (tag, body), = data.items()
+    if tag == "<int>":
+        return int(body)
+    if tag == "<float>":
+        return float(body)
+    if tag in ("<tuple>", "<set>", "<frozenset>"):
+        items = [decode(v, depth + 1) for v in body]
+        return {"<tuple>": tuple, "<set>": set, "<frozenset>": frozenset}[tag](items)
+    if tag == "<dict>":
+        return {decode(k, depth + 1): decode(v, depth + 1) for k, v in body}
+    if tag == "<bytes>":
+        return bytes.fromhex(body)
+    if tag == "<complex>":
+        return complex(float(body[0]), float(body[1]))
+    raise Unencodable(f"unknown tag {tag!r:.20}")
+
+
 # ------------------------------------------------------------------------------ the program's side
-def _run_program(source: str, calls: list[str]) -> None:
-    """In the forked, limited child: run the program as __main__, then each test call, writing
-    one JSON line per call to fd 3. Everything here is reachable (and patchable) by the program;
-    nothing here decides pass or fail."""
+def _run_program(source: str) -> None:
+    """In the forked, limited child: run the program as __main__, say "ready" on the result
+    channel (fd 3), then answer the tests the worker sends on fd 4 afterwards, one JSON line per
+    test, until fd 4 closes. Everything here is reachable (and patchable) by the program;
+    nothing here decides pass or fail (see `Sandbox`)."""
     # taken before the program runs, so that patching builtins, json or os does not reach them
-    dumps, write, evaluate, compile_, exit_ = json.dumps, os.write, eval, compile, os._exit
+    dumps, loads, write, evaluate, compile_, exit_ = json.dumps, json.loads, os.write, eval, compile, os._exit
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
         exec(compile_(source, "<program>", "exec"), namespace)
-        for call in calls:
-            try:  # a test call that raises fails that test only
-                value = evaluate(compile_(call, "<test>", "eval"), namespace)
-            except Exception as exc:  # noqa: BLE001
-                value = {"<raised>": type(exc).__name__}
+        sys.stdout.flush()
+        write(3, b'{"ready": true}\n')
+        requests = io.FileIO(4, "r", closefd=False)
+        for line in _lines_of(requests):
+            test = loads(line)
             try:
-                line = dumps(value)
-            except (TypeError, ValueError, RecursionError):
-                line = dumps({"<unserialisable>": type(value).__name__})
+                reply = _answer(test, namespace, evaluate, compile_)
+                line = dumps(reply)
+            except (TypeError, ValueError, RecursionError, MemoryError) as exc:  # an unencodable value
+                line = dumps({"unencodable": type(exc).__name__})
             write(3, (line + "\n").encode())
         sys.stdout.flush()
     except SystemExit as exc:
@@ -120,6 +202,147 @@ def _run_program(source: str, calls: list[str]) -> None:
         traceback.print_exc(limit=5)
         exit_(1)
     exit_(0)
+
+
+def _lines_of(f):
+    buf = b""
+    while chunk := f.read(65536):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line
+
+
+def _answer(test: dict, namespace: dict, evaluate, compile_) -> dict:
+    """One test: a call's value, the calls a check made (phase 1), or a check's verdicts replayed
+    on recorded values (phase 2, in a process that never ran the model's program)."""
+    if "call" in test:
+        try:  # a test call that raises fails that test only
+            value = evaluate(compile_(test["call"], "<test>", "eval"), namespace)
+        except Exception as exc:  # noqa: BLE001
+            return {"raised": type(exc).__name__}
+        return {"value": encode(value)}
+    check = _Check(test, namespace, compile_)
+    if "record" in test:
+        return {"calls": check.record()}
+    return check.replay(test["replay"])
+
+
+class _Check:
+    """A test function run against the program: HumanEval's `check(candidate)`, or the asserts
+    of an MBPP row wrapped in one. Its asserts arrive rewritten as `__r1_assert__(i, lambda: x)`
+    (code_rewards.check_source), so that one failing assert fails only itself.
+
+    Phase 1 (`record`, in the program's process): the check runs with the program's functions
+    behind recorders; what comes back is only the calls (arguments, results) it made. Phase 2
+    (`replay`, in a fresh process with only the row's trusted prelude): the same check runs with
+    stubs that return the recorded results for the same arguments, and judges them. So a verdict
+    never comes from the program's process; the program can only supply return values."""
+
+    def __init__(self, test: dict, namespace: dict, compile_):
+        import random
+
+        self.test, self.random = test, random
+        self.globals = dict(namespace)
+        if test.get("prelude") and "record" in test:  # what the check may use that the program lacks
+            prelude: dict = {"__name__": "__main__", "__builtins__": builtins}
+            exec(compile_(test["prelude"], "<prelude>", "exec"), prelude)
+            for name, value in prelude.items():
+                self.globals.setdefault(name, value)
+        self.outcomes: list = [None] * test["asserts"]
+        self.globals["__r1_assert__"] = self._assert
+        self.code = compile_(test["check"], "<check>", "exec")
+
+    def _assert(self, i: int, condition) -> None:
+        try:
+            ok = bool(condition())
+        except Exception:  # noqa: BLE001 - a raising assert is a failed one
+            ok = False
+        self.outcomes[i] = ok and self.outcomes[i] is not False
+
+    def _run(self, functions: dict) -> bool:
+        """Run the check with `functions` (name -> callable) bound; whether it ran to the end."""
+        self.random.seed(0)  # the same draws in both phases
+        self.globals.update(functions)
+        try:
+            exec(self.code, self.globals)
+            check, argument = self.globals.get("check"), functions.get(self.test.get("argument"))
+            if callable(check):
+                check(argument) if argument is not None and _takes_argument(check) else check()
+        except Exception:  # noqa: BLE001 - the check stopped early: what it did not reach fails
+            return False
+        return True
+
+    def record(self) -> list:
+        calls = []
+
+        def recorder(name, fn):
+            def call(*args, **kwargs):
+                key = _encoded_args(args, kwargs)
+                state = self.random.getstate()  # the program's use of `random` must not move the check's
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as exc:
+                    calls.append({"name": name, "args": key, "raised": type(exc).__name__})
+                    raise
+                finally:
+                    self.random.setstate(state)
+                try:
+                    encoded = {"result": encode(result)}
+                except Unencodable as exc:
+                    encoded = {"unencodable": str(exc)}
+                after = _encoded_args(args, kwargs)
+                calls.append({"name": name, "args": key, **({"after": after} if after != key else {}), **encoded})
+                if "unencodable" in encoded:
+                    raise TypeError("the result is not a plain value")
+                return result
+            return call
+
+        functions = {}
+        for name in self.test["stubs"]:
+            target = self.globals.get(self.test.get("entry_point") if name == self.test.get("argument") else name)
+            if callable(target):
+                functions[name] = recorder(name, target)
+        self._run(functions)
+        return calls
+
+    def replay(self, calls: list) -> dict:
+        pending = list(reversed(calls))
+
+        def stub(name):
+            def call(*args, **kwargs):
+                if not pending:
+                    raise LookupError("more calls than recorded")
+                record = pending.pop()
+                if record.get("name") != name or record.get("args") != _encoded_args(args, kwargs):
+                    pending.clear()
+                    raise LookupError("the check called differently from the recording")
+                if "after" in record:  # the program changed a list or dict argument in place
+                    for arg, after in zip(args, decode(record["after"])[0], strict=False):
+                        if type(arg) is list:
+                            arg[:] = after
+                        elif type(arg) is dict:
+                            arg.clear()
+                            arg.update(after)
+                if "result" not in record:
+                    raise RuntimeError(record.get("raised") or "no result")
+                return decode(record["result"])
+            return call
+
+        completed = self._run({name: stub(name) for name in self.test["stubs"]})
+        return {"outcomes": self.outcomes, "completed": completed and not pending}
+
+
+def _takes_argument(fn) -> bool:
+    code = getattr(fn, "__code__", None)
+    return code is not None and code.co_argcount >= 1
+
+
+def _encoded_args(args: tuple, kwargs: dict):
+    try:
+        return encode((tuple(args), dict(kwargs)))
+    except Unencodable as exc:
+        return {"<unencodable>": str(exc)}
 
 
 def _limit(config: dict) -> None:
@@ -136,30 +359,34 @@ def _limit(config: dict) -> None:
     cap(resource.RLIMIT_CORE, 0)
 
 
-def _child(request: dict, config: dict, workdir: str, fds: tuple[int, int, int, int]) -> None:
-    """The forked child: its own session, limits, unprivileged user, working directory, fds."""
+def _child(request: dict, config: dict, namespaced: bool, workdir: str, fds: tuple[int, ...]) -> None:
+    """The forked child: its own session and view of the file system, limits, unprivileged user,
+    working directory, fds 0-4 (stdin, stdout, stderr, results, tests)."""
     try:
-        stdin, out, err, values = fds
         os.setsid()
-        for target, fd in ((0, stdin), (1, out), (2, err), (3, values)):
+        for target, fd in enumerate(fds):
             os.dup2(fd, target)
-        os.closerange(4, 1 << 16)
+        os.closerange(len(fds), 1 << 16)
+        if namespaced:
+            workdir = _private_root(config)
         _limit(config)
         if config.get("drop_to_uid") is not None:  # root on the host: run as an unprivileged user
             os.setgroups([])
             os.setgid(config["drop_to_uid"])
             os.setuid(config["drop_to_uid"])
+        if namespaced:
+            _drop_capabilities()
         os.chdir(workdir)
         os.environ.clear()
-        os.environ.update(_clean_env(workdir))
+        os.environ.update(_clean_env(workdir, "/tmp" if namespaced else workdir))
     except BaseException:  # noqa: BLE001 - set-up failed: never run the program unconfined
         os._exit(120)
-    _run_program(request["source"], request.get("calls", []))
+    _run_program(request["source"])
 
 
 # ------------------------------------------------------------------------------ the worker
-def _clean_env(home: str) -> dict[str, str]:
-    return {"PATH": _CLEAN_PATH, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+def _clean_env(home: str, tmp: str | None = None) -> dict[str, str]:
+    return {"PATH": _CLEAN_PATH, "HOME": home, "TMPDIR": tmp or home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
             "PYTHONDONTWRITEBYTECODE": "1"}
 
 
@@ -170,30 +397,98 @@ def _libc():
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _private_mounts(homes: list[str]) -> None:
-    """In our own mount namespace: everything read-only, then empty tmpfs where programs may
-    write (and where the host keeps files a program must not touch, like the home directory)."""
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+CLONE_NEWNS, MNT_DETACH = 0x20000, 2
+PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+
+def _mount(source, target: str, fstype, flags: int, data=None, required: bool = True) -> bool:
     libc = _libc()
-    ms_rdonly, ms_remount, ms_bind, ms_rec, ms_private = 1, 32, 4096, 16384, 1 << 18
-
-    def mount(source, target, fstype, flags, data, required=True):
-        if libc.mount(source, target.encode(), fstype, flags, data) != 0 and required:
-            raise OSError(ctypes_errno(), f"sandbox: mount {target} failed")
-
-    def ctypes_errno():
+    if libc.mount(source, target.encode(), fstype, flags, data) == 0:
+        return True
+    if required:
         import ctypes
 
-        return ctypes.get_errno()
+        raise OSError(ctypes.get_errno(), f"sandbox: mount {target} failed")
+    return False
 
-    mount(b"none", "/", None, ms_rec | ms_private, None)
+
+def _worker_mounts() -> None:
+    """The worker's own mount namespace: every mount read-only, and a private /tmp for its
+    per-call files (programs never see this view: each gets `_private_root`)."""
+    _mount(b"none", "/", None, MS_REC | MS_PRIVATE)
     with open("/proc/self/mountinfo") as f:
         targets = [line.split()[4] for line in f]
     for target in targets:
         if not target.startswith(("/proc", "/dev", "/sys")):  # / must succeed; others are best effort
-            mount(None, target, None, ms_remount | ms_bind | ms_rdonly, None, required=target == "/")
-    for path in ("/tmp", "/var/tmp", "/dev/shm", *homes):
+            _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY, required=target == "/")
+    _mount(b"tmpfs", "/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=16m,mode=1777")
+
+
+def _private_root(config: dict) -> str:
+    """In a mount namespace of the program's own: a fresh root file system, a tmpfs bounded in
+    bytes and inodes, holding read-only binds of the interpreter's standard library and the system
+    directories its extension modules load from (`view`), a few device nodes, and empty writable
+    /tmp, /var/tmp, /dev/shm and /sandbox (the working directory). The host's root is detached,
+    so nothing else of the host (the project, data, checkpoints, stores, homes) exists for the
+    program; the namespace, and everything written in it, is gone when the program's processes
+    are. Returns the working directory."""
+    libc = _libc()
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError("sandbox: unshare(CLONE_NEWNS) failed")
+    _mount(b"none", "/", None, MS_REC | MS_PRIVATE)
+    new = config["staging"]
+    options = f"size={config['tmp_mb']}m,nr_inodes={config['tmp_inodes']},mode=755".encode()
+    _mount(b"tmpfs", new, b"tmpfs", MS_NOSUID | MS_NODEV, options)
+    for path in config["view"]:
+        target = new + path
+        if os.path.islink(path):  # /lib -> usr/lib on merged-/usr systems
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(os.readlink(path), target)
+            continue
         if os.path.isdir(path):
-            mount(b"tmpfs", path, b"tmpfs", 0, b"size=64m,mode=1777")
+            os.makedirs(target, exist_ok=True)
+        elif os.path.exists(path):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        else:
+            continue
+        device = path.startswith("/dev/")
+        _mount(path.encode(), target, None, MS_BIND | MS_REC)
+        _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (0 if device else MS_NODEV),
+               required=False)
+    for path, mode in (("/tmp", 0o1777), ("/var/tmp", 0o1777), ("/dev/shm", 0o1777), ("/sandbox", 0o700),
+                       ("/.old", 0o700)):
+        os.makedirs(new + path, exist_ok=True)
+        os.chmod(new + path, mode)
+    if config.get("drop_to_uid") is not None:
+        os.chown(new + "/sandbox", config["drop_to_uid"], config["drop_to_uid"])
+    import platform
+
+    os.chdir(new)
+    if libc.syscall(PIVOT_ROOT[platform.machine()], b".", b".old") != 0:
+        raise OSError("sandbox: pivot_root failed")
+    os.chdir("/")
+    if libc.umount2(b"/.old", MNT_DETACH) != 0:
+        raise OSError("sandbox: detaching the host's root failed")
+    os.rmdir("/.old")
+    return "/sandbox"
+
+
+def _drop_capabilities() -> None:
+    """No capability now or after an exec (as root of a user namespace the program would keep
+    them): empty bounding set, no new privileges, empty effective/permitted/inheritable sets."""
+    import ctypes
+
+    libc = _libc()
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (EINVAL past the last capability)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError("sandbox: PR_SET_NO_NEW_PRIVS failed")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capset(header, data) != 0:
+        raise OSError("sandbox: capset failed")
 
 
 def _kill_group(pid: int) -> None:
@@ -252,8 +547,71 @@ def _others_alive() -> bool:
     return any(e.isdigit() and e != "1" for e in os.listdir("/proc"))
 
 
+class _Exchange:
+    """The worker's side of the test protocol with one program: nothing may arrive on the result
+    channel before "ready"; then each test is sent only after the previous reply, and exactly one
+    line may come back per test, after it was sent, in order. Anything else is a protocol
+    violation (`broken`), and the run's results do not count."""
+
+    def __init__(self, tests: list[dict], request_fd: int):
+        self.pending = [(json.dumps(t) + "\n").encode() for t in tests]
+        self.request_fd: int | None = request_fd
+        self.out, self.buffer, self.sent = b"", b"", 0
+        self.replies: list[bytes] = []
+        self.ready, self.broken = False, ""
+
+    def close(self) -> None:
+        if self.request_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.request_fd)
+            self.request_fd = None
+
+    def received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer and not self.broken:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            if not self.ready:
+                if line != b'{"ready": true}':
+                    self.broken = "values before the program had loaded"
+                    return
+                self.ready = True
+            elif self.out:
+                self.broken = "a value before its test was sent"
+                return
+            elif len(self.replies) >= self.sent:
+                self.broken = "more values than tests"
+                return
+            else:
+                self.replies.append(line)
+            if self.pending:
+                self.out, self.sent = self.pending.pop(0), self.sent + 1
+            else:
+                self.close()  # end of the tests: the program's harness exits
+
+    def writable(self) -> list[int]:
+        return [self.request_fd] if self.out and self.request_fd is not None else []
+
+    def write(self) -> None:
+        try:
+            n = os.write(self.request_fd, self.out)
+        except OSError:  # the program closed its end
+            self.out = b""
+            self.close()
+            return
+        self.out = self.out[n:]
+
+    def values(self) -> list:
+        out = []
+        for line in self.replies:
+            try:
+                out.append(json.loads(line))
+            except (ValueError, RecursionError, MemoryError):
+                out.append({"unencodable": "not JSON"})
+        return out
+
+
 def _run_one(request: dict, config: dict, namespaced: bool, root: str, n: int) -> dict:
-    workdir = os.path.join(root, f"call-{n}")
+    workdir = os.path.join(root, f"call-{n}")  # used in the process-group mode only
     os.mkdir(workdir, 0o700)
     if config.get("drop_to_uid") is not None:
         os.chown(workdir, config["drop_to_uid"], config["drop_to_uid"])
@@ -261,16 +619,22 @@ def _run_one(request: dict, config: dict, namespaced: bool, root: str, n: int) -
     with open(stdin_path, "w") as f:
         f.write(request.get("stdin", ""))
     stdin = os.open(stdin_path, os.O_RDONLY)
-    pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, values
+    os.unlink(stdin_path)
+    pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, results
+    tests_r, tests_w = os.pipe()
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        _child(request, config, workdir, (stdin, pipes[0][1], pipes[1][1], pipes[2][1]))
+        os.close(tests_w)
+        _child(request, config, namespaced, workdir, (stdin, pipes[0][1], pipes[1][1], pipes[2][1], tests_r))
     os.close(stdin)
+    os.close(tests_r)
+    os.set_blocking(tests_w, False)
     for _, w in pipes:
         os.close(w)
+    exchange = _Exchange(request.get("tests", []), tests_w)
     readers = {r: i for i, (r, _) in enumerate(pipes)}
-    chunks: list[list[bytes]] = [[], [], []]
+    chunks: list[list[bytes]] = [[], []]
     sizes = [0, 0, 0]
     status, detail = None, ""
     deadline = start + config["wall_s"]
@@ -279,18 +643,27 @@ def _run_one(request: dict, config: dict, namespaced: bool, root: str, n: int) -
         if left <= 0:
             status, detail = "timeout", f"wall clock over {config['wall_s']} s"
             break
-        ready, _, _ = select.select(list(readers), [], [], left)
+        ready, writable, _ = select.select(list(readers), exchange.writable(), [], left)
+        if writable:
+            exchange.write()
         for fd in ready:
             data = os.read(fd, 65536)
             if not data:
                 del readers[fd]
                 continue
             i = readers[fd]
-            chunks[i].append(data)
             sizes[i] += len(data)
+            if i == 2:
+                exchange.received(data)
+            else:
+                chunks[i].append(data)
         if sum(sizes) > config["output_bytes"]:
             status, detail = "output_limit", f"wrote more than {config['output_bytes']} bytes"
             break
+        if exchange.broken:
+            status, detail = "error", f"test protocol: {exchange.broken}"
+            break
+    exchange.close()
     if status:
         _kill_group(pid)
     code = None
@@ -322,23 +695,18 @@ def _run_one(request: dict, config: dict, namespaced: bool, root: str, n: int) -
             status, detail = "unavailable", "sandbox set-up failed in the child"
         elif strays:
             status, detail = "error", "left processes running (killed)"
+        elif exit_code == 0 and len(exchange.replies) != len(request.get("tests", [])):
+            status, detail = "error", f"answered {len(exchange.replies)} of {len(request.get('tests', []))} tests"
         else:
             status = "ok" if exit_code == 0 else "error"
-    values = []
-    for line in b"".join(chunks[2]).decode(errors="replace").splitlines():
-        try:
-            values.append(json.loads(line))
-        except ValueError:
-            values.append(f"<unparseable {line[:40]!r}>")
     cap = config["output_bytes"]
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)
-    os.unlink(stdin_path)
     return asdict(Result(status=status, exit_code=None if sig is not None else exit_code, signal=sig,
                          stdout=b"".join(chunks[0])[:cap].decode(errors="replace"),
                          stderr=b"".join(chunks[1])[:cap].decode(errors="replace"),
-                         values=values, wall_s=round(wall, 6), detail=detail))
+                         values=exchange.values(), wall_s=round(wall, 6), detail=detail))
 
 
 def _read_message(fd: int) -> dict | None:
@@ -370,7 +738,7 @@ def serve(config: dict) -> None:
 
     namespaced = os.getpid() == 1
     if namespaced:
-        _private_mounts(config.get("homes", []))
+        _worker_mounts()
     else:  # orphans of the program are re-parented to us, so that we can find and kill them
         _libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     _libc().prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: the program cannot ptrace or read our memory
@@ -380,6 +748,9 @@ def serve(config: dict) -> None:
         importlib.import_module(name)
     root = tempfile.mkdtemp(prefix="r1-sandbox-")
     os.chmod(root, 0o711)
+    config = {**config, "staging": os.path.join(root, "root"),
+              "view": [*config["view"], *(p for p in sys.path if os.path.isdir(p))]}
+    os.mkdir(config["staging"], 0o755)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     n = 0
     while (request := _read_message(0)) is not None:
@@ -422,19 +793,18 @@ def _probe(config: dict) -> tuple[str, str]:
     if probe.returncode != 0:
         return "process-group", probe.stderr.decode(errors="replace").strip()
     worker = _Worker(config, "namespaced")
-    reply = worker.call({"source": "print(1)", "calls": []}, 30)
+    reply = worker.call({"source": "import hashlib\nprint(1)", "tests": [{"call": "1"}]}, 30)
     worker.close()
     if not reply or reply["status"] != "ok":
         return "process-group", f"a namespaced worker could not run a program: {reply}"
     return "namespaced", ""
 
 
-def _private_homes() -> list[str]:
-    """Home directories to hide behind empty tmpfs mounts, but none that holds this Python."""
-    homes = {os.path.expanduser("~"), "/root", "/home"}
-    needed = [os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix, __file__)]
-    return sorted(h for h in homes if os.path.isdir(h)
-                  and not any(p == h or p.startswith(h.rstrip("/") + "/") for p in needed))
+# What a program sees of the host, read-only (besides the interpreter's standard library, added by
+# the worker from its own sys.path): the system directories shared libraries load from, the
+# loader's cache, and harmless devices. Paths that do not exist are skipped.
+SYSTEM_VIEW = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache",
+               "/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 
 
 class _Worker:
@@ -484,7 +854,7 @@ class Sandbox:
         cfg = SandboxConfig.model_validate(config or {})
         self.settings = cfg
         self.config = {**cfg.model_dump(exclude={"workers", "require_isolation", "uid"}),
-                       "homes": _private_homes(), "drop_to_uid": cfg.uid if os.geteuid() == 0 else None}
+                       "view": list(SYSTEM_VIEW), "drop_to_uid": cfg.uid if os.geteuid() == 0 else None}
         self.mode = isolation_mode(self.config)
         if cfg.require_isolation and self.mode != "namespaced":
             raise RuntimeError("sandbox.require_isolation: namespaces are not available on this machine "
@@ -495,9 +865,11 @@ class Sandbox:
         self._lock = threading.Lock()
         self.counts = {s: 0 for s in STATUSES}
 
-    def run(self, source: str, calls: list[str] | None = None, stdin: str = "") -> Result:
-        """Run `source` as a program, then evaluate each of `calls` in its namespace."""
-        request = {"source": source, "calls": list(calls or []), "stdin": stdin}
+    def run(self, source: str, tests: list[str | dict] | None = None, stdin: str = "") -> Result:
+        """Run `source` as a program, then send it `tests` one by one (a string is a call to
+        evaluate in its namespace: `{"call": ...}`); `Result.values` holds one reply per test."""
+        tests = [{"call": t} if isinstance(t, str) else t for t in tests or []]
+        request = {"source": source, "tests": tests, "stdin": stdin}
         with self._slots:
             worker = self._take()
             reply = worker.call(request, self.config["wall_s"] + 10) if worker else None

@@ -2,8 +2,8 @@
 reason (a quarantine), and the job goes on while they stay within an error budget.
 
 A row needs `prompt`, `answer` and `task` as non-empty strings (an integer answer is accepted
-and turned into its string); a `code` row (MBPP / HumanEval style) needs `prompt` and `tests`
-instead of an answer (r1core/code_rewards.py: test forms). A line that is not valid UTF-8 or
+and turned into its string); a `code` row (MBPP / HumanEval style) needs `prompt` and tests
+instead of an answer (r1core/code_rewards.py: `row_tests`, the forms they ship in). A line that is not valid UTF-8 or
 not a JSON object is bad too.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from r1core.code_rewards import normalise_tests
+from r1core.code_rewards import row_tests
 
 REQUIRED_TEXT = ("prompt", "answer", "task")
 
@@ -27,7 +27,7 @@ def row_problem(row) -> str | None:
     code = row.get("task") == "code"
     if code:
         try:
-            normalise_tests(row.get("tests"), "code row")
+            row_tests(row, "code row")
         except ValueError as e:
             return str(e)
     for name in REQUIRED_TEXT if not code else ("prompt", "task"):
@@ -50,7 +50,7 @@ def check_rows(rows: list, first_line: int = 1) -> tuple[list[dict], list[dict]]
             bad.append({"line": line_no, "raw": json.dumps(row, default=str), "reason": problem})
         else:
             good.append({**row, "answer": str(row.get("answer", "")),
-                         **({"tests": normalise_tests(row["tests"], "")} if row["task"] == "code" else {})})
+                         **({"tests": row_tests(row, f"row {line_no}")} if row["task"] == "code" else {})})
     return good, bad
 
 

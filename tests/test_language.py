@@ -28,8 +28,10 @@ LC_CASES = [
     ("mixed scripts within a word", completion("3 plюс 4 is 7."), "en", 0.5),
     ("cyrillic look-alike letter in a latin word", completion("3 p\u0430lus 4 is 7."), "en", 0.5),
     ("latin look-alike letter in a cyrillic word", completion("3 плюc 4 будет 7."), "ru", 0.5),
-    ("digits and symbols only", completion("3 + 4 = 7."), "en", 1.0),
-    ("digits only, russian prompt", completion("3 4 7"), "ru", 1.0),
+    # no word carries a language: nothing is consistent (else moving the reasoning out of the
+    # CoT, into the answer, would earn the full reward)
+    ("digits and symbols only", completion("3 + 4 = 7."), "en", 0.0),
+    ("digits only, russian prompt", completion("3 4 7"), "ru", 0.0),
     ("full-width latin (NFKC)", completion("3 ｐｌｕｓ 4 ｉｓ 7."), "en", 1.0),
     ("mathematical bold latin (NFKC)", completion("3 𝐩𝐥𝐮𝐬 4 𝐢𝐬 7."), "en", 1.0),
     ("ligature (NFKC)", completion("ﬁve plus two is seven"), "en", 1.0),
@@ -51,8 +53,10 @@ def test_language_consistency_reward(name, text, language, expected):
 
 @pytest.mark.parametrize("name,text,language,expected", LC_CASES, ids=[c[0] for c in LC_CASES])
 def test_mixing_is_any_word_outside_the_prompt_language(name, text, language, expected):
-    if parse_format(text) is not None:  # well-formed: mixing and the reward agree
+    if parse_format(text) is not None and "digits" not in name:  # well-formed: mixing and the reward agree
         assert mixes_languages(text, language) == (expected < 1.0)
+    elif "digits" in name:  # no word: nothing mixes, and nothing earns the reward
+        assert not mixes_languages(text, language) and expected == 0.0
 
 
 READABLE_CASES = [

@@ -210,8 +210,14 @@ def test_unavailable_sandbox_is_none_and_counted():
 
 def test_test_forms_and_their_errors():
     assert normalise_tests(["assert add(1, 2) == 3"], "f.jsonl row 1") == [{"call": "add(1, 2)", "expected": 3}]
-    with pytest.raises(ValueError, match="f.jsonl row 4: test 1: only 'assert <call> == <literal>'"):
-        normalise_tests(["assert add(1, 2) > 3"], "f.jsonl row 4")
+    check = normalise_tests(["assert add(1, 2) > 2", "assert True, 'always'"], "f.jsonl row 4")[0]
+    assert check["asserts"] == 2 and check["counted"] == [0] and check["stubs"] == ["add"]
+    with pytest.raises(ValueError, match="f.jsonl row 5: test 1: only 'assert ...' strings are tests"):
+        normalise_tests(["print(add(1, 2))"], "f.jsonl row 5")
+    with pytest.raises(ValueError, match="f.jsonl row 6: test 1: .* does not parse"):
+        normalise_tests(["assert add(1, 2) =="], "f.jsonl row 6")
+    with pytest.raises(ValueError, match="row 7: the test code has no assert that uses the solution"):
+        normalise_tests(["assert True"], "row 7")
     with pytest.raises(ValueError, match="row 2: `tests` must be a non-empty list"):
         normalise_tests([], "row 2")
 
@@ -233,14 +239,17 @@ def test_code_rows_from_a_local_file(sandbox, tmp_path):
 
     rows = [{"prompt": "Write add(a, b).", "task": "code", "entry_point": "add",
              "tests": ["assert add(1, 2) == 3", "assert candidate(20, 22) == 42"]},
-            {"prompt": "Write sub(a, b).", "task": "code", "tests": ["assert sub(1, 2) < 0"]}]
+            {"prompt": "Write sub(a, b).", "task": "code", "tests": ["assert sub(1, 2) < 0"]},
+            {"prompt": "Write mul(a, b).", "task": "code", "tests": ["mul(1, 2) == 2"]}]
     path = tmp_path / "mbpp.jsonl"
     path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
     good, bad = read_checked(path)
-    assert len(good) == 1 and good[0]["tests"][1] == {"call": "candidate(20, 22)", "expected": 42}
-    assert bad[0]["line"] == 2 and "test 1: only 'assert <call> == <literal>'" in bad[0]["reason"]
-    with pytest.raises(ValueError, match=r"mbpp.jsonl: row 2: code row: test 1"):
+    assert len(good) == 2 and good[0]["tests"][1] == {"call": "candidate(20, 22)", "expected": 42}
+    assert bad[0]["line"] == 3 and "test 1: only 'assert ...' strings are tests" in bad[0]["reason"]
+    with pytest.raises(ValueError, match=r"mbpp.jsonl: row 3: code row: test 1"):
         read_rows(path)
+    assert verify("def sub(a, b):\n    return a - b", good[1]) is True
+    assert verify("def sub(a, b):\n    return b - a", good[1]) is False
     row = good[0]
     assert verify("```python\ndef add(a, b):\n    return a + b\n```", row) is True
     assert verify("def add(a, b):\n    return a - b", row) is False
