@@ -20,7 +20,7 @@ from r1core import code_rewards
 from r1core.engine import Sampling, TorchEngine
 from r1core.grpo import group_advantages, grpo_loss, token_logprobs
 from r1core.reasoning_tasks import GENERATORS
-from r1core.rewards import format_reward, mixes_languages, score
+from r1core.rewards import format_reward, mixes_languages, score, unscored_counts
 
 
 class TrainContext:
@@ -357,6 +357,8 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "unscorable_frac": float(unscorable.float().mean()),
             # programs run for code rewards so far, by outcome ("unavailable": the sandbox could not run one)
             **{f"sandbox/{status}": float(n) for status, n in code_rewards.sandbox_counts(all_statuses=True).items()},
+            # reward scores that were None so far, by reason (reference, timeout, error, sandbox)
+            **{f"reward_none/{reason}": float(n) for reason, n in unscored_counts().items()},
             "gen_tokens_per_s": n_tokens / gen_s,
             "train_tokens_per_s": float(attn.sum()) * cfg.inner_epochs / train_s,
         }

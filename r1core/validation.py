@@ -12,6 +12,10 @@ import json
 from pathlib import Path
 
 from r1core.code_rewards import row_tests
+from r1core.language import LANGUAGE_SCRIPTS
+
+# what a row's `answer_kind` may say (r1core/rewards.py: answer kinds)
+ANSWER_KINDS = ("integer", "number", "math", "countdown", "code")
 
 REQUIRED_TEXT = ("prompt", "answer", "task")
 
@@ -30,6 +34,10 @@ def row_problem(row) -> str | None:
             row_tests(row, "code row")
         except ValueError as e:
             return str(e)
+    if row.get("language") not in (None, "") and row.get("language") not in LANGUAGE_SCRIPTS:
+        return f"field 'language' is {row.get('language')!r:.20}; known: {', '.join(sorted(LANGUAGE_SCRIPTS))}"
+    if row.get("answer_kind") not in (None, "") and row.get("answer_kind") not in ANSWER_KINDS:
+        return f"field 'answer_kind' is {row.get('answer_kind')!r:.20}; known: {', '.join(ANSWER_KINDS)}"
     for name in REQUIRED_TEXT if not code else ("prompt", "task"):
         value = row.get(name)
         if value is None or value == "":
