@@ -85,6 +85,12 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--base-url", help="OpenAI-compatible server (e.g. vllm serve) instead of in-process")
     ev.add_argument("--served-model", help="model name on that server")
     _config_args(ev)
+    data = sub.add_parser("data", help="prepare data files")
+    data_sub = data.add_subparsers(dest="what", required=True)
+    imp = data_sub.add_parser("import-code", help="HumanEval / MBPP problems (JSONL, .gz too) as code rows "
+                                                "{prompt, task: code, tests, entry_point} for data.train_file")
+    imp.add_argument("file", help="HumanEval.jsonl(.gz) or an MBPP JSONL file")
+    imp.add_argument("--out", required=True, help="JSONL file to write (atomically)")
     _config_args(sub.add_parser("config", help="print the resolved configuration"))
     _config_args(sub.add_parser("serve", help="register the deployments (pipeline, every stage, scheduled "
                                               "retrain) with the Prefect API and run their flow runs"))
@@ -100,6 +106,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "data":
+        return import_code(args.file, args.out)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":
@@ -161,6 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     result = STAGE_FLOWS[args.name](config=cfg, **kwargs)
     dumped = {k: r.model_dump() for k, r in result.items()} if isinstance(result, dict) else result.model_dump()
     print(json.dumps(dumped, indent=1))
+    return 0
+
+
+def import_code(source: str, out: str) -> int:
+    """`r1 data import-code`: write the code rows of a HumanEval / MBPP file; a bad row is an
+    error naming the file and line, and nothing is written."""
+    from r1core.code_data import import_code_rows
+    from r1core.reasoning_tasks import write_rows
+
+    try:
+        rows = import_code_rows(source)
+    except (OSError, ValueError) as e:
+        print(f"r1 data import-code: {e}", file=sys.stderr)
+        return 2
+    write_rows(rows, out)
+    print(f"{len(rows)} code rows from {source} -> {out}")
     return 0
 
 

@@ -176,8 +176,10 @@ def _run_program(source: str) -> None:
     channel (fd 3), then answer the tests the worker sends on fd 4 afterwards, one JSON line per
     test, until fd 4 closes. Everything here is reachable (and patchable) by the program;
     nothing here decides pass or fail (see `Sandbox`)."""
-    # taken before the program runs, so that patching builtins, json or os does not reach them
+    # taken before the program runs, so that patching builtins, json, os or this module's globals
+    # does not reach them
     dumps, loads, write, evaluate, compile_, exit_ = json.dumps, json.loads, os.write, eval, compile, os._exit
+    answer, lines_of = _answer, _lines_of
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
@@ -187,10 +189,10 @@ def _run_program(source: str) -> None:
         sys.stdout.flush()
         write(3, b'{"ready": true}\n')
         requests = io.FileIO(4, "r", closefd=False)
-        for line in _lines_of(requests):
+        for line in lines_of(requests):
             test = loads(line)
             try:
-                reply = _answer(test, namespace, evaluate, compile_)
+                reply = answer(test, namespace, evaluate, compile_)
                 line = dumps(reply)
             except (TypeError, ValueError, RecursionError, MemoryError) as exc:  # an unencodable value
                 line = dumps({"unencodable": type(exc).__name__})
@@ -601,13 +603,29 @@ class _Exchange:
         self.out = self.out[n:]
 
     def values(self) -> list:
+        """The replies as JSON values; one that is not JSON, or nests deeper than an encoded value
+        can, is `{"unencodable": ...}` (its test fails: it is never a crash of the trainer)."""
         out = []
         for line in self.replies:
             try:
-                out.append(json.loads(line))
+                value = json.loads(line)
             except (ValueError, RecursionError, MemoryError):
-                out.append({"unencodable": "not JSON"})
+                value = {"unencodable": "not JSON"}
+            out.append(value if _depth(value) <= 2 * MAX_DEPTH + 8 else {"unencodable": "nested too deeply"})
         return out
+
+
+def _depth(value) -> int:
+    """Nesting depth of a JSON value (iteratively: the value may be deep)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _run_one(request: dict, config: dict, namespaced: bool, root: str, n: int) -> dict:
