@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench bench-rs bench-sandbox bench-rl clean
+.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,10 @@ bench-rs: setup
 # the code-reward sandbox: calls/s through the warm worker pool vs a cold process per call
 bench-sandbox: setup
 	$(BIN)/python bench/sandbox.py $(ARGS)
+
+# worst-case time of one reward call on the attacks of issue 16 and random strings
+bench-rewards: setup
+	$(BIN)/python bench/rewards.py $(ARGS)
 
 # GRPO after SFT: accuracy on the problems it trains on vs unseen ones (needs a `make demo` run)
 bench-rl: setup

@@ -27,7 +27,7 @@ def measure(box: Sandbox, calls: int, threads: int) -> dict:
         t = time.perf_counter()
         result = box.run(PROGRAM, CALLS)
         latencies.append(time.perf_counter() - t)
-        assert result.ok and result.values == [3], result
+        assert result.ok and result.values == [{"value": 3}], result
 
     box.run(PROGRAM, CALLS)  # start the pool (not timed)
     t0 = time.perf_counter()

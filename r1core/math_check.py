@@ -4,8 +4,10 @@ math-verify (the field's maintained checker for symbolic answers) can take unbou
 hostile input: a LaTeX power tower such as `9^{9^{9}}` never returns, and its own timeout uses
 `signal.alarm`, which only works on the main thread (Ray actors and thread pools are not). So
 parsing and verification run in a helper process of ours, one call at a time, over a pipe;
-a call that does not answer within `timeout_s` kills the helper (a fresh one starts on the
-next call) and is reported as a timeout. Nothing else of math-verify is wrapped.
+a call that does not answer within `timeout_s` kills the helper (a fresh one starts at once, so
+that its imports overlap with what the caller does next) and is reported as a timeout. A call is
+therefore bounded by `timeout_s`, plus what is left of a restarted helper's start-up (~1-2 s)
+when it comes right after a time-out. Nothing else of math-verify is wrapped.
 
     python -c "from r1core.math_check import serve; serve()"   # the helper (started for you)
 """
@@ -19,6 +21,7 @@ import sys
 import threading
 
 TIMEOUT_S = 2.0  # per call: a parse of the reference, or a parse + verify of one prediction
+START_S = 60.0  # a helper's imports (once per process, and after a time-out: it is restarted at once)
 
 
 class Timeout(Exception):
@@ -50,9 +53,14 @@ def _ask(request: dict, timeout_s: float) -> dict:
         if _Helper.proc is None or _Helper.proc.poll() is not None:
             _kill()
             _Helper.proc = _start()
-            timeout_s += 30.0  # the first call also imports math-verify and sympy
         proc = _Helper.proc
         try:
+            if not getattr(proc, "ready", False):  # a fresh helper imports math-verify and sympy first
+                ready, _, _ = select.select([proc.stdout], [], [], START_S)
+                if not ready or not proc.stdout.readline():
+                    _kill()
+                    raise Timeout(f"the math-verify helper did not start within {START_S:g} s")
+                proc.ready = True
             proc.stdin.write((json.dumps(request) + "\n").encode())
             proc.stdin.flush()
             ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
@@ -61,6 +69,7 @@ def _ask(request: dict, timeout_s: float) -> dict:
             line = b""
         if not line:
             _kill()
+            _Helper.proc = _start()  # its imports run while the caller goes on
             raise Timeout(f"math-verify gave no answer within {timeout_s:g} s")
         return json.loads(line)
 
@@ -87,6 +96,8 @@ def serve() -> None:
     import math_verify
 
     logging.disable(logging.CRITICAL)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
 
     def parse(text: str):
         # the helper is killed from outside when a call is too slow: math-verify's own

@@ -237,15 +237,21 @@ def test_pathological_inputs_return_in_bounded_time():
 
 
 def test_a_math_verify_time_out_is_none_with_its_reason():
+    """`9^{999999999}` passes every shape check (one power, no hedge) and makes math-verify compute
+    forever: the helper is killed at the limit, the score is None with reason `timeout`, and the
+    next call gets a fresh helper (the limit works in any thread: this call is not on the main one)."""
+    import threading
+
+    assert math_check.equivalent("x", "x", timeout_s=60)  # warm the helper
     before = unscored_counts()["timeout"]
-    got = math_check.equivalent("x", "x", timeout_s=30)  # warm the helper
-    assert got is True
-    try:
-        math_check.equivalent("9^{999999999}", "9^{999999999}", timeout_s=0.001)
-    except math_check.Timeout:
-        pass
-    assert math_check.equivalent("x+1", "1+x") is True  # a fresh helper answers the next call
-    assert unscored_counts()["timeout"] >= before
+    got = []
+    thread = threading.Thread(target=lambda: got.append(acc("9^{999999999}", "x^2", task="math")))
+    t0 = time.monotonic()
+    thread.start()
+    thread.join(60)
+    assert got == [None] and time.monotonic() - t0 < math_check.TIMEOUT_S + 5
+    assert unscored_counts()["timeout"] == before + 1
+    assert acc("x^2", "x^2", task="math") == 1.0
 
 
 FUZZ_ALPHABET = ["<think>", "</think>", "<summary>", "</summary>", "<answer>", "</answer>", "<", ">", "/", " ", "\n",
