@@ -111,13 +111,11 @@ def normalise_tests(tests, where: str, entry_point: str | None = None, prelude: 
     if not isinstance(tests, list) or not tests:
         raise ValueError(f"{where}: `tests` must be a non-empty list")
     out, asserts = [], []
-    for i, given in enumerate(tests, start=1):
-        if isinstance(given, str):
-            call = _assert_to_call(given, f"{where}: test {i}")
-            if call is None:
-                asserts.append(given.strip())
-                continue
-            given = call
+    for i, test in enumerate(tests, start=1):
+        given = _assert_to_call(test, f"{where}: test {i}") if isinstance(test, str) else test
+        if given is None:  # an assert that is not `call == literal`: part of the row's check
+            asserts.append(test.strip())
+            continue
         if isinstance(given, dict) and "check" in given and "asserts" in given:
             out.append(given)  # already normalised
             continue

@@ -189,14 +189,13 @@ def _run_program(source: str) -> None:
         sys.stdout.flush()
         write(3, b'{"ready": true}\n')
         requests = io.FileIO(4, "r", closefd=False)
-        for line in lines_of(requests):
-            test = loads(line)
+        for request in lines_of(requests):
+            test = loads(request)
             try:
-                reply = answer(test, namespace, evaluate, compile_)
-                line = dumps(reply)
+                reply = dumps(answer(test, namespace, evaluate, compile_))
             except (TypeError, ValueError, RecursionError, MemoryError) as exc:  # an unencodable value
-                line = dumps({"unencodable": type(exc).__name__})
-            write(3, (line + "\n").encode())
+                reply = dumps({"unencodable": type(exc).__name__})
+            write(3, (reply + "\n").encode())
         sys.stdout.flush()
     except SystemExit as exc:
         exit_(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
