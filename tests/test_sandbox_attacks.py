@@ -327,3 +327,26 @@ def test_code_rewards_fuzz_never_raise_and_never_hang(box):
             completion = f"<think> t </think> <answer> {program} </answer>"
             out = REWARDS[name]([completion], answer=[""], task=["code"], tests=[ADD_ROW["tests"]])
             assert len(out) == 1 and isinstance(out[0], float), (name, program, out)
+
+
+def test_r1_data_import_code_writes_rows_and_names_a_bad_line(box, tmp_path, capsys):
+    from flows.cli import main
+    from r1core.reasoning_tasks import read_rows
+
+    source = tmp_path / "mixed.jsonl"
+    human_eval = {"task_id": "HumanEval/0", "prompt": "def inc(x):\n    \"\"\"x + 1\"\"\"\n", "entry_point": "inc",
+                  "canonical_solution": "    return x + 1\n",
+                  "test": "def check(candidate):\n    assert candidate(1) == 2\n    assert not candidate(-1)\n"}
+    source.write_text(json.dumps(human_eval) + "\n" + json.dumps({**MBPP_ROW, "task_id": 2}) + "\n")
+    out = tmp_path / "code.jsonl"
+    assert main(["data", "import-code", str(source), "--out", str(out)]) == 0
+    rows = read_rows(out)  # loads back through the checked reader
+    assert [r["id"] for r in rows] == ["HumanEval/0", "2"] and all(r["task"] == "code" for r in rows)
+    assert "Complete the following Python function" in rows[0]["prompt"] and "similar_elements" in rows[1]["prompt"]
+    assert code_tests_reward(rows[0]["reference_solution"], rows[0]) == 1.0
+    assert code_tests_reward(MBPP_GOOD, rows[1]) == 1.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(human_eval) + "\n" + json.dumps({"task_id": 3, "text": "no tests"}) + "\n")
+    assert main(["data", "import-code", str(bad), "--out", str(tmp_path / "never.jsonl")]) == 2
+    assert f"{bad}: line 2: neither a HumanEval row" in capsys.readouterr().err
+    assert not (tmp_path / "never.jsonl").exists()
