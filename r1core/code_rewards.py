@@ -270,8 +270,11 @@ def run_tests(answer: str | None, row: dict) -> Verdict:
     runs once: GRPO groups and the four rewards ask again)."""
     where = f"row {row.get('id', '?')}"
     tests = [] if row["task"] == "python_expr" else row_tests(row, where)
-    return _run_tests(answer, row["task"], str(row.get("answer")), tuple(row.get("numbers") or ()),
-                      tuple(row.get("operations") or ()), json.dumps(tests), row.get("entry_point") or "")
+    verdict = _run_tests(answer, row["task"], str(row.get("answer")), tuple(row.get("numbers") or ()),
+                         tuple(row.get("operations") or ()), json.dumps(tests), row.get("entry_point") or "")
+    if verdict.ran is None:  # the sandbox could not run it: ask again next time, do not remember that
+        _run_tests.cache_clear()
+    return verdict
 
 
 def _decoded(reply) -> tuple[bool, object]:
@@ -320,7 +323,7 @@ def _run_tests(answer: str | None, task: str, reference: str, numbers: tuple, op
             else:
                 verdicts = _judge_check(box, test, reply)
                 if verdicts is None:
-                    return Verdict(parses=True, ran=None, passed=0, total=len(tests))
+                    return Verdict(parses=True, ran=None, passed=0, total=sum(_weight(t) for t in tests))
                 passed += verdicts
         results.append((run, passed))
     for test in (t for t in tests if "stdout" in t):

@@ -86,8 +86,25 @@ def test_grpo_improves_reward_on_a_learnable_signal(tokenizer, rows, tmp_path):
         del R.REWARDS["digit_share"], R.REWARD_VERSIONS["digit_share"]
     rewards = [m["reward"] for _, m in ctx.history]
     assert sum(rewards[:3]) / 3 < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
-    for key in ("kl", "clip_fraction", "entropy", "response_length", "zero_variance_frac", "gen_tokens_per_s"):
+    for key in ("kl", "clip_fraction", "entropy", "response_length", "zero_variance_frac", "gen_tokens_per_s",
+                "reward_none/reference", "reward_none/timeout", "reward_none/error", "reward_none/sandbox"):
         assert key in ctx.history[-1][1]
+
+
+def test_grpo_steps_on_when_rows_cannot_be_scored_and_counts_why(tokenizer, rows, tmp_path):
+    """Rows whose reference no rule can score (a chain sum with a prose answer, a Countdown row
+    without numbers, a code row without tests) give None, not a crash: their groups get
+    advantage 0 and the reason is counted in `reward_none/reference`."""
+    broken = [{**r, "answer": "banana"} if r["task"] == "chain_sum" else
+              {**r, "numbers": []} if r["task"] == "countdown" else {**r, "task": "code", "tests": None}
+              for r in rows[0][:12]]
+    cfg = GRPOConfig(steps=2, prompts_per_step=3, group_size=2, lr=1e-3, beta=0.0,
+                     rewards={"accuracy": 1.0, "format": 0.5}, sampling={"max_new_tokens": 5}, checkpoint_every=100)
+    ctx = TrainContext(tmp_path)
+    grpo_train(cfg, build_model(MICRO, tokenizer, seed=5), None, tokenizer, broken, ctx)
+    first, last = ctx.history[0][1], ctx.history[-1][1]
+    assert first["unscorable_frac"] == 1.0 and last["reward_none/reference"] >= first["reward_none/reference"] + 6
+    assert last["reward_none/error"] == first["reward_none/error"]
 
 
 @pytest.mark.parametrize("skip", [True, False])
