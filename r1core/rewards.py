@@ -15,8 +15,8 @@ cold-start data and later stages (optional for R1-Zero). Every check reads text 
 is empty. Tags are found before NFKC, so full-width look-alikes of `<` and `>` are not tags.
 
 The answer block holds the answer alone, of the kind the row's task declares (`answer_kind`):
-- `integer`: an integer literal (`7`, `+7`, `-7`, `−7`, `7.0`, `1,000`, full-width digits,
-  wrapped in `$…$`, `\\(…\\)`, `\\boxed{…}`, optionally after "The answer is" / "Answer:" /
+- `integer`: an integer literal (`7`, `+7`, `-7`, `−7`, `7.0`, `1,000`, `$7` as currency, full-width
+  digits, wrapped in `$…$`, `\\(…\\)`, `\\boxed{…}`, optionally after "The answer is" / "Answer:" /
   "Ответ:" and with a final period);
 - `number`: the same, or a decimal, a reduced fraction `a/b` or `\\frac{a}{b}`, scientific `1.5e3`;
 - `math`: a number as above when the reference is a number, else one symbolic answer that
@@ -189,6 +189,8 @@ LATEX_FRACTION = re.compile(rf"({SIGN})\\[dt]?frac\{{\s*(\d+)\s*\}}\{{\s*(\d+)\s
 def _bare(answer: str) -> str:
     """The value inside an answer: without the allowed phrase, a final period and the wrappers."""
     s = ANSWER_PHRASE.sub("", answer.strip(), count=1).strip()
+    if s.startswith("$") and s.count("$") == 1:  # a currency sign ("$18", GSM8K-style), not LaTeX
+        s = s[1:].strip()
     for _ in range(4):  # e.g. "$\boxed{7}$": a few levels, each at most once
         s = s.rstrip(".").strip()
         for wrapper in WRAPPERS:
