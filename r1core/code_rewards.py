@@ -298,11 +298,12 @@ def _run_tests(answer: str | None, task: str, reference: str, numbers: tuple, op
             ast.parse(expression, mode="eval")
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             return Verdict(parses=False, ran=False, passed=0, total=1)
-        if integer_expression(expression, list(numbers), set(operations) or set(OPERATORS)) is None:
-            return Verdict(parses=True, ran=False, passed=0, total=1)  # other numbers, names, calls, ...
+        # it runs in the sandbox whatever it is (code_exec: it runs), but counts as right only if it
+        # is an expression of the row's numbers and operators (no names, calls, strings, ...)
+        allowed = integer_expression(expression, list(numbers), set(operations) or set(OPERATORS)) is not None
         program, tests = f"value = ({expression})\n", [{"call": "value", "expected": _number(reference)}]
     else:
-        program, tests = extract_code(answer), json.loads(tests_json)
+        program, tests, allowed = extract_code(answer), json.loads(tests_json), True
         try:
             ast.parse(program)
         except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -333,7 +334,8 @@ def _run_tests(answer: str | None, task: str, reference: str, numbers: tuple, op
         return Verdict(parses=True, ran=None, passed=0, total=sum(_weight(t) for t in tests))
     # results count only from runs that ended normally: not cut off by a limit, not exited early,
     # no protocol violation
-    return Verdict(parses=True, ran=all(r.ok for r, _ in results), passed=sum(p for r, p in results if r.ok),
+    return Verdict(parses=True, ran=all(r.ok for r, _ in results),
+                   passed=sum(p for r, p in results if r.ok) if allowed else 0,
                    total=sum(_weight(t) for t in tests) or 1, wall_s=max(r.wall_s for r, _ in results))
 
 

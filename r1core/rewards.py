@@ -147,7 +147,7 @@ def final_answer(completion: str) -> str | None:
     if len(completion) > MAX_COMPLETION_CHARS:
         return None
     text = strip_invisible(completion)
-    tail = text[text.rfind("</think>") + 1:] if "</think>" in text else text
+    tail = text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
     end = tail.rfind("</answer>")
     start = tail.rfind("<answer>", 0, end) if end >= 0 else -1
     return None if start < 0 else tail[start + len("<answer>"):end].strip()

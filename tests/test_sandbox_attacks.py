@@ -62,6 +62,15 @@ def test_python_expr_uses_only_the_given_numbers_and_operators(box, expr, expect
     assert code_tests_reward(expr, EXPR_ROW) == expected
 
 
+def test_a_python_expr_that_breaks_the_rules_still_runs_but_is_not_right(box):
+    """code_exec pays for code that runs (a shaping reward), code_tests and accuracy only for the
+    row's rules: `5` and `abs(3 + 4 - 2)` run, and score no test."""
+    for expr in ("5", "abs(3 + 4 - 2)", "3 + 4 - 2 + 0"):
+        code_rewards._run_tests.cache_clear()
+        scores = code_rewards.code_scores([expr], [EXPR_ROW])
+        assert scores["code_exec"] == [1.0] and scores["code_tests"] == [0.0] and scores["code_speed"] == [0.0], expr
+
+
 # ------------------------------------------------------------------------------ 7. exact integers
 SAME = [
     (1_000_000_900, 1_000_000_001, False), (1_000_000_001, 1_000_000_001, True), (3.0, 3, True), (3.0000001, 3, False),
