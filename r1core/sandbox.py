@@ -34,10 +34,10 @@ instruction):
 Modes (chosen once per process by probing; the mode is logged and in `Sandbox.mode`):
 - `namespaced` (where the OS permits user or root namespaces): each worker runs as PID 1 of its
   own PID, network and mount namespaces: no network but a loopback that is down. Each program
-  then gets a mount namespace and a root file system of its own (`_private_root`): a fresh
-  tmpfs (`tmp_mb`, `tmp_inodes`) holding read-only binds of the interpreter's standard library
-  and the system library directories (`SYSTEM_VIEW`), a few devices, and empty writable /tmp,
-  /var/tmp, /dev/shm and /sandbox (its working directory and home). The host's root is
+  then gets a mount namespace and a root file system of its own (`_private_root`): the worker's
+  read-only template (`_template_root`: binds of the interpreter's standard library and the
+  system library directories, `SYSTEM_VIEW`, and a few devices) with a fresh tmpfs (`tmp_mb`,
+  `tmp_inodes`) behind /tmp, /var/tmp, /dev/shm and /sandbox (its working directory and home). The host's root is
   detached: the project, data, checkpoints, stores and home directories do not exist for it,
   and nothing it writes survives it or reaches the next program. After each call the worker
   kills every other process of its namespace (`kill(-1)` from PID 1); when the worker dies the
@@ -391,11 +391,17 @@ def _clean_env(home: str, tmp: str | None = None) -> dict[str, str]:
             "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def _libc():
-    import ctypes
-    import ctypes.util
+_LIBC = []
 
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _libc():
+    """libc, loaded once per process (`find_library` runs `ldconfig` in a subprocess each time)."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
+    return _LIBC[0]
 
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
@@ -426,21 +432,23 @@ def _worker_mounts() -> None:
     _mount(b"tmpfs", "/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=16m,mode=1777")
 
 
-def _private_root(config: dict) -> str:
-    """In a mount namespace of the program's own: a fresh root file system, a tmpfs bounded in
-    bytes and inodes, holding read-only binds of the interpreter's standard library and the system
-    directories its extension modules load from (`view`), a few device nodes, and empty writable
-    /tmp, /var/tmp, /dev/shm and /sandbox (the working directory). The host's root is detached,
-    so nothing else of the host (the project, data, checkpoints, stores, homes) exists for the
-    program; the namespace, and everything written in it, is gone when the program's processes
-    are. Returns the working directory."""
-    libc = _libc()
-    if libc.unshare(CLONE_NEWNS) != 0:
-        raise OSError("sandbox: unshare(CLONE_NEWNS) failed")
-    _mount(b"none", "/", None, MS_REC | MS_PRIVATE)
+WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/sandbox")  # each a link into the program's own tmpfs
+
+
+def _scratch(path: str) -> str:
+    """Where a writable path of the program lives in its tmpfs: /tmp -> /w/tmp, /var/tmp -> /w/var_tmp."""
+    return "/w/" + path.strip("/").replace("/", "_")
+
+
+def _template_root(config: dict) -> None:
+    """Once per worker: the root file system every program of this worker starts from, at
+    `config["staging"]`: a small read-only tmpfs holding read-only binds of the interpreter's
+    standard library and the system directories its extension modules load from (`view`), a few
+    device nodes, and links from /tmp, /var/tmp, /dev/shm and /sandbox into /w, where each program
+    gets a fresh tmpfs of its own (`_fresh_scratch`). Building it costs ~20 mounts, of 1-5 ms
+    each here, so it is done once; a program only enters it (`_private_root`)."""
     new = config["staging"]
-    options = f"size={config['tmp_mb']}m,nr_inodes={config['tmp_inodes']},mode=755".encode()
-    _mount(b"tmpfs", new, b"tmpfs", MS_NOSUID | MS_NODEV, options)
+    _mount(b"tmpfs", new, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,nr_inodes=1024,mode=755")
     for path in config["view"]:
         target = new + path
         if os.path.islink(path):  # /lib -> usr/lib on merged-/usr systems
@@ -458,21 +466,50 @@ def _private_root(config: dict) -> str:
         _mount(path.encode(), target, None, MS_BIND | MS_REC)
         _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (0 if device else MS_NODEV),
                required=False)
-    for path, mode in (("/tmp", 0o1777), ("/var/tmp", 0o1777), ("/dev/shm", 0o1777), ("/sandbox", 0o700),
-                       ("/.old", 0o700)):
-        os.makedirs(new + path, exist_ok=True)
-        os.chmod(new + path, mode)
-    if config.get("drop_to_uid") is not None:
-        os.chown(new + "/sandbox", config["drop_to_uid"], config["drop_to_uid"])
+    os.makedirs(new + "/w", exist_ok=True)
+    os.makedirs(new + "/.old", exist_ok=True)
+    for path in WRITABLE:
+        os.makedirs(os.path.dirname(new + path), exist_ok=True)
+        os.symlink(_scratch(path), new + path)
+    _mount(None, new, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, b"size=1m,nr_inodes=1024,mode=755")
+
+
+def _fresh_scratch(config: dict, first: bool = False) -> None:
+    """In the worker, before each program: a fresh tmpfs on the template's /w, bounded in bytes
+    and inodes, for everything the next program may write. The previous one is detached (and
+    freed once its program's namespace is gone). Done after the reply is sent, so that its
+    mount, which takes milliseconds, is off the call's path."""
+    scratch = config["staging"] + "/w"
+    if not first:
+        _libc().umount2(scratch.encode(), MNT_DETACH)
+    options = f"size={config['tmp_mb']}m,nr_inodes={config['tmp_inodes']},mode=755".encode()
+    _mount(b"tmpfs", scratch, b"tmpfs", MS_NOSUID | MS_NODEV, options)
+    for path in WRITABLE:
+        target = config["staging"] + _scratch(path)
+        mode = 0o700 if path == "/sandbox" else 0o1777
+        os.mkdir(target, mode)
+        os.chmod(target, mode)
+        if path == "/sandbox" and config.get("drop_to_uid") is not None:
+            os.chown(target, config["drop_to_uid"], config["drop_to_uid"])
+
+
+def _private_root(config: dict) -> str:
+    """In a mount namespace of the program's own: the worker's template root (`_template_root`),
+    with this program's fresh tmpfs on /w (`_fresh_scratch`) behind /tmp, /var/tmp, /dev/shm and
+    /sandbox (its working directory and home). The host's root is detached, so nothing else of
+    the host (the project, data, checkpoints, stores, homes) exists for the program. Returns the
+    working directory."""
+    libc = _libc()
+    if libc.unshare(CLONE_NEWNS) != 0:  # the copy keeps the worker's mounts private: no remount needed
+        raise OSError("sandbox: unshare(CLONE_NEWNS) failed")
     import platform
 
-    os.chdir(new)
+    os.chdir(config["staging"])
     if libc.syscall(PIVOT_ROOT[platform.machine()], b".", b".old") != 0:
         raise OSError("sandbox: pivot_root failed")
     os.chdir("/")
     if libc.umount2(b"/.old", MNT_DETACH) != 0:
         raise OSError("sandbox: detaching the host's root failed")
-    os.rmdir("/.old")
     return "/sandbox"
 
 
@@ -768,11 +805,16 @@ def serve(config: dict) -> None:
     config = {**config, "staging": os.path.join(root, "root"),
               "view": [*config["view"], *(p for p in sys.path if os.path.isdir(p))]}
     os.mkdir(config["staging"], 0o755)
+    if namespaced:
+        _template_root(config)
+        _fresh_scratch(config, first=True)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     n = 0
     while (request := _read_message(0)) is not None:
         n += 1
         _write_message(1, _run_one(request, config, namespaced, root, n))
+        if namespaced:
+            _fresh_scratch(config)
 
 
 # ------------------------------------------------------------------------------ the trainer's side
@@ -902,8 +944,8 @@ class Sandbox:
 
     def _take(self) -> _Worker | None:
         with self._lock:
-            while self._idle:
-                worker = self._idle.pop()
+            while self._idle:  # the longest idle first: it has had time to prepare its next program
+                worker = self._idle.pop(0)
                 if worker.alive():
                     return worker
                 worker.close()
