@@ -34,10 +34,12 @@ instruction):
 Modes (chosen once per process by probing; the mode is logged and in `Sandbox.mode`):
 - `namespaced` (where the OS permits user or root namespaces): each worker runs as PID 1 of its
   own PID, network and mount namespaces: no network but a loopback that is down. Each program
-  then gets a mount namespace and a root file system of its own (`_private_root`): the worker's
-  read-only template (`_template_root`: binds of the interpreter's standard library and the
-  system library directories, `SYSTEM_VIEW`, and a few devices) with a fresh tmpfs (`tmp_mb`,
-  `tmp_inodes`) behind /tmp, /var/tmp, /dev/shm and /sandbox (its working directory and home). The host's root is
+  then sees only a root file system built for it (`_template_root`, which the worker itself
+  enters with `pivot_root`, detaching the host's): read-only binds of the interpreter's
+  standard library and the system library directories (`SYSTEM_VIEW`), a few devices, the
+  namespace's own /proc, and a fresh tmpfs per program (`tmp_mb`, `tmp_inodes`,
+  `_fresh_scratch`) behind /tmp, /var/tmp, /dev/shm and /sandbox (its working directory and
+  home). The host's root is
   detached: the project, data, checkpoints, stores and home directories do not exist for it,
   and nothing it writes survives it or reaches the next program. After each call the worker
   kills every other process of its namespace (`kill(-1)` from PID 1); when the worker dies the
@@ -368,8 +370,8 @@ def _child(request: dict, config: dict, namespaced: bool, workdir: str, fds: tup
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         os.closerange(len(fds), 1 << 16)
-        if namespaced:
-            workdir = _private_root(config)
+        if namespaced:  # the worker's template root, with this program's fresh tmpfs behind /sandbox
+            workdir = "/sandbox"
         _limit(config)
         if config.get("drop_to_uid") is not None:  # root on the host: run as an unprivileged user
             os.setgroups([])
@@ -422,7 +424,7 @@ def _mount(source, target: str, fstype, flags: int, data=None, required: bool = 
 
 def _worker_mounts() -> None:
     """The worker's own mount namespace: every mount read-only, and a private /tmp for its
-    per-call files (programs never see this view: each gets `_private_root`)."""
+    per-call files (programs never see this view: the worker then enters `_template_root`)."""
     _mount(b"none", "/", None, MS_REC | MS_PRIVATE)
     with open("/proc/self/mountinfo") as f:
         targets = [line.split()[4] for line in f]
@@ -446,7 +448,7 @@ def _template_root(config: dict) -> None:
     standard library and the system directories its extension modules load from (`view`), a few
     device nodes, and links from /tmp, /var/tmp, /dev/shm and /sandbox into /w, where each program
     gets a fresh tmpfs of its own (`_fresh_scratch`). Building it costs ~20 mounts, of 1-5 ms
-    each here, so it is done once; a program only enters it (`_private_root`)."""
+    each here, so it is done once, and the worker enters it (`_enter`) before any program."""
     new = config["staging"]
     _mount(b"tmpfs", new, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,nr_inodes=1024,mode=755")
     for path in config["view"]:
@@ -493,24 +495,18 @@ def _fresh_scratch(config: dict, first: bool = False) -> None:
             os.chown(target, config["drop_to_uid"], config["drop_to_uid"])
 
 
-def _private_root(config: dict) -> str:
-    """In a mount namespace of the program's own: the worker's template root (`_template_root`),
-    with this program's fresh tmpfs on /w (`_fresh_scratch`) behind /tmp, /var/tmp, /dev/shm and
-    /sandbox (its working directory and home). The host's root is detached, so nothing else of
-    the host (the project, data, checkpoints, stores, homes) exists for the program. Returns the
-    working directory."""
-    libc = _libc()
-    if libc.unshare(CLONE_NEWNS) != 0:  # the copy keeps the worker's mounts private: no remount needed
-        raise OSError("sandbox: unshare(CLONE_NEWNS) failed")
+def _enter(new_root: str) -> None:
+    """Make `new_root` this mount namespace's root and detach the host's (`pivot_root`): nothing
+    of the host outside the template is reachable any more, by the worker or its programs."""
     import platform
 
-    os.chdir(config["staging"])
+    libc = _libc()
+    os.chdir(new_root)
     if libc.syscall(PIVOT_ROOT[platform.machine()], b".", b".old") != 0:
         raise OSError("sandbox: pivot_root failed")
     os.chdir("/")
     if libc.umount2(b"/.old", MNT_DETACH) != 0:
         raise OSError("sandbox: detaching the host's root failed")
-    return "/sandbox"
 
 
 def _drop_capabilities() -> None:
@@ -537,19 +533,28 @@ def _kill_group(pid: int) -> None:
 
 def _kill_strays(namespaced: bool) -> bool:
     """Kill every process the program left (forked children, daemons, new sessions) and reap;
-    whether there were any."""
+    whether there were any. Namespaced, the worker is PID 1: every other process of the namespace
+    is its descendant and is re-parented to it, so "no child left" means "no process left", and
+    `kill(-1)` reaches them all and nothing outside (no /proc needed: programs have none)."""
     deadline, found = time.monotonic() + 5, False
     while time.monotonic() < deadline:
-        found = found or (_others_alive() if namespaced else bool(_children_of(os.getpid())))
         if namespaced:
-            with contextlib.suppress(ProcessLookupError):  # as PID 1 of our namespace, -1 is every
-                os.kill(-1, signal.SIGKILL)  # other process in it, and nothing outside
-        else:
-            for pid in _children_of(os.getpid()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        reaped = _reap()
-        if not reaped and not (_children_of(os.getpid()) if not namespaced else _others_alive()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-1, signal.SIGKILL)
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return found
+            found = found or pid != 0
+            if pid == 0:
+                time.sleep(0.0005)
+            continue
+        children = _children_of(os.getpid())
+        found = found or bool(children)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not _reap() and not _children_of(os.getpid()):
             return found
         time.sleep(0.002)
     return found
@@ -579,10 +584,6 @@ def _children_of(parent: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
                 out.append(int(entry))
     return out
-
-
-def _others_alive() -> bool:
-    return any(e.isdigit() and e != "1" for e in os.listdir("/proc"))
 
 
 class _Exchange:
@@ -665,15 +666,14 @@ def _depth(value) -> int:
 
 
 def _run_one(request: dict, config: dict, namespaced: bool, root: str, n: int) -> dict:
-    workdir = os.path.join(root, f"call-{n}")  # used in the process-group mode only
-    os.mkdir(workdir, 0o700)
-    if config.get("drop_to_uid") is not None:
-        os.chown(workdir, config["drop_to_uid"], config["drop_to_uid"])
-    stdin_path = os.path.join(root, f"stdin-{n}")
-    with open(stdin_path, "w") as f:
-        f.write(request.get("stdin", ""))
-    stdin = os.open(stdin_path, os.O_RDONLY)
-    os.unlink(stdin_path)
+    workdir = os.path.join(root, f"call-{n}")  # the process-group mode's working directory
+    if not namespaced:
+        os.mkdir(workdir, 0o700)
+        if config.get("drop_to_uid") is not None:
+            os.chown(workdir, config["drop_to_uid"], config["drop_to_uid"])
+    stdin = os.memfd_create("stdin")  # in memory: no file of it anywhere
+    os.write(stdin, request.get("stdin", "").encode())
+    os.lseek(stdin, 0, os.SEEK_SET)
     pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, results
     tests_r, tests_w = os.pipe()
     start = time.monotonic()
@@ -805,8 +805,10 @@ def serve(config: dict) -> None:
     config = {**config, "staging": os.path.join(root, "root"),
               "view": [*config["view"], *(p for p in sys.path if os.path.isdir(p))]}
     os.mkdir(config["staging"], 0o755)
-    if namespaced:
+    if namespaced:  # from here on the worker, and every program it forks, sees only the template
         _template_root(config)
+        _enter(config["staging"])
+        config["staging"] = ""
         _fresh_scratch(config, first=True)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     n = 0
