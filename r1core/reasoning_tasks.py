@@ -163,7 +163,7 @@ GENERATORS: dict[str, Callable[..., dict]] = {"chain_sum": chain_sum, "countdown
 # What each task's <answer> must hold (r1core/rewards.py: answer kinds): chain sums an integer
 # literal (not the expression, not a hedge), Countdown an expression of the row's numbers and
 # operations, the code task code. Other tasks' rows are `math` unless a row says otherwise.
-ANSWER_KINDS = {"chain_sum": "integer", "countdown": "countdown", "python_expr": "code"}
+TASK_ANSWER_KINDS = {"chain_sum": "integer", "countdown": "countdown", "python_expr": "code"}
 
 
 def localize(problem: dict, language: str) -> dict:

@@ -41,7 +41,7 @@ from r1core import code_rewards, math_check
 from r1core.expressions import OPERATORS, integer_expression
 from r1core.expressions import value as expression_value
 from r1core.language import has_visible, language_consistency, language_words, normalise, strip_invisible
-from r1core.reasoning_tasks import ANSWER_KINDS
+from r1core.reasoning_tasks import TASK_ANSWER_KINDS
 
 RewardFn = Callable[..., list[float | None]]
 REWARDS: dict[str, RewardFn] = {}
@@ -129,9 +129,9 @@ def parse_format(completion: str) -> Parsed | None:
     if tags is None or [m.group() for m in tags] not in (R1_TAGS, READABLE_TAGS):
         return None
     bounds = [0, *(i for m in tags for i in (m.start(), m.end())), len(text)]
-    pieces = [normalise(text[bounds[i]:bounds[i + 1]]) for i in range(0, len(bounds) - 1)]
-    # pieces alternate: outside, tag, inside, tag, outside, tag, inside, ...
-    outside, inside = pieces[0::4], pieces[2::4]
+    # the text between tags alternates: outside, inside, outside, inside, ... (tags themselves skipped)
+    between = [normalise(text[bounds[i]:bounds[i + 1]]) for i in range(0, len(bounds) - 1, 2)]
+    outside, inside = between[0::2], between[1::2]
     if any(p.strip() for p in outside) or not all(map(has_visible, inside)):
         return None
     inside = [p.strip() for p in inside]
@@ -166,12 +166,12 @@ def loose_answer(completion: str, task: str) -> str | None:
 # ------------------------------------------------------------------------------ answer kinds
 def answer_kind(row: dict) -> str:
     """What the row's answer must be: the row's own `answer_kind`, else its task's (code tasks:
-    `code`; the synthetic tasks declare theirs in `reasoning_tasks.ANSWER_KINDS`), else `math`."""
+    `code`; the synthetic tasks declare theirs in `reasoning_tasks.TASK_ANSWER_KINDS`), else `math`."""
     if row.get("answer_kind"):
         return row["answer_kind"]
     if code_rewards.is_code_task(row.get("task")):
         return "code"
-    return ANSWER_KINDS.get(row.get("task"), "math")
+    return TASK_ANSWER_KINDS.get(row.get("task"), "math")
 
 
 # "The answer is 7." / "Answer: 7" / "Ответ: 7": the one phrase allowed before a number

@@ -79,7 +79,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 
 # Imported by the worker before any program runs: a program is forked from the worker, so these
-# work even where the unprivileged user cannot read the interpreter's files (e.g. under /root).
+# cost it nothing (any other standard-library module is importable too, from the read-only view).
 PRELOADED = ("math", "cmath", "itertools", "functools", "collections", "heapq", "bisect", "re", "string",
              "random", "fractions", "decimal", "statistics", "operator", "typing", "copy", "array", "socket",
              "encodings.idna")

@@ -34,10 +34,17 @@ def box():
     code_rewards.configure(None)
 
 
-def needs_namespaces(box):
-    if box.mode != "namespaced":
-        pytest.skip("this machine refuses namespaces: the process-group fallback shares the host's files "
-                    "(documented; require_isolation refuses it)")
+def isolated(box) -> bool:
+    """Whether the sandbox runs namespaced. Where the OS refuses namespaces, the process-group
+    fallback shares the host's files (documented): what must hold then is that
+    `require_isolation` refuses to run untrusted code at all."""
+    if box.mode == "namespaced":
+        return True
+    from r1core.sandbox import Sandbox
+
+    with pytest.raises(RuntimeError, match="require_isolation"):
+        Sandbox({**LIMITS, "require_isolation": True})
+    return False
 
 
 def code_tests_reward(program: str, row: dict = ADD_ROW) -> float | None:
@@ -103,7 +110,8 @@ WRITERS = {
 
 @pytest.mark.parametrize("where", list(WRITERS))
 def test_a_file_one_program_writes_is_absent_for_the_next(box, where):
-    needs_namespaces(box)
+    if not isolated(box):
+        return
     path = WRITERS[where]
     expand = f"os.path.expandvars(os.path.expanduser({path!r}))"
     writer = f"import os\nopen({expand}, 'w').write('42')\nprint(os.path.exists({expand}))"
@@ -115,7 +123,8 @@ def test_a_file_one_program_writes_is_absent_for_the_next(box, where):
 
 
 def test_a_program_that_leaves_answers_for_its_group_gets_nothing_from_them(box):
-    needs_namespaces(box)
+    if not isolated(box):
+        return
     leave = "open('/tmp/answers', 'w').write('3 42')\ndef add(a, b):\n    return a + b"
     cheat = ("def add(a, b):\n    try:\n        values = open('/tmp/answers').read().split()\n"
              "    except OSError:\n        return None\n    return int(values[0] if a == 1 else values[1])")
@@ -138,7 +147,8 @@ FILLERS = {
 
 @pytest.mark.parametrize("name", list(FILLERS))
 def test_whatever_a_program_does_to_its_files_the_next_one_scores_normally(box, name):
-    needs_namespaces(box)
+    if not isolated(box):
+        return
     result = box.run(FILLERS[name])
     assert result.status in ("ok", "error", "killed", "timeout"), result
     if name in ("fill /tmp", "fill the working directory", "fill /dev/shm"):
@@ -153,7 +163,8 @@ def test_whatever_a_program_does_to_its_files_the_next_one_scores_normally(box, 
 
 # ------------------------------------------------------------------------------ 9. a minimal view of the host
 def test_the_program_sees_no_file_of_the_host(box, tmp_path):
-    needs_namespaces(box)
+    if not isolated(box):
+        return
     secret = f"r1-canary-{uuid.uuid4().hex}"
     planted = [PROJECT / f".r1-canary-{uuid.uuid4().hex}", PROJECT / "tests" / f"canary-{uuid.uuid4().hex}.txt",
                tmp_path / "workdir-canary.txt", Path.home() / f".r1-canary-{uuid.uuid4().hex}"]
