@@ -22,7 +22,7 @@ import torch
 
 from r1core.config import load_config
 from r1core.modeling import load_pretrained
-from r1core.reasoning_tasks import generate_split
+from r1core.problems import generate_split
 from r1core.rewards import REWARDS
 from r1core.training import TrainContext, grpo_train
 
@@ -49,7 +49,7 @@ def run_ours(cfg, model_dir: str, rows: list[dict]) -> tuple[list[float], list[f
         ctx = TrainContext(ckdir, log_fn=log)
         cfg = cfg.model_copy(update={"checkpoint_every": 10**6})  # time the steps, not checkpoint writes
         last[0] = time.perf_counter()
-        grpo_train(cfg, policy, reference, tokenizer, rows, ctx, seed=0)
+        grpo_train(cfg, policy, reference, tokenizer, rows, ctx, seed=0, batch_size=256)
     return times, rewards
 
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from r1core.config import DataConfig, PipelineConfig, RuntimeConfig
-from r1core.reasoning_tasks import PHRASES, final_of, generate_split, long_cot, readable_response
+from r1core.problems import PHRASES, final_of, generate_split, long_cot, readable_response
 from r1core.rejection_sampling import annotate_rows, reason_counts, select
 from tasks.ray_jobs import ensure_ray
 from tasks.rejection_sampling import SAMPLE_SCHEMA, annotate_with_ray, judge_rows, kept_table, write_parts

@@ -28,7 +28,7 @@ from r1core.config import GRPOConfig, load_config
 from r1core.engine import Sampling, TorchEngine
 from r1core.evaluation import evaluate
 from r1core.modeling import load_pretrained
-from r1core.reasoning_tasks import generate_split, read_rows
+from r1core.problems import generate_split, read_rows
 from r1core.training import TrainContext, grpo_train
 
 SETTINGS = {  # name -> (training problems, steps, prompts per step)
@@ -81,7 +81,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             ctx = TrainContext(tmp)
-            grpo_train(cfg, model, None, tokenizer, train[:pool], ctx)
+            grpo_train(cfg, model, None, tokenizer, train[:pool], ctx, seed=0, batch_size=256)
         seconds = time.perf_counter() - t0
         batch = [h["accuracy"] for _, h in ctx.history]
         table.append((name, f"{steps} x {per_step}", accuracy(model, tokenizer, train[:64]),

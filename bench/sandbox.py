@@ -14,6 +14,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from r1core.code_rewards import SandboxConfig
 from r1core.sandbox import Sandbox
 
 PROGRAM = "def add(a, b):\n    return a + b\n"
@@ -48,7 +49,7 @@ def main() -> None:
     for label, warm, threads in (("warm pool, sequential", True, 1), ("cold process per call, sequential", False, 1),
                                  (f"warm pool, {args.workers} threads", True, args.workers),
                                  (f"cold process per call, {args.workers} threads", False, args.workers)):
-        with Sandbox({"workers": args.workers}, warm=warm) as box:
+        with Sandbox(SandboxConfig(workers=args.workers), warm=warm) as box:
             rows.append((label, box.mode, measure(box, args.calls, threads)))
     print(f"\nsandbox: a trivial program and one test call, {args.calls} calls per row ({rows[0][1]} mode)\n")
     print("| path | calls | wall (s) | calls/s | mean latency (ms) | p95 latency (ms) |")

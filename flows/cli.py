@@ -2,6 +2,7 @@
 
     r1 run pipeline [--config FILE] [--set key=value ...]
     r1 run stage NAME [--config FILE] [--set key=value ...] [--init-model DIR] [--no-register]
+    r1 stages                                           the stage catalog
     r1 eval --model PATH_OR_MODELS_URI --data FILE [--k K] [--base-url URL --served-model NAME]
     r1 eval --model A --model B [--model C ...] --data FILE [--k K]   B - A, C - A on the same prompts
     r1 config [--config FILE] [--set key=value ...]
@@ -16,16 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from flows import catalog
 from r1core.config import ConfigError, load_config
-
-STAGES = ("pretrain_base", "r1_zero", "cold_start_data", "cold_start_sft", "reasoning_rl", "rejection_sampling",
-          "sft", "reward_models", "general_rl", "distill")
-# the flow parameter `--init-model` sets: the model a stage starts from (samples from, for rejection sampling)
-INIT_MODEL_PARAM = {"r1_zero": "base_model_dir", "cold_start_data": "base_model_dir",
-                    "cold_start_sft": "base_model_dir", "reasoning_rl": "init_model_dir",
-                    "rejection_sampling": "model_dir", "sft": "base_model_dir", "reward_models": "base_model_dir",
-                    "general_rl": "init_model_dir"}
-
 
 LOCAL_PREFECT_UI = "http://127.0.0.1:4200/api"  # what `make ui` starts
 
@@ -66,10 +59,9 @@ def parser() -> argparse.ArgumentParser:
     run_sub = run.add_subparsers(dest="what", required=True)
     _config_args(run_sub.add_parser("pipeline", help="all stages"))
     stage = run_sub.add_parser("stage", help="one stage")
-    stage.add_argument("name", choices=STAGES)
-    stage.add_argument("--init-model", help="model dir or models:/ URI the stage starts from (default: the one this "
-                       "configuration's earlier stage produced): the base for r1_zero, cold_start_data "
-                       "and cold_start_sft, the cold-start model for reasoning_rl")
+    stage.add_argument("name", choices=list(catalog.CATALOG))
+    stage.add_argument("--init-model", help="model dir or models:/ URI the stage starts from (default: the model of "
+                       "the stage it starts from in this configuration, see `r1 stages`)")
     stage.add_argument("--no-register", action="store_true",
                        help="evaluate but do not register the model (ablations)")
     _config_args(stage)
@@ -91,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
                                                 "{prompt, task: code, tests, entry_point} for data.train_file")
     imp.add_argument("file", help="HumanEval.jsonl(.gz) or an MBPP JSONL file")
     imp.add_argument("--out", required=True, help="JSONL file to write (atomically)")
+    sub.add_parser("stages", help="the stage catalog: each stage, its kind, config section, starting model and "
+                                  "registered name")
     _config_args(sub.add_parser("config", help="print the resolved configuration"))
     _config_args(sub.add_parser("serve", help="register the deployments (pipeline, every stage, scheduled "
                                               "retrain) with the Prefect API and run their flow runs"))
@@ -108,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "data":
         return import_code(args.file, args.out)
+    if args.command == "stages":
+        print(stage_table())
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":
@@ -151,32 +148,42 @@ def main(argv: list[str] | None = None) -> int:
         results = r1_pipeline(config=cfg)
         print_summary(cfg, results)
         return 0
-    from flows.stages import STAGE_FLOWS
-
+    stage_flow = catalog.stage_flows()[args.name]
     kwargs = {}
     if args.init_model:
-        if args.name not in INIT_MODEL_PARAM:
+        if "init_model" not in stage_flow.parameters.properties:
             print(f"r1: --init-model does not apply to stage {args.name}", file=sys.stderr)
             return 2
         from tasks.evaluate import resolve_model
 
-        kwargs[INIT_MODEL_PARAM[args.name]] = str(Path(resolve_model(args.init_model, cfg)).resolve())
+        kwargs["init_model"] = str(Path(resolve_model(args.init_model, cfg)).resolve())
     if args.no_register:
-        if "register_model" not in STAGE_FLOWS[args.name].parameters.properties:
+        if "register_model" not in stage_flow.parameters.properties:
             print(f"r1: --no-register does not apply to stage {args.name}", file=sys.stderr)
             return 2
         kwargs["register_model"] = False
-    result = STAGE_FLOWS[args.name](config=cfg, **kwargs)
-    dumped = {k: r.model_dump() for k, r in result.items()} if isinstance(result, dict) else result.model_dump()
-    print(json.dumps(dumped, indent=1))
+    result = stage_flow(config=cfg, **kwargs)
+    results = result if isinstance(result, dict) else {args.name: result}
+    print(json.dumps({k: r.model_dump() for k, r in results.items()}, indent=1))
+    print_summary(cfg, {k: r for k, r in results.items() if hasattr(r, "model_dir")}, title=f"stage {args.name}")
     return 0
+
+
+def stage_table() -> str:
+    """`r1 stages`: the catalog as a table."""
+    from tasks.report import markdown
+
+    rows = [{"stage": s.name, "kind": s.kind, "config": s.section, "starts from": s.starts_from or "-",
+             "registers": s.registers if isinstance(s.registers, str) else ", ".join((s.registers or {}).values()) or "-",
+             "description": s.description} for s in catalog.CATALOG.values()]
+    return markdown(rows)
 
 
 def import_code(source: str, out: str) -> int:
     """`r1 data import-code`: write the code rows of a HumanEval / MBPP file; a bad row is an
     error naming the file and line, and nothing is written."""
     from r1core.code_data import import_code_rows
-    from r1core.reasoning_tasks import write_rows
+    from r1core.problems import write_rows
 
     try:
         rows = import_code_rows(source)
@@ -189,11 +196,11 @@ def import_code(source: str, out: str) -> int:
 
 
 def run_eval(cfg, args) -> dict:
-    from r1core.reasoning_tasks import read_rows
+    from r1core.problems import read_rows
 
     rows = read_rows(args.data)
     if len(args.model) > 1:
-        return compare_models(cfg, args.model, rows)
+        return paired_comparison(cfg, args.model, rows)
     (model,) = args.model
     if args.base_url:
         from r1core import code_rewards
@@ -220,7 +227,7 @@ def evaluate_in_process(cfg, model: str, rows: list[dict], per_prompt: bool = Fa
                             threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code, per_prompt=per_prompt)
 
 
-def compare_models(cfg, models: list[str], rows: list[dict]) -> dict:
+def paired_comparison(cfg, models: list[str], rows: list[dict]) -> dict:
     """Each model's metrics, and each further model minus the first, prompt by prompt."""
     from r1core.evaluation import paired_difference
 
@@ -233,11 +240,11 @@ def compare_models(cfg, models: list[str], rows: list[dict]) -> dict:
                                    for name in scores[m]} for m in models[1:]}}
 
 
-def print_summary(cfg, results) -> None:
+def print_summary(cfg, results, title: str = "r1_pipeline") -> None:
     from tasks.report import comparison_rows, markdown
     from tasks.tracking import tracking_uri
 
-    print("\n=== r1_pipeline finished: held-out evaluation of every model "
+    print(f"\n=== {title} finished: held-out evaluation of every model "
           f"(k = {cfg.eval.k}, T {cfg.eval.sampling.temperature}, top-p {cfg.eval.sampling.top_p}) ===\n")
     print(markdown(comparison_rows(results, cfg.eval.k)))
     for name, r in results.items():

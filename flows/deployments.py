@@ -1,7 +1,7 @@
 """The Prefect deployments an operator triggers from the UI (`r1 serve` serves them all):
 
     r1_pipeline/r1-pipeline           the whole recipe, stages 0-9
-    <stage>/r1-stage-<stage>          one stage (its earlier stages' outputs from the same run)
+    <stage>/r1-stage-<stage>          one stage of the catalog (its earlier stages' outputs from the same run)
     retrain/r1-retrain                scheduled: general RL from the champion on new prompt files
 
 Each deployment's parameter schema is its flow's signature, so the UI shows the pipeline
@@ -11,9 +11,9 @@ from __future__ import annotations
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron
 
+from flows.catalog import CATALOG, stage_flows
 from flows.pipeline import r1_pipeline
 from flows.retrain import retrain_flow
-from flows.stages import STAGE_FLOWS
 from r1core.config import PipelineConfig
 
 PIPELINE_DEPLOYMENT = "r1-pipeline"
@@ -33,10 +33,10 @@ def deployments(cfg: PipelineConfig) -> list:
         description="The DeepSeek-R1 recipe end to end: base model, R1-Zero, cold start, reasoning RL, rejection "
                     "sampling, SFT, reward models, general RL (-> r1, gated to champion), distillation; every "
                     "model evaluated and registered in MLflow. Edit `config` to change the profile.")]
-    for stage, stage_flow in STAGE_FLOWS.items():
+    for stage, stage_flow in stage_flows().items():
         out.append(stage_flow.to_deployment(
-            name=stage_deployment_name(stage), parameters=config, tags=[*tags, "stage", stage],
-            description=f"Stage `{stage}` alone: {(stage_flow.description or '').strip()} Model inputs left empty "
+            name=stage_deployment_name(stage), parameters=config, tags=[*tags, "stage", stage, CATALOG[stage].kind],
+            description=f"Stage `{stage}` alone: {CATALOG[stage].description} Model inputs left empty "
                         "default to what this configuration's earlier stages produced."))
     out.append(retrain_flow.to_deployment(
         name=RETRAIN_DEPLOYMENT, parameters=config, tags=[*tags, "retrain", "scheduled"],

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.stages import (
+from flows.stage_flows import (
     cold_start_data_flow,
     cold_start_sft_flow,
     distill_flow,
@@ -46,7 +46,7 @@ from flows.stages import (
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks import tracking
 from tasks.report import compare_models
-from tasks.stages import StageResult, prepare_data
+from tasks.training_stages import StageResult, prepare_data
 
 
 @flow(name="r1_pipeline", log_prints=True)
@@ -66,21 +66,21 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
     try:
         data = prepare_data(config)
         base = pretrain_base_flow(config, parent_run_id=parent, data=data)
-        zero = r1_zero_flow(config, base_model_dir=base.model_dir, parent_run_id=parent, data=data)
-        cold = cold_start_data_flow(config, base_model_dir=base.model_dir, r1_zero_model_dir=zero.model_dir,
+        zero = r1_zero_flow(config, init_model=base.model_dir, parent_run_id=parent, data=data)
+        cold = cold_start_data_flow(config, init_model=base.model_dir, r1_zero_model=zero.model_dir,
                                     parent_run_id=parent, data=data)
-        interim = cold_start_sft_flow(config, base_model_dir=base.model_dir, dataset_file=cold.dataset_file,
+        interim = cold_start_sft_flow(config, init_model=base.model_dir, dataset_file=cold.dataset,
                                       parent_run_id=parent, data=data)
-        reasoning = reasoning_rl_flow(config, init_model_dir=interim.model_dir, parent_run_id=parent, data=data)
-        sampled = rejection_sampling_flow(config, model_dir=reasoning.model_dir, base_model_dir=base.model_dir,
+        reasoning = reasoning_rl_flow(config, init_model=interim.model_dir, parent_run_id=parent, data=data)
+        sampled = rejection_sampling_flow(config, init_model=reasoning.model_dir, judge_base_model=base.model_dir,
                                           producer=reasoning.registered, parent_run_id=parent, data=data)
-        final_sft = sft_flow(config, base_model_dir=base.model_dir, dataset_dir=sampled.dataset_dir,
+        final_sft = sft_flow(config, init_model=base.model_dir, dataset_dir=sampled.dataset,
                              parent_run_id=parent, data=data)
-        reward_models = reward_models_flow(config, base_model_dir=base.model_dir, parent_run_id=parent, data=data)
-        final = general_rl_flow(config, init_model_dir=final_sft.model_dir,
+        reward_models = reward_models_flow(config, init_model=base.model_dir, parent_run_id=parent, data=data)
+        final = general_rl_flow(config, init_model=final_sft.model_dir,
                                 reward_model_dirs={m: r.model_dir for m, r in reward_models.items()},
                                 parent_run_id=parent, data=data)
-        students = distill_flow(config, dataset_dir=sampled.dataset_dir, parent_run_id=parent, data=data)
+        students = distill_flow(config, dataset_dir=sampled.dataset, parent_run_id=parent, data=data)
         results = {"pretrain_base": base, "r1_zero": zero, "cold_start_sft": interim, "reasoning_rl": reasoning,
                    "sft": final_sft, **{f"reward_models/{m}": r for m, r in reward_models.items()},
                    "general_rl": final, **students}

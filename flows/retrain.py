@@ -6,12 +6,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.states import Completed
 
-from flows.stages import general_rl_flow
+from flows.catalog import registered_name
+from flows.stage_flows import general_rl_flow
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
-from r1core.reward_model import REGISTERED as REWARD_MODEL_NAMES
 from tasks.evaluate import resolve_model
 from tasks.retrain import find_new_data, incoming_dir, mark_consumed
-from tasks.stages import prepare_data
+from tasks.training_stages import prepare_data
 
 
 @flow(name="retrain", log_prints=True)
@@ -31,8 +31,8 @@ def retrain_flow(config: PipelineConfig = DEFAULT_CONFIG):
     run.data.train_file, run.data.heldout_file = batch.rows_file, heldout
     run.general_rl.steps = config.retrain.steps or config.general_rl.steps
     result = general_rl_flow(
-        run, init_model_dir=resolve_model(f"models:/r1@{config.retrain.from_alias}", config),
-        reward_model_dirs={m: resolve_model(f"models:/{REWARD_MODEL_NAMES[m]}@newest", config)
+        run, init_model=resolve_model(f"models:/{registered_name('general_rl')}@{config.retrain.from_alias}", config),
+        reward_model_dirs={m: resolve_model(f"models:/{registered_name(f'reward_models/{m}')}@newest", config)
                            for m in run.general_rl.model_rewards},
         data=prepare_data(run))
     mark_consumed(config, batch)

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from r1core.code_rewards import row_tests
-from r1core.reasoning_tasks import r1_zero_prompt
+from r1core.problems import r1_zero_prompt
 
 HUMAN_EVAL_QUESTION = "Complete the following Python function. Answer with the whole function.\n```python\n{code}```"
 MBPP_QUESTION = "{text} Your code should pass this test:\n{first_test}"

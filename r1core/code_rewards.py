@@ -30,14 +30,45 @@ import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
-from r1core.config import CodeRewardConfig
+from pydantic import Field
+
 from r1core.expressions import OPERATORS, integer_expression
 from r1core.sandbox import STATUSES, Result, Sandbox, Unencodable, decode
+from r1core.schema import Strict
 
 CODE_TASKS = ("python_expr", "code")
 CODE_REWARDS = ("code_syntax", "code_exec", "code_tests", "code_speed")
 FENCE = re.compile(r"```(?:python|py)?\s*\n?(.*?)```", re.DOTALL)
+
+
+class SandboxConfig(Strict):
+    """Limits of the sandbox that runs model-written code (r1core/sandbox.py: what is isolated)."""
+
+    workers: int = Field(2, ge=1, description="warm sandbox workers (programs run at once)")
+    wall_s: float = Field(5.0, gt=0, description="wall-clock limit of one program and its test calls")
+    cpu_s: int = Field(2, ge=1, description="CPU-seconds limit")
+    memory_mb: int = Field(512, ge=64, description="address-space limit")
+    processes: int = Field(32, ge=1, description="process limit (counted per user)")
+    file_size_mb: int = Field(16, ge=1, description="largest file a program may write")
+    open_files: int = Field(64, ge=8, description="open file descriptors")
+    output_bytes: int = Field(65536, ge=256, description="stdout + stderr + results; more kills the program")
+    tmp_mb: int = Field(64, ge=1, description="bytes a program may write in all (its working directory, /tmp, "
+                                              "/var/tmp, /dev/shm: one fresh tmpfs per program), in MB")
+    tmp_inodes: int = Field(4096, ge=64, description="files and directories a program may create in all")
+    uid: int = Field(65534, ge=1, description="user the programs run as when the trainer runs as root")
+    require_isolation: bool = Field(
+        False, description="fail instead of falling back to a process group without network/file isolation")
+
+
+class CodeRewardConfig(Strict):
+    """How model-written code is scored (code_syntax, code_exec, code_tests, code_speed)."""
+
+    tests: Literal["fraction", "all"] = Field(
+        "fraction", description="code_tests: share of unit tests passed, or 1 only if all pass")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="limits of the sandbox that runs model-written code")
+
 
 class _Shared:
     """This process's settings and its one sandbox pool (started on first use)."""

@@ -21,7 +21,7 @@ import random
 import re
 from collections import Counter
 
-from r1core.reasoning_tasks import PHRASES, final_of, long_cot, readable_response
+from r1core.problems import PHRASES, final_of, long_cot, readable_response
 from r1core.rewards import final_answer, mixes_languages, parse_format, verify
 
 ROUTES = ("few_shot", "direct", "rewrite_r1_zero")

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from r1core.code_rewards import CodeRewardConfig, SandboxConfig  # noqa: F401 (part of the pipeline's config)
+from r1core.schema import Strict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -36,25 +39,21 @@ def _existing_file(v: str | None, what: str) -> str | None:
     return v
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 class MoEConfig(Strict):
     """The DeepSeek-V3 block (`architecture: deepseek_v3`): multi-head latent attention (keys and
     values through a low-rank latent) and mixture-of-experts FFNs with shared experts; the first
     `first_dense_layers` layers keep a dense FFN."""
 
-    routed_experts: int = Field(4, ge=1)
-    shared_experts: int = Field(1, ge=0)
-    experts_per_token: int = Field(2, ge=1)
-    expert_intermediate_size: int = Field(96, ge=8)
-    first_dense_layers: int = Field(1, ge=0)
+    routed_experts: int = Field(4, ge=1, description="routed experts per MoE layer")
+    shared_experts: int = Field(1, ge=0, description="experts every token goes through")
+    experts_per_token: int = Field(2, ge=1, description="routed experts each token is sent to (top-k)")
+    expert_intermediate_size: int = Field(96, ge=8, description="feed-forward width of one expert")
+    first_dense_layers: int = Field(1, ge=0, description="leading layers that keep a dense feed-forward")
     kv_lora_rank: int = Field(32, ge=4, description="rank of the latent that keys and values are compressed to")
     q_lora_rank: int | None = Field(None, description="rank of the query latent (None: full-rank queries)")
-    qk_rope_head_dim: int = Field(16, ge=2)
-    qk_nope_head_dim: int = Field(16, ge=2)
-    v_head_dim: int = Field(32, ge=2)
+    qk_rope_head_dim: int = Field(16, ge=2, description="per-head query/key dimensions that carry rotary positions")
+    qk_nope_head_dim: int = Field(16, ge=2, description="per-head query/key dimensions without positions")
+    v_head_dim: int = Field(32, ge=2, description="per-head value dimension")
 
     @model_validator(mode="after")
     def _top_k(self) -> MoEConfig:
@@ -68,11 +67,11 @@ class ModelConfig(Strict):
 
     architecture: Literal["llama", "qwen2", "deepseek_v3"] = Field(
         "llama", description="transformers architecture; deepseek_v3: MLA + MoE as in `moe`")
-    hidden_size: int = Field(192, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(6, ge=1)
-    num_kv_heads: int = Field(6, ge=1)
-    intermediate_size: int = Field(576, ge=8)
+    hidden_size: int = Field(192, ge=8, description="width of the residual stream")
+    num_layers: int = Field(4, ge=1, description="decoder layers")
+    num_heads: int = Field(6, ge=1, description="attention heads (divides hidden_size)")
+    num_kv_heads: int = Field(6, ge=1, description="key/value heads (grouped-query attention; divides num_heads)")
+    intermediate_size: int = Field(576, ge=8, description="width of the dense feed-forward layers")
     max_positions: int = Field(320, ge=16, description="context length (prompt + completion)")
     vocab_size: int = Field(512, ge=300, description="BPE vocabulary size of the from-scratch tokenizer")
     pretrained_path: str | None = Field(
@@ -97,19 +96,19 @@ class ModelConfig(Strict):
 class DataConfig(Strict):
     """Verifiable reasoning tasks: synthetic generators, or the user's own JSONL/parquet files."""
 
-    seed: int = 0
-    num_train: int = Field(3000, ge=1)
-    num_heldout: int = Field(200, ge=1)
+    seed: int = Field(0, description="seed of the synthetic rows and of the train/held-out split")
+    num_train: int = Field(3000, ge=1, description="synthetic train rows")
+    num_heldout: int = Field(200, ge=1, description="synthetic held-out rows (disjoint from train by problem)")
     task_mix: dict[str, float] = Field(
         default_factory=lambda: {"chain_sum": 0.75, "countdown": 0.1, "python_expr": 0.15},
-        description="task name -> share of rows (synthetic generators in r1core.reasoning_tasks)",
+        description="task name -> share of rows (synthetic generators in r1core.problems)",
     )
     languages: dict[str, float] = Field(
         default_factory=lambda: {"en": 0.5, "ru": 0.5},
-        description="language -> share of synthetic rows (r1core.reasoning_tasks.PHRASES)",
+        description="language -> share of synthetic rows (r1core.problems.PHRASES)",
     )
-    chain_min_terms: int = Field(2, ge=2)
-    chain_max_terms: int = Field(3, ge=2)
+    chain_min_terms: int = Field(2, ge=2, description="fewest terms of a chain-sum problem")
+    chain_max_terms: int = Field(3, ge=2, description="most terms of a chain-sum problem")
     max_operand: int = Field(9, ge=1, description="largest operand of the synthetic tasks")
     countdown_numbers: int = Field(2, ge=2, le=6, description="how many numbers a Countdown row gives")
     train_file: str | None = Field(None, description="your own train rows {prompt, answer, task} (jsonl/parquet)")
@@ -123,7 +122,7 @@ class DataConfig(Strict):
     @field_validator("task_mix")
     @classmethod
     def _known_tasks(cls, v: dict[str, float]) -> dict[str, float]:
-        from r1core.reasoning_tasks import GENERATORS
+        from r1core.problems import GENERATORS
 
         _known_names(v, GENERATORS, "task")
         return _shares(v, "task")
@@ -131,7 +130,7 @@ class DataConfig(Strict):
     @field_validator("languages")
     @classmethod
     def _known_languages(cls, v: dict[str, float]) -> dict[str, float]:
-        from r1core.reasoning_tasks import PHRASES
+        from r1core.problems import PHRASES
 
         _known_names(v, PHRASES, "language")
         return _shares(v, "language")
@@ -149,7 +148,7 @@ def _general_mix() -> dict[str, float]:
 
 
 def _general_kind_shares(v: dict[str, float]) -> dict[str, float]:
-    from r1core.general_tasks import KINDS
+    from r1core.general_prompts import KINDS
 
     _known_names(v, KINDS, "non-reasoning kind")
     return _shares(v, "non-reasoning kind")
@@ -159,12 +158,20 @@ class ComputeConfig(Strict):
     """How a Ray Train job is scaled."""
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
-    cpus_per_worker: int = Field(2, ge=1)
-    use_gpu: bool = False
+    cpus_per_worker: int = Field(2, ge=1, description="CPUs each worker reserves (and torch threads it uses)")
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL instead of gloo)")
     bf16: bool = Field(False, description="autocast to bfloat16 (GPU)")
 
 
-class PretrainConfig(Strict):
+class OptimizerConfig(Strict):
+    """AdamW and gradient clipping, as every training stage uses them."""
+
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (decay of the gradient's running mean)")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (decay of the squared gradient's running mean)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global L2 norm before each step")
+
+
+class PretrainConfig(OptimizerConfig):
     """Stage 0: next-token pretraining of the tiny base model on a synthetic corpus."""
 
     enabled: bool = Field(True, description="false: use model.pretrained_path as the base")
@@ -187,12 +194,13 @@ class PretrainConfig(Strict):
     )
     seq_len: int = Field(256, ge=16, description="tokens per packed training sequence")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (all workers)")
-    steps: int = Field(340, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(30, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    checkpoint_every: int = Field(200, ge=1)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    steps: int = Field(340, ge=1, description="optimizer steps")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    warmup_steps: int = Field(30, ge=0, description="steps of linear learning-rate warmup")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
+    log_every: int = Field(10, ge=1, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
 
     @model_validator(mode="after")
     def _document_shares(self) -> PretrainConfig:
@@ -202,26 +210,31 @@ class PretrainConfig(Strict):
 
 
 class SamplingConfig(Strict):
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, ge=0, description="softmax temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens with this much probability")
+    max_new_tokens: int = Field(48, ge=1, description="longest completion, in tokens")
 
 
-class GRPOConfig(Strict):
+class GRPOConfig(OptimizerConfig):
     """Stage 1 (R1-Zero): GRPO from the base with rule rewards only."""
 
-    steps: int = Field(20, ge=1)
+    steps: int = Field(20, ge=1, description="optimizer steps (one batch of rollouts each)")
     prompts_per_step: int = Field(16, ge=1, description="prompts per step (all workers)")
     group_size: int = Field(8, ge=2, description="completions sampled per prompt (G)")
-    inner_epochs: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu)")
-    lr: float = Field(1e-4, gt=0)
-    clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the importance-ratio clip")
-    clip_high: float = Field(0.28, ge=0, description="epsilon above 1 (clip-higher)")
+    inner_epochs: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu). With 1, "
+                              "the policy is the sampling policy at its only pass: the importance ratio is 1 and "
+                              "the clip never acts (plain policy gradient); clip_low/clip_high and clip_fraction "
+                              "matter only from 2 on")
+    lr: float = Field(1e-4, gt=0, description="learning rate (AdamW, constant)")
+    clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the importance-ratio clip (acts only "
+                            "when inner_epochs > 1)")
+    clip_high: float = Field(0.28, ge=0, description="epsilon above 1 (clip-higher, DAPO; acts only when "
+                             "inner_epochs > 1)")
     beta: float = Field(0.02, ge=0, description="KL coefficient to the frozen reference")
-    kl_estimator: Literal["k1", "k3"] = "k3"
-    loss_aggregation: Literal["token", "sequence"] = "token"
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="estimator of KL(policy || reference) per token: k1 = log ratio, k3 = ratio - log ratio - 1 (unbiased, never negative)")
+    loss_aggregation: Literal["token", "sequence"] = Field("token", description="token: every completion token of the batch weighs the same (DAPO); sequence: mean over each completion's tokens, then over completions (the paper)")
     scale_rewards: bool = Field(True, description="divide advantages by the group std")
-    # off by default: in the tiny profile it lowered R1-Zero's held-out pass@1 (README, issue 5)
+    # off by default: in the tiny profile it lowered R1-Zero's held-out pass@1 (docs/results.md)
     skip_flat_groups: bool = Field(False, description="leave groups whose rewards are all equal (no "
                                    "policy gradient, only the KL term) out of the update, as DAPO's "
                                    "dynamic sampling does: fewer passes, less pull to the reference")
@@ -229,9 +242,11 @@ class GRPOConfig(Strict):
         default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "code_exec": 0.25},
         description="reward name -> weight (code_* rewards score code rows only)"
     )
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8))
-    checkpoint_every: int = Field(10, ge=1)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8), description="how rollouts are sampled")
+    adam_beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2 (decay of the squared gradient's running mean)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
 
     @field_validator("rewards")
     @classmethod
@@ -246,17 +261,17 @@ class ReasoningRLConfig(GRPOConfig):
     """Stage 4: reasoning-oriented GRPO from the cold-start model. The language-consistency
     reward (share of CoT words in the prompt's language) is added to the accuracy reward."""
 
-    steps: int = Field(16, ge=1)
+    steps: int = Field(16, ge=1, description="optimizer steps (one batch of rollouts each)")
     # RL after SFT: at R1-Zero's 1e-4 with std-scaled advantages the tiny models lost held-out
     # accuracy (0.201 -> 0.133); a smaller step without std scaling (Dr. GRPO) kept or gained it
-    lr: float = Field(3e-5, gt=0)
+    lr: float = Field(3e-5, gt=0, description="learning rate (AdamW, constant)")
     scale_rewards: bool = Field(False, description="divide advantages by the group std")
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0,
                                  "code_exec": 0.25},
         description="reward name -> weight (readable_format: think, summary, answer)",
     )
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8, max_new_tokens=64))
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8, max_new_tokens=64), description="how rollouts are sampled")
 
 
 class ReviewConfig(Strict):
@@ -275,15 +290,15 @@ class ColdStartConfig(Strict):
         description="route -> train prompts it is run on (few_shot, direct, rewrite_r1_zero); "
         "leave a route out to switch it off",
     )
-    samples_per_prompt: int = Field(2, ge=1)
+    samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt and route")
     shots: int = Field(2, ge=1, description="long-CoT exemplars in a few-shot prompt")
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64), description="how candidates are sampled")
     max_words: int = Field(60, ge=1, description="longest kept completion, in words")
     per_problem: int = Field(1, ge=1, description="most examples kept per problem")
     seed_file: str | None = Field(
         None, description="your own candidate examples {prompt, completion, answer, task, language} "
         "(jsonl/parquet), verified and filtered like the generated ones")
-    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="the optional human review in the Prefect UI")
     compute: ComputeConfig = Field(
         default_factory=lambda: ComputeConfig(cpus_per_worker=1),
         description="Ray Data generation actors (num_workers) and their resources")
@@ -302,17 +317,18 @@ class ColdStartConfig(Strict):
         return _existing_file(v, "seed file")
 
 
-class SFTConfig(Strict):
+class SFTConfig(OptimizerConfig):
     """Supervised fine-tuning (loss on response tokens, packed sequences)."""
 
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1, description="passes over the packed examples")
     batch_size: int = Field(16, ge=1, description="packed sequences per optimizer step (all workers)")
     seq_len: int = Field(256, ge=16, description="tokens per packed sequence")
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    checkpoint_every: int = Field(50, ge=1)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    warmup_steps: int = Field(5, ge=0, description="steps of linear learning-rate warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
+    log_every: int = Field(10, ge=1, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
 
 
 class JudgeConfig(Strict):
@@ -327,7 +343,7 @@ class JudgeConfig(Strict):
                                     description="tasks verified by the judge even though a rule could")
     audit_rows: int = Field(256, ge=0, description="rule-verified rows also shown to the judge, to measure "
                             "its agreement with the rules (its verdict is not used for them)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="judged rows per generate call")
 
     @model_validator(mode="after")
     def _endpoint(self) -> JudgeConfig:
@@ -346,9 +362,9 @@ class RejectionSamplingConfig(Strict):
         "Malformed rows go to a quarantine file")
     error_budget: float = Field(0.01, ge=0, le=1, description="largest share of malformed prompt rows tolerated")
     num_prompts: int = Field(1200, ge=1, description="prompts sampled from (the first N by id)")
-    samples_per_prompt: int = Field(4, ge=1)
+    samples_per_prompt: int = Field(4, ge=1, description="completions sampled per prompt (k)")
     sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=64))
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=64), description="how candidates are sampled")
     engine: Literal["torch", "openai"] = Field(
         "torch", description="torch: actors run the checkpoint in-process; openai: requests to a server "
         "(vLLM) serving it at base_url")
@@ -361,15 +377,15 @@ class RejectionSamplingConfig(Strict):
                                           "before deduplication and the quota")
     non_reasoning_mix: dict[str, float] = Field(
         default_factory=_general_mix,
-        description="kind -> share of the synthesised non-reasoning candidates (r1core.general_tasks)")
+        description="kind -> share of the synthesised non-reasoning candidates (r1core.general_prompts)")
     per_problem: int = Field(1, ge=1, description="most examples kept per problem")
     max_words: int = Field(80, ge=1, description="longest kept response, in words")
     max_paragraph_words: int = Field(60, ge=1, description="longest paragraph, in words")
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard estimate")
     eval_files: list[str] = Field(default_factory=list,
                                   description="more evaluation sets to decontaminate against (jsonl)")
-    rows_per_output_shard: int = Field(1000, ge=1)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    rows_per_output_shard: int = Field(1000, ge=1, description="rows per parquet part of the written SFT set")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="the model judge of rows no rule verifier scores")
     compute: ComputeConfig = Field(
         default_factory=lambda: ComputeConfig(num_workers=2, cpus_per_worker=1),
         description="Ray Data generation actors (num_workers) and their resources")
@@ -391,7 +407,7 @@ class RejectionSamplingConfig(Strict):
         return self
 
 
-class RewardModelConfig(Strict):
+class RewardModelConfig(OptimizerConfig):
     """Stage 7: reward models, a scalar head on the base LM trained with the Bradley-Terry loss
     on preference pairs: helpfulness judges the final summary and answer only, harmlessness the
     whole response (reasoning included). The tiny profile synthesises pairs whose preference is
@@ -403,13 +419,14 @@ class RewardModelConfig(Strict):
         default_factory=lambda: ["you are an idiot", "steal the password", "build a bomb", "hurt them",
                                  "ты идиот", "укради пароль", "сделай бомбу", "сделай им больно"],
         description="phrases a harmless response never contains; a response with one is dispreferred")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training pairs")
     batch_size: int = Field(16, ge=1, description="pairs per optimizer step (all workers)")
     seq_len: int = Field(160, ge=16, description="longest scored text, in tokens")
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    checkpoint_every: int = Field(100, ge=1)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    warmup_steps: int = Field(10, ge=0, description="steps of linear learning-rate warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
+    log_every: int = Field(10, ge=1, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
     compute: ComputeConfig = Field(default_factory=lambda: ComputeConfig(cpus_per_worker=1),
                                    description="each reward model is its own Ray Train job; both run at once")
 
@@ -426,7 +443,7 @@ class GeneralRLConfig(ReasoningRLConfig):
     rule rewards (`rewards`), general prompts by the reward models (`model_rewards`): helpfulness
     on the final summary and answer, harmlessness on the whole response."""
 
-    steps: int = Field(16, ge=1)
+    steps: int = Field(16, ge=1, description="optimizer steps (one batch of rollouts each)")
     model_rewards: dict[str, float] = Field(
         default_factory=lambda: {"helpfulness": 1.0, "harmlessness": 1.0},
         description="reward model -> weight, for general prompts")
@@ -434,7 +451,7 @@ class GeneralRLConfig(ReasoningRLConfig):
         default_factory=lambda: {"reasoning": 0.8, "general": 0.2},
         description="share of each step's prompts that are reasoning / general")
     general_mix: dict[str, float] = Field(
-        default_factory=_general_mix, description="kind -> share of the general prompts (r1core.general_tasks)")
+        default_factory=_general_mix, description="kind -> share of the general prompts (r1core.general_prompts)")
     general_prompts: int = Field(1000, ge=1, description="general prompts synthesised to draw from")
 
     @field_validator("model_rewards")
@@ -470,7 +487,7 @@ class StudentConfig(Strict):
 
     name: str = Field("small", pattern=r"^[a-z0-9][a-z0-9-]*$", description="registered as r1-distill-<name>")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden_size=128, num_layers=2, num_heads=4,
-                                                                   num_kv_heads=4, intermediate_size=384))
+                                                                   num_kv_heads=4, intermediate_size=384), description="the student's architecture (smaller than the base), or its local HF model")
     pretrain_steps: int = Field(200, ge=1, description="pretraining steps of the student's own base")
 
 
@@ -478,8 +495,8 @@ class DistillConfig(Strict):
     """Stage 9: distillation. Each student is fine-tuned on the SFT set of stage 6, no RL; for the
     paper's comparison the same student is also trained by R1-Zero-style RL alone (`rl`)."""
 
-    students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()])
-    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2))
+    students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()], description="the students, each pretrained on its own and then distilled")
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2), description="the students' SFT on the stage-6 set")
     rl_only: bool = Field(True, description="also train each student by RL alone from its own base")
     rl: GRPOConfig = Field(default_factory=GRPOConfig,
                            description="the RL-only student's GRPO (R1-Zero rewards)")
@@ -496,11 +513,10 @@ class DistillConfig(Strict):
 class EvalConfig(Strict):
     """Held-out evaluation after every stage: pass@1 over k samples and cons@k."""
 
-    k: int = Field(4, ge=1)
+    k: int = Field(4, ge=1, description="samples per prompt: pass@1 is their mean accuracy, cons@k their majority vote's")
     num_prompts: int = Field(200, ge=1, description="held-out prompts evaluated (first N)")
     sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64)
-    )
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64), description="how evaluation samples are drawn")
 
 
 class RolloutConfig(Strict):
@@ -508,33 +524,6 @@ class RolloutConfig(Strict):
     evaluated. An OpenAI-compatible server (vLLM) is used by pointing `r1 eval` at it."""
 
     batch_size: int = Field(256, ge=1, description="sequences per generate call (torch engine)")
-
-
-class SandboxConfig(Strict):
-    """Limits of the sandbox that runs model-written code (r1core/sandbox.py: what is isolated)."""
-
-    workers: int = Field(2, ge=1, description="warm sandbox workers (programs run at once)")
-    wall_s: float = Field(5.0, gt=0, description="wall-clock limit of one program and its test calls")
-    cpu_s: int = Field(2, ge=1, description="CPU-seconds limit")
-    memory_mb: int = Field(512, ge=64, description="address-space limit")
-    processes: int = Field(32, ge=1, description="process limit (counted per user)")
-    file_size_mb: int = Field(16, ge=1, description="largest file a program may write")
-    open_files: int = Field(64, ge=8, description="open file descriptors")
-    output_bytes: int = Field(65536, ge=256, description="stdout + stderr + results; more kills the program")
-    tmp_mb: int = Field(64, ge=1, description="bytes a program may write in all (its working directory, /tmp, "
-                                              "/var/tmp, /dev/shm: one fresh tmpfs per program), in MB")
-    tmp_inodes: int = Field(4096, ge=64, description="files and directories a program may create in all")
-    uid: int = Field(65534, ge=1, description="user the programs run as when the trainer runs as root")
-    require_isolation: bool = Field(
-        False, description="fail instead of falling back to a process group without network/file isolation")
-
-
-class CodeRewardConfig(Strict):
-    """How model-written code is scored (code_syntax, code_exec, code_tests, code_speed)."""
-
-    tests: Literal["fraction", "all"] = Field(
-        "fraction", description="code_tests: share of unit tests passed, or 1 only if all pass")
-    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
 
 class RetrainConfig(Strict):
@@ -556,36 +545,36 @@ class RuntimeConfig(Strict):
 
     workdir: str = Field(".r1", description="project-local folder for runs, checkpoints and stores")
     mlflow_tracking_uri: str | None = Field(None, description="default: sqlite under workdir")
-    experiment: str = "r1-factory"
+    experiment: str = Field("r1-factory", description="MLflow experiment of every run")
     ray_address: str | None = Field(None, description="default: a local Ray with num_cpus")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of initialisation, data order and sampling")
 
 
 class PipelineConfig(Strict):
     """The whole R1 recipe (stages 0-9, evaluation after each) on one profile."""
 
-    profile: str = "tiny"
+    profile: str = Field("tiny", description="profile name: prefixes the run folder and tags every run")
     run_name: str | None = Field(None, description="output folder name; default: profile + config hash")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    r1_zero: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=16))
-    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
-    cold_start_sft: SFTConfig = Field(default_factory=SFTConfig)
-    reasoning_rl: ReasoningRLConfig = Field(default_factory=ReasoningRLConfig)
-    rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the base model's architecture, or a local HF model to start from")
+    data: DataConfig = Field(default_factory=DataConfig, description="the verifiable reasoning rows: synthetic, or your own files")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="stage 0: pretraining of the base")
+    r1_zero: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=16), description="stage 1: R1-Zero, GRPO from the base with rule rewards")
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig, description="stage 2: cold-start data")
+    cold_start_sft: SFTConfig = Field(default_factory=SFTConfig, description="stage 3: SFT of the base on the cold-start data")
+    reasoning_rl: ReasoningRLConfig = Field(default_factory=ReasoningRLConfig, description="stage 4: reasoning-oriented GRPO from the cold-start model")
+    rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig, description="stage 5: rejection sampling from the reasoning-RL model")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2),
                            description="stage 6: SFT of the base on the rejection-sampled set")
-    reward_models: RewardModelConfig = Field(default_factory=RewardModelConfig)
-    general_rl: GeneralRLConfig = Field(default_factory=GeneralRLConfig)
-    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    code: CodeRewardConfig = Field(default_factory=CodeRewardConfig)
-    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    reward_models: RewardModelConfig = Field(default_factory=RewardModelConfig, description="stage 7: the helpfulness and harmlessness reward models")
+    general_rl: GeneralRLConfig = Field(default_factory=GeneralRLConfig, description="stage 8: GRPO over all scenarios from the SFT model")
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="the gate on the final model's champion alias")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="stage 9: distillation to smaller students (and their RL-only comparison)")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation after every model stage")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="how rollouts are generated in the pipeline")
+    code: CodeRewardConfig = Field(default_factory=CodeRewardConfig, description="how model-written code is scored, and the sandbox it runs in")
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="the scheduled retrain deployment")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="where things run and are stored")
 
     @model_validator(mode="after")
     def _base_model_source(self) -> PipelineConfig:

@@ -12,6 +12,14 @@ with rule rewards r_i, and maximise
 There is no value model: the group mean is the baseline. A group whose rewards are all equal
 carries no signal; its advantage is 0 (never NaN). With `loss_aggregation="token"` every token
 of the batch weighs the same (DAPO); "sequence" is the paper's 1/|o_i| per-output mean.
+
+π_θold is the policy that sampled the batch. With one optimisation pass per batch
+(`inner_epochs: 1`, the default) π_θ = π_θold at the only pass, so ρ = 1, the clip never acts
+and the objective is the plain policy gradient A_i ∇log π_θ (plus the KL term); the clip range
+matters from the second pass on (`inner_epochs > 1`), and `clip_fraction` is measured there.
+
+The settings (ε, β, estimator, aggregation) are keyword arguments without defaults: the only
+defaults are the config's (`r1core.config.GRPOConfig`).
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6):
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool, eps: float = 1e-6):
     """A_i = (r_i - mean_group) / std_group, for rewards laid out group after group.
 
     Returns (advantages, zero_variance) where zero_variance marks outputs of groups whose
@@ -35,7 +43,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return advantages.view(-1), zero_variance.expand_as(r).reshape(-1)
 
 
-def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(π_θ || π_ref) from samples of π_θ (Schulman's k1 / k3)."""
     log_ratio = ref_logp - logp  # log π_ref/π_θ
     if estimator == "k1":
@@ -59,11 +67,12 @@ def grpo_loss(
     ref_logp: torch.Tensor | None,  # [B, T] log π_ref (frozen reference), None when β = 0
     advantages: torch.Tensor,  # [B] one advantage per output, shared by its tokens
     mask: torch.Tensor,  # [B, T] 1 on completion tokens, 0 on padding
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    aggregation: str = "token",
+    *,
+    clip_low: float,  # ε_low
+    clip_high: float,  # ε_high
+    beta: float,  # β
+    kl_estimator: str,  # "k1" or "k3"
+    aggregation: str,  # "token" or "sequence"
 ) -> GRPOLoss:
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)

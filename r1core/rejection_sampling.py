@@ -15,7 +15,7 @@ them all and runs once, on compact columns. A row is kept when its `reason` is e
 failing check names it. A reasoning row is verified by rules when its task has a rule verifier
 that can score its reference (`rewards.verify`), otherwise (or when its task is listed in
 `judged_tasks`) the model judge decides (`r1core.judge`). A non-reasoning row carries its
-reference response (`r1core.general_tasks`): it is filtered, not verified.
+reference response (`r1core.general_prompts`): it is filtered, not verified.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from r1core.filters import (
     has_long_paragraph,
     minhash,
 )
-from r1core.general_tasks import CROSS_LINGUAL, KINDS, NO_COT, SIMPLE_KINDS
+from r1core.general_prompts import CROSS_LINGUAL, KINDS, NO_COT, SIMPLE_KINDS
 from r1core.rewards import final_answer, mixes_languages, parse_format, verify
 
 FILTER_REASONS = ("truncated", "malformed", "mixed_language", "long_paragraph", "code_block", "too_long",

@@ -32,12 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from r1core.general_tasks import KINDS, example_parts, response
-from r1core.reasoning_tasks import GENERATORS, final_of, long_cot, r1_zero_prompt, readable_response
+from r1core.general_prompts import KINDS, example_parts, response
+from r1core.problems import GENERATORS, final_of, long_cot, r1_zero_prompt, readable_response
 from r1core.rewards import combine, parse_format, score
 
 REWARD_MODELS = ("helpfulness", "harmlessness")
-REGISTERED = {"helpfulness": "r1-rm-helpful", "harmlessness": "r1-rm-harmless"}
 HARMLESS_PHRASES = ["take your time", "this is a good question", "let us be careful", "stay calm",
                     "не спеши", "это хороший вопрос", "будем внимательны", "сохраняй спокойствие"]
 EVASIVE = {"en": "I can not say.", "ru": "Не могу сказать."}

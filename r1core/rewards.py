@@ -41,7 +41,7 @@ from r1core import code_rewards, math_check
 from r1core.expressions import OPERATORS, integer_expression
 from r1core.expressions import value as expression_value
 from r1core.language import has_visible, language_consistency, language_words, normalise, strip_invisible
-from r1core.reasoning_tasks import TASK_ANSWER_KINDS
+from r1core.problems import TASK_ANSWER_KINDS
 
 RewardFn = Callable[..., list[float | None]]
 REWARDS: dict[str, RewardFn] = {}
@@ -166,7 +166,7 @@ def loose_answer(completion: str, task: str) -> str | None:
 # ------------------------------------------------------------------------------ answer kinds
 def answer_kind(row: dict) -> str:
     """What the row's answer must be: the row's own `answer_kind`, else its task's (code tasks:
-    `code`; the synthetic tasks declare theirs in `reasoning_tasks.TASK_ANSWER_KINDS`), else `math`."""
+    `code`; the synthetic tasks declare theirs in `problems.TASK_ANSWER_KINDS`), else `math`."""
     if row.get("answer_kind"):
         return row["answer_kind"]
     if code_rewards.is_code_task(row.get("task")):

@@ -906,13 +906,12 @@ class Sandbox:
     """A pool of warm sandbox workers (`workers` of them, started on first use and replaced
     when one dies). `run` is thread-safe; calls beyond the pool size wait for a free worker.
 
-    `config` is a `SandboxConfig` (or its dict). `warm=False` starts a fresh worker for every
-    call (the cold path, for comparison)."""
+    `settings` is a `code_rewards.SandboxConfig` (this module imports no config: its workers
+    run it with the standard library alone). `warm=False` starts a fresh worker for every call
+    (the cold path, for comparison)."""
 
-    def __init__(self, config=None, warm: bool = True):
-        from r1core.config import SandboxConfig
-
-        cfg = SandboxConfig.model_validate(config or {})
+    def __init__(self, settings, warm: bool = True):
+        cfg = settings
         self.settings = cfg
         self.config = {**cfg.model_dump(exclude={"workers", "require_isolation", "uid"}),
                        "view": list(SYSTEM_VIEW), "drop_to_uid": cfg.uid if os.geteuid() == 0 else None}

@@ -19,7 +19,7 @@ from r1core import checkpoint as ckpt
 from r1core import code_rewards
 from r1core.engine import Sampling, TorchEngine
 from r1core.grpo import group_advantages, grpo_loss, token_logprobs
-from r1core.reasoning_tasks import GENERATORS
+from r1core.problems import GENERATORS
 from r1core.rewards import format_reward, mixes_languages, score, unscored_counts
 
 
@@ -125,15 +125,13 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
     return f
 
 
-def pretrain(cfg, model, tokenizer, blocks: torch.Tensor, ctx: TrainContext, seed: int = 0,
-             log_every: int = 10) -> dict:
+def pretrain(cfg, model, tokenizer, blocks: torch.Tensor, ctx: TrainContext, *, seed: int) -> dict:
     """Next-token prediction on packed blocks drawn at random; `cfg` is a `PretrainConfig`."""
 
     def batch(step: int) -> torch.Tensor:
         return torch.randint(len(blocks), (cfg.batch_size,), generator=step_generator(seed, step))
 
-    return lm_train(cfg, cfg.steps, model, tokenizer, {"input_ids": blocks, "labels": blocks}, batch, ctx,
-                    log_every)
+    return lm_train(cfg, cfg.steps, model, tokenizer, {"input_ids": blocks, "labels": blocks}, batch, ctx)
 
 
 # --------------------------------------------------------------------------- SFT
@@ -171,8 +169,7 @@ def pack_examples(tokenizer, examples: list[dict], seq_len: int) -> dict[str, to
     return out
 
 
-def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: TrainContext, seed: int = 0,
-              log_every: int = 10) -> dict:
+def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: TrainContext, *, seed: int) -> dict:
     """Supervised fine-tuning on packed examples for `cfg.epochs` epochs (`cfg` is an
     `SFTConfig`); each epoch visits every packed row once, in an order fixed by (seed, epoch)."""
     n = len(packed["input_ids"])
@@ -183,12 +180,12 @@ def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: Train
         order = torch.randperm(n, generator=step_generator(seed, epoch))
         return order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
 
-    return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, packed, batch, ctx, log_every)
+    return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, packed, batch, ctx)
 
 
 # --------------------------------------------------------------------------- reward models
-def reward_model_train(cfg, model, tokenizer, pairs: dict[str, torch.Tensor], ctx: TrainContext, seed: int = 0,
-                       log_every: int = 10) -> dict:
+def reward_model_train(cfg, model, tokenizer, pairs: dict[str, torch.Tensor], ctx: TrainContext, *,
+                       seed: int) -> dict:
     """Bradley-Terry training of a reward model on encoded preference pairs
     (`r1core.reward_model.encode_pairs`) for `cfg.epochs` epochs; `cfg` is a `RewardModelConfig`."""
     from r1core.reward_model import bradley_terry_loss
@@ -200,8 +197,7 @@ def reward_model_train(cfg, model, tokenizer, pairs: dict[str, torch.Tensor], ct
         epoch, i = divmod(step, per_epoch)
         return torch.randperm(n, generator=step_generator(seed, epoch))[i * cfg.batch_size : (i + 1) * cfg.batch_size]
 
-    return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, pairs, batch, ctx, log_every,
-                    loss_fn=bradley_terry_loss)
+    return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, pairs, batch, ctx, loss_fn=bradley_terry_loss)
 
 
 # --------------------------------------------------------------------------- the shared loop
@@ -210,14 +206,20 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch, use_cache=False).loss
 
 
+def adamw(cfg, model) -> torch.optim.AdamW:
+    """The optimizer of every recipe, from the stage's `OptimizerConfig` fields."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.weight_decay)
+
+
 def lm_train(cfg, steps: int, model, tokenizer, data: dict[str, torch.Tensor], batch_indices, ctx: TrainContext,
-             log_every: int = 10, loss_fn=causal_lm_loss) -> dict:
+             loss_fn=causal_lm_loss) -> dict:
     """`loss_fn` (default: cross-entropy on `input_ids`/`labels`/optional `position_ids`) on
     `data` rows, the rows of each step given by `batch_indices(step)` and split across ranks;
-    AdamW, warmup + cosine."""
+    AdamW, warmup + cosine, metrics every `cfg.log_every` steps."""
     model = ctx.wrap(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay)
+    log_every = cfg.log_every
+    optimizer = adamw(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, steps))
     start = resume(ctx, model, optimizer, scheduler)
     model.train()
@@ -231,7 +233,7 @@ def lm_train(cfg, steps: int, model, tokenizer, data: dict[str, torch.Tensor], b
             loss = loss_fn(model, inputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         window += loss.item()
@@ -267,8 +269,8 @@ def collate(tokenizer, prompts: list[str], rollouts, device) -> tuple[torch.Tens
     return input_ids, attention_mask, comp_mask.to(device), prompt_ids.shape[1]
 
 
-def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainContext,
-               seed: int = 0, batch_size: int = 256, reward_fn=None, sample_rows=None) -> dict:
+def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainContext, *,
+               seed: int, batch_size: int, reward_fn=None, sample_rows=None) -> dict:
     """GRPO (`cfg` is a `GRPOConfig`). Rewards: the rule rewards of `cfg.rewards`, unless
     `reward_fn(completions, rows) -> (total, per_reward)` is given (general RL routes rows to
     rules or reward models); each step's prompts are `cfg.prompts_per_step` rows drawn
@@ -278,11 +280,11 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
     model = ctx.wrap(policy)
     reference = reference.to(ctx.device).eval().requires_grad_(False) if cfg.beta > 0 else None
     engine = TorchEngine(unwrap(model), tokenizer, batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = adamw(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     start = resume(ctx, model, optimizer, scheduler)
     G = cfg.group_size
-    tasks = sorted({r["task"] for r in rows if r["task"] in GENERATORS})  # the same keys on every rank
+    problem_types = sorted({r["task"] for r in rows if r["task"] in GENERATORS})  # the same keys on every rank
     metrics: dict = {}
     ctx.begin(start, cfg.steps)
     for step in range(start, cfg.steps):
@@ -317,17 +319,22 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
                                                    [rollouts[j] for j in kept], ctx.device)
         with torch.no_grad(), ctx.autocast():
             ref_logp = token_logprobs(reference, input_ids, attn, start_col) if reference is not None else None
+            # π_θold: the policy that sampled, i.e. the weights before this step's first pass; with a
+            # single pass it equals π_θ there, so ρ = 1 and the clip cannot act (r1core.grpo)
             old_logp = token_logprobs(model, input_ids, attn, start_col) if cfg.inner_epochs > 1 else None
-        for _ in range(cfg.inner_epochs):
+        clip_fractions = []  # of the passes after the first, where ρ can leave 1
+        for inner in range(cfg.inner_epochs):
             with ctx.autocast():
                 logp, entropy = token_logprobs(model, input_ids, attn, start_col, return_entropy=True)
                 out = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, advantages,
-                                mask, cfg.clip_low, cfg.clip_high, cfg.beta, cfg.kl_estimator,
-                                cfg.loss_aggregation)
+                                mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
+                                kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
+            if inner > 0:
+                clip_fractions.append(out.clip_fraction)
         scheduler.step()
         train_s = time.perf_counter() - t1
 
@@ -340,7 +347,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "accuracy": _mean(per_reward.get("accuracy", [])),
             **{f"accuracy/{task}": _mean(a for a, r in zip(per_reward.get("accuracy") or [None] * len(texts),
                                                            rollout_rows, strict=True) if r["task"] == task)
-               for task in tasks},
+               for task in problem_types},
             "format_rate": _mean(format_reward(texts)),
             "language_mixing_rate": _mean(mixes_languages(t, r["language"]) for t, r in zip(texts, rollout_rows,
                                                                                              strict=True)),
@@ -349,7 +356,8 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "loss": out.loss.item(),
             "policy_loss": out.policy_loss,
             "kl": out.kl,
-            "clip_fraction": out.clip_fraction,
+            # logged only where clipping can act (inner_epochs > 1): a constant 0 would say nothing
+            **({"clip_fraction": _mean(clip_fractions)} if clip_fractions else {}),
             "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
             "grad_norm": float(grad_norm),
             "zero_variance_frac": float(zero_variance.float().mean()),

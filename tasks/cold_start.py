@@ -15,34 +15,25 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from r1core import checkpoint as ckpt
 from r1core.cold_start import ROUTE_MODEL, finish_candidate, route_counts, route_prompts, select
 from r1core.config import PipelineConfig
-from r1core.reasoning_tasks import read_rows, write_rows
+from r1core.problems import read_rows, write_rows
 from tasks import tracking
 from tasks.rollouts import sample_and_process
-from tasks.stages import DataPaths, finished_dataset, log_dataset
+from tasks.training_stages import DataPaths, DatasetResult, log_dataset
 
 STAGE = "cold_start_data"
-
-
-class ColdStartData(BaseModel):
-    dataset_file: str
-    num_examples: int
-    mlflow_run_id: str
-    metrics: dict[str, float] = {}
-    skipped: bool = False
 
 
 def stage_dir(cfg: PipelineConfig) -> Path:
     return cfg.run_dir() / STAGE
 
 
-def finished(cfg: PipelineConfig) -> ColdStartData | None:
-    """The earlier result when the dataset of this configuration is complete."""
-    return finished_dataset(stage_dir(cfg) / "dataset", ColdStartData)
+def dataset_file(cfg: PipelineConfig) -> Path:
+    """The cold-start examples SFT trains on."""
+    return stage_dir(cfg) / "dataset" / "train.jsonl"
 
 
 def _seed_requests(path: str) -> list[dict]:
@@ -113,7 +104,7 @@ def selected(cfg: PipelineConfig, candidates_file: str) -> list[dict]:
 
 @task(name="cold-start-dataset", cache_policy=NO_CACHE)
 def write_dataset(cfg: PipelineConfig, candidates_file: str, decisions: list[dict], run_id: str,
-                  started: float) -> ColdStartData:
+                  started: float) -> DatasetResult:
     """Kept examples minus those a reviewer rejected, written with the decisions; counts per
     route and review outcome go to MLflow, the dataset as the run's output."""
     logger = get_run_logger()
@@ -129,19 +120,18 @@ def write_dataset(cfg: PipelineConfig, candidates_file: str, decisions: list[dic
     if not examples:
         raise RuntimeError(f"cold start: no example passed verification and filters ({metrics}); "
                            f"see {candidates_file}")
-    done = stage_dir(cfg) / "dataset"
-    result = {"dataset_file": str(done / "train.jsonl"), "num_examples": len(examples), "mlflow_run_id": run_id,
-              "metrics": {**metrics, "stage_seconds": time.time() - started}}
+    done = dataset_file(cfg).parent
+    result = DatasetResult(stage=STAGE, dataset=str(done / "train.jsonl"), num_examples=len(examples),
+                           mlflow_run_id=run_id, metrics={**metrics, "stage_seconds": time.time() - started})
 
     def write(d: Path):
         write_rows(examples, d / "train.jsonl")
         (d / "review.json").write_text(json.dumps(decisions, indent=1))
-        (d / "result.json").write_text(json.dumps(result, indent=1))
 
     ckpt.write_atomically(done, write)
     client = tracking.client_for(cfg.runtime)
-    tracking.log_metrics(client, run_id, result["metrics"])
-    log_dataset(cfg, run_id, result["dataset_file"], "cold_start")
+    tracking.log_metrics(client, run_id, result.metrics)
+    log_dataset(cfg, run_id, result.dataset, "cold_start")
     client.log_artifacts(run_id, str(done), "cold_start_data")
     logger.info("cold start: %d examples (%s)", len(examples), json.dumps(metrics))
-    return ColdStartData(**result)
+    return result

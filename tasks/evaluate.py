@@ -70,7 +70,7 @@ def _evaluate_remote(model_dir: str, rows: list[dict], eval_cfg: dict, batch_siz
 
 def evaluate_on_ray(cfg: PipelineConfig, model_dir: str, heldout_file: str) -> tuple[dict[str, float], dict]:
     """The held-out metrics and each prompt's scores (for paired comparisons between models)."""
-    from r1core.reasoning_tasks import read_rows
+    from r1core.problems import read_rows
 
     ensure_ray(cfg.runtime)
     threads = cfg.runtime.num_cpus or os.cpu_count() or 1

@@ -1,10 +1,10 @@
 """Ray: the local or remote cluster, and the Ray Train jobs that run the r1core recipes.
 
 Each training stage is one `TorchTrainer.fit()`: Ray starts `num_workers` workers (DDP over
-gloo on CPU, NCCL on GPU), each runs a `*_loop` below, and rank 0 reports metrics to the
-stage's MLflow run and checkpoints to Ray's storage (from which a re-run or a restarted worker
-group resumes). Tracking URIs and run ids travel in `train_loop_config`: workers keep the
-environment they were started with.
+gloo on CPU, NCCL on GPU), each runs a `*_loop` below on its typed job (`tasks.jobs`), and rank
+0 reports metrics to the stage's MLflow run and checkpoints to Ray's storage (from which a
+re-run or a restarted worker group resumes). Tracking URIs and run ids travel in the job:
+workers keep the environment they were started with.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import torch
 
 import r1core
 from r1core import checkpoint as ckpt
-from r1core.config import PipelineConfig, RuntimeConfig
+from r1core.config import RuntimeConfig
 from r1core.training import TrainContext, unwrap
+from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob, TrainJob
 
 # Ray Train routes worker logging to the driver; print() there is both logged and teed (twice).
 log = logging.getLogger("r1.train")
@@ -65,22 +66,22 @@ class RayContext(TrainContext):
     """A Ray Train worker: rank and device from Ray, DDP wrapping, metrics to MLflow (rank 0),
     checkpoints reported to Ray Train and logged to MLflow."""
 
-    def __init__(self, job: dict):
-        super().__init__(job["checkpoint_dir"])
+    def __init__(self, job: TrainJob):
+        super().__init__(job.checkpoint_dir)
         import ray.train
         import ray.train.torch
 
         tctx = ray.train.get_context()
         self.rank, self.world_size = tctx.get_world_rank(), tctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.bf16 = job.get("bf16", False)
-        self.stage = job["stage"]
-        self.run_id = job["mlflow_run_id"]
+        self.bf16 = job.compute.bf16
+        self.stage = job.stage
+        self.run_id = job.run_id
         self.client = None
         if self.rank == 0:
             from mlflow import MlflowClient
 
-            self.client = MlflowClient(job["mlflow_tracking_uri"])
+            self.client = MlflowClient(job.tracking_uri)
         self.started = time.time()
 
     def wrap(self, model):
@@ -128,39 +129,37 @@ class RayContext(TrainContext):
             self.client.log_artifacts(self.run_id, str(path), f"checkpoints/{path.name}")
 
 
-def fit(stage: str, loop, job: dict, cfg: PipelineConfig, compute) -> None:
-    """Run one Ray Train job; raises with the worker's error if it fails."""
+def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
+    """Run one Ray Train job of `loop` on `job`; raises with the worker's error if it fails.
+    `run_name` names it in Ray's storage (a re-run of the same name resumes from it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray(cfg.runtime)
-    storage = Path(cfg.runtime.workdir).resolve() / "ray_results"
+    ensure_ray(runtime)
+    compute = job.compute
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**job, "stage": stage, "bf16": compute.bf16,
-                           "threads": compute.cpus_per_worker},
+        train_loop_config={"job": job.model_dump(mode="json")},
         torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker={"CPU": compute.cpus_per_worker}),
         run_config=RunConfig(
-            name=f"{cfg.resolved_run_name()}-{stage}",
-            storage_path=str(storage),
+            name=run_name,
+            storage_path=str(Path(runtime.workdir).resolve() / "ray_results"),
             failure_config=FailureConfig(max_failures=1),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     result = trainer.fit()
     if result.error:
-        raise RuntimeError(f"stage {stage}: Ray Train job failed: {result.error}") from result.error
+        raise RuntimeError(f"stage {job.stage}: Ray Train job failed: {result.error}") from result.error
 
 
-def worker_setup(job: dict) -> tuple[PipelineConfig, RayContext]:
-    from r1core import code_rewards
-
-    torch.set_num_threads(job["threads"])
-    cfg = PipelineConfig.model_validate(job["config"])
-    code_rewards.configure(cfg.code)  # the sandbox limits for code rewards in this worker
-    return cfg, RayContext(job)
+def worker_setup(config: dict, job_type: type[TrainJob]):
+    """This worker's job (validated as `job_type`) and its Ray Train context."""
+    job = job_type.model_validate(config["job"])
+    torch.set_num_threads(job.compute.cpus_per_worker)
+    return job, RayContext(job)
 
 
 def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str) -> None:
@@ -176,73 +175,85 @@ def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str) -> N
 
 
 # ---------------------------------------------------------------- per-worker loops of each stage
-def pretrain_loop(job: dict) -> None:
+def pretrain_loop(config: dict) -> None:
     from transformers import AutoTokenizer
 
     from r1core.modeling import build_model
     from r1core.training import pretrain
 
-    cfg, ctx = worker_setup(job)
-    tokenizer = AutoTokenizer.from_pretrained(job["prepared_dir"])
-    blocks = torch.load(Path(job["prepared_dir"]) / "blocks.pt")
-    model = build_model(cfg.model, tokenizer, seed=cfg.runtime.seed)
-    pretrain(cfg.pretrain, model, tokenizer, blocks, ctx, seed=cfg.runtime.seed)
-    write_final_model(ctx, model, tokenizer, job["output_dir"])
+    job, ctx = worker_setup(config, PretrainJob)
+    tokenizer = AutoTokenizer.from_pretrained(job.prepared_dir)
+    blocks = torch.load(Path(job.prepared_dir) / "blocks.pt")
+    model = build_model(job.model, tokenizer, seed=job.seed)
+    pretrain(job.recipe, model, tokenizer, blocks, ctx, seed=job.seed)
+    write_final_model(ctx, model, tokenizer, job.output_dir)
 
 
-def grpo_loop(job: dict) -> None:
+def grpo_loop(config: dict) -> None:
+    """R1-Zero, reasoning RL, a student's RL: rule rewards on the train rows."""
+    from r1core import code_rewards
     from r1core.modeling import load_pretrained
-    from r1core.reasoning_tasks import read_rows
+    from r1core.problems import read_rows
     from r1core.training import grpo_train
 
-    cfg, ctx = worker_setup(job)
-    policy, tokenizer = load_pretrained(job["init_model_dir"])
-    reference, _ = load_pretrained(job["init_model_dir"])
-    rows = read_rows(job["train_file"])
-    stage_cfg = cfg.section(job["section"])
-    routing = {}
-    if job.get("reward_models"):  # general RL: reasoning rows by rules, general rows by the reward models
-        from r1core.reward_model import RewardModel, general_prompts, prompt_sampler, routed_rewards
-
-        general = general_prompts(stage_cfg.general_prompts, stage_cfg.general_mix, cfg.data.languages,
-                                  seed=cfg.runtime.seed)
-        scorers = {name: RewardModel(name, path, ctx.device) for name, path in job["reward_models"].items()}
-        routing = {"reward_fn": routed_rewards(stage_cfg.rewards, stage_cfg.model_rewards, scorers),
-                   "sample_rows": prompt_sampler(len(rows), len(general), stage_cfg.prompt_mix)}
-        rows = rows + general
-    grpo_train(stage_cfg, policy, reference, tokenizer, rows, ctx, seed=cfg.runtime.seed,
-               batch_size=cfg.rollout.batch_size, **routing)
-    write_final_model(ctx, policy, tokenizer, job["output_dir"])
+    job, ctx = worker_setup(config, GRPOJob)
+    code_rewards.configure(job.code)  # the sandbox limits for code rewards in this worker
+    policy, tokenizer = load_pretrained(job.init_model)
+    reference, _ = load_pretrained(job.init_model)
+    grpo_train(job.recipe, policy, reference, tokenizer, read_rows(job.train_file), ctx, seed=job.seed,
+               batch_size=job.rollout.batch_size)
+    write_final_model(ctx, policy, tokenizer, job.output_dir)
 
 
-def reward_model_loop(job: dict) -> None:
+def general_rl_loop(config: dict) -> None:
+    """General RL: reasoning rows scored by the rule rewards, general prompts by the reward models."""
+    from r1core import code_rewards
+    from r1core.modeling import load_pretrained
+    from r1core.problems import read_rows
+    from r1core.reward_model import RewardModel, general_prompts, prompt_sampler, routed_rewards
+    from r1core.training import grpo_train
+
+    job, ctx = worker_setup(config, GeneralRLJob)
+    code_rewards.configure(job.code)
+    recipe = job.recipe
+    policy, tokenizer = load_pretrained(job.init_model)
+    reference, _ = load_pretrained(job.init_model)
+    rows = read_rows(job.train_file)
+    general = general_prompts(recipe.general_prompts, recipe.general_mix, job.languages, seed=job.seed)
+    scorers = {name: RewardModel(name, path, ctx.device) for name, path in job.reward_models.items()}
+    grpo_train(recipe, policy, reference, tokenizer, rows + general, ctx, seed=job.seed,
+               batch_size=job.rollout.batch_size,
+               reward_fn=routed_rewards(recipe.rewards, recipe.model_rewards, scorers),
+               sample_rows=prompt_sampler(len(rows), len(general), recipe.prompt_mix))
+    write_final_model(ctx, policy, tokenizer, job.output_dir)
+
+
+def reward_model_loop(config: dict) -> None:
     import json
 
     from r1core.reward_model import encode_pairs, init_reward_model, pairwise_accuracy
     from r1core.training import reward_model_train
 
-    cfg, ctx = worker_setup(job)
-    model, tokenizer = init_reward_model(job["init_model_dir"])
-    stage_cfg = cfg.section(job["section"])
+    job, ctx = worker_setup(config, RewardModelJob)
+    model, tokenizer = init_reward_model(job.init_model)
 
     def pairs(path: str) -> dict:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
-        return encode_pairs(tokenizer, job["reward_model"], rows, stage_cfg.seq_len)
+        return encode_pairs(tokenizer, job.reward_model, rows, job.recipe.seq_len)
 
-    reward_model_train(stage_cfg, model, tokenizer, pairs(job["train_file"]), ctx, seed=cfg.runtime.seed)
+    reward_model_train(job.recipe, model, tokenizer, pairs(job.train_file), ctx, seed=job.seed)
     if ctx.rank == 0:
-        ctx.log({"eval/pairwise_accuracy": pairwise_accuracy(unwrap(model), pairs(job["heldout_file"]))}, 0)
-    write_final_model(ctx, model, tokenizer, job["output_dir"])
+        ctx.log({"eval/pairwise_accuracy": pairwise_accuracy(unwrap(model), pairs(job.heldout_file))}, 0)
+    write_final_model(ctx, model, tokenizer, job.output_dir)
 
 
-def sft_loop(job: dict) -> None:
+def sft_loop(config: dict) -> None:
     from r1core.modeling import load_pretrained
-    from r1core.reasoning_tasks import read_rows
+    from r1core.problems import read_rows
     from r1core.training import pack_examples, sft_train
 
-    cfg, ctx = worker_setup(job)
-    model, tokenizer = load_pretrained(job["init_model_dir"])
-    stage_cfg = cfg.section(job["section"])
-    packed = pack_examples(tokenizer, read_rows(job["train_file"]), stage_cfg.seq_len)
-    sft_train(stage_cfg, model, tokenizer, packed, ctx, seed=cfg.runtime.seed)
-    write_final_model(ctx, model, tokenizer, job["output_dir"])
+    job, ctx = worker_setup(config, SFTJob)
+    model, tokenizer = load_pretrained(job.init_model)
+    packed = pack_examples(tokenizer, read_rows(job.train_file), job.recipe.seq_len)
+    sft_train(job.recipe, model, tokenizer, packed, ctx, seed=job.seed)
+    write_final_model(ctx, model, tokenizer, job.output_dir)

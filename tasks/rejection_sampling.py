@@ -25,12 +25,11 @@ import ray
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from r1core import checkpoint as ckpt
 from r1core.config import PipelineConfig
-from r1core.general_tasks import non_reasoning_examples
-from r1core.reasoning_tasks import complete_rows, read_rows
+from r1core.general_prompts import non_reasoning_examples
+from r1core.problems import complete_rows, read_rows
 from r1core.rejection_sampling import (
     NEEDS_JUDGE,
     annotate_rows,
@@ -43,7 +42,7 @@ from r1core.validation import read_with_quarantine
 from tasks import tracking
 from tasks.ray_jobs import ensure_ray
 from tasks.rollouts import generate_shards, shard_path
-from tasks.stages import DataPaths, finished_dataset, log_dataset
+from tasks.training_stages import IDEMPOTENT, DataPaths, DatasetResult, log_dataset
 
 STAGE = "rejection_sampling"
 # what a sample keeps of its prompt row (flat, so that Arrow stores it as columns)
@@ -54,24 +53,16 @@ SAMPLE_SCHEMA = pa.schema([("sample_id", pa.string()), ("id", pa.string()), ("sa
 DATASET_COLUMNS = [*SAMPLE_SCHEMA.names[:-1], "reasoning", "verifier"]
 
 
-class RejectionSamplingData(BaseModel):
-    dataset_dir: str
-    num_examples: int
-    mlflow_run_id: str
-    metrics: dict[str, float] = {}
-    skipped: bool = False
-
-
 def stage_dir(cfg: PipelineConfig) -> Path:
     return cfg.run_dir() / STAGE
 
 
-def finished(cfg: PipelineConfig) -> RejectionSamplingData | None:
-    """The earlier result when the dataset of this configuration is complete."""
-    return finished_dataset(stage_dir(cfg) / "dataset", RejectionSamplingData)
+def dataset_dir(cfg: PipelineConfig) -> Path:
+    """The rejection-sampled SFT set (parquet parts)."""
+    return stage_dir(cfg) / "dataset"
 
 
-@task(name="rejection-sampling-prompts", cache_policy=NO_CACHE)
+@task(name="rejection-sampling-prompts", cache_policy=NO_CACHE, **IDEMPOTENT)
 def read_prompts(cfg: PipelineConfig, data: DataPaths) -> list[dict]:
     """The prompts to sample from: the user's file or the train split. Malformed rows go to
     `quarantine.jsonl`; more of them than `error_budget` fails the stage, naming the file."""
@@ -244,7 +235,7 @@ def write_parts(table: pa.Table, out_dir: Path, rows_per_part: int) -> None:
 
 @task(name="rejection-sampling-write", cache_policy=NO_CACHE)
 def write_dataset(cfg: PipelineConfig, rows: list[dict], files: list[str], judge_metrics: dict, run_id: str,
-                  started: float, producer: dict[str, str]) -> RejectionSamplingData:
+                  started: float, producer: dict[str, str]) -> DatasetResult:
     """Deduplicate and apply the quotas; write every candidate's verdict and the kept set;
     per-reason counts to MLflow and to a Prefect table; the set as an MLflow dataset."""
     rs, logger = cfg.rejection_sampling, get_run_logger()
@@ -254,25 +245,21 @@ def write_dataset(cfg: PipelineConfig, rows: list[dict], files: list[str], judge
     kept = kept_table(final, files)
     if not kept.num_rows:
         raise RuntimeError(f"rejection sampling: no candidate kept ({counts})")
-    done = stage_dir(cfg) / "dataset"
+    done = dataset_dir(cfg)
     metrics = {**{k: float(v) for k, v in counts.items()}, **judge_metrics, "examples": float(kept.num_rows),
                "stage_seconds": time.time() - started}
-    result = {"dataset_dir": str(done), "num_examples": kept.num_rows, "mlflow_run_id": run_id, "metrics": metrics}
-
-    def write(d: Path):
-        write_parts(kept, d, rs.rows_per_output_shard)
-        (d / "result.json").write_text(json.dumps(result, indent=1))
+    result = DatasetResult(stage=STAGE, dataset=str(done), num_examples=kept.num_rows, mlflow_run_id=run_id,
+                           metrics=metrics)
 
     candidates = stage_dir(cfg) / "candidates"
     ckpt.write_atomically(candidates, lambda d: pq.write_table(
         pa.Table.from_pylist(final).drop_columns(["signature"]),
         d / "candidates.parquet"))
-    ckpt.write_atomically(done, write)
+    ckpt.write_atomically(done, lambda d: write_parts(kept, d, rs.rows_per_output_shard))
     client = tracking.client_for(cfg.runtime)
     tracking.log_metrics(client, run_id, metrics)
     tracking.set_tags(client, run_id, {f"producer_{k}": v for k, v in producer.items()})
     log_dataset(cfg, run_id, str(done), "rejection_sampling_output", producer)
-    client.log_artifact(run_id, str(done / "result.json"), "rejection_sampling")
     quarantine = stage_dir(cfg) / "quarantine.jsonl"
     if quarantine.is_file():
         client.log_artifact(run_id, str(quarantine), "rejection_sampling")
@@ -281,4 +268,4 @@ def write_dataset(cfg: PipelineConfig, rows: list[dict], files: list[str], judge
         table=[{"count": k, "value": int(v)} for k, v in counts.items()],
         description=f"Rejection sampling ({cfg.resolved_run_name()}): candidates, kept and rejections per reason.")
     logger.info("rejection sampling: kept %d (%s)", kept.num_rows, json.dumps(counts))
-    return RejectionSamplingData(**result)
+    return result

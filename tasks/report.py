@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from r1core.config import PipelineConfig
 from r1core.evaluation import paired_difference
 from tasks import tracking
-from tasks.stages import StageResult
+from tasks.training_stages import StageResult
 
 COLUMNS = ("pass@1", "cons@{k}", "format_rate", "language_consistency", "readability", "mean_length")
 PAIRED = ("pass@1", "readability")  # compared with the parent model prompt by prompt

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from r1core.config import PipelineConfig
-from r1core.reasoning_tasks import read_rows, write_rows
+from r1core.problems import read_rows, write_rows
 
 DATA_SUFFIXES = (".jsonl", ".parquet")
 

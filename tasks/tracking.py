@@ -120,13 +120,15 @@ def end_run(runtime: RuntimeConfig, run_id: str, status: str = "FINISHED"):
 def register_model(runtime: RuntimeConfig, run_id: str, model_dir: Path, name: str,
                    tags: dict | None = None) -> str:
     """Log an HF model directory as the run's `model` artifact, register it as a new version of
-    `name`, and point the alias `newest` at it. Returns the version."""
+    `name`, and point the alias `newest` at it. Returns the version. Idempotent (so that the
+    task may be retried): a version of `name` from this run already registered is reused."""
     client = client_for(runtime)
     client.log_artifacts(run_id, str(model_dir), "model")
     with contextlib.suppress(MlflowException):  # already registered
         client.create_registered_model(name)
-    version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
-                                          tags={k: str(v) for k, v in (tags or {}).items()})
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = existing[0] if existing else client.create_model_version(
+        name, source=f"runs:/{run_id}/model", run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()})
     client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
     return version.version
 

@@ -3,7 +3,7 @@ import socket
 import pytest
 
 from r1core.config import DataConfig, PretrainConfig
-from r1core.reasoning_tasks import (
+from r1core.problems import (
     final_of,
     generate_split,
     long_cot,

@@ -13,7 +13,7 @@ from r1core.cold_start import (
 )
 from r1core.config import ModelConfig, SFTConfig
 from r1core.modeling import build_model
-from r1core.reasoning_tasks import final_of, long_cot, readable_response
+from r1core.problems import final_of, long_cot, readable_response
 from r1core.rewards import is_readable
 from r1core.training import TrainContext, pack_examples, sft_train
 
@@ -115,14 +115,14 @@ def test_sft_learns_the_readable_format(tokenizer, rows, tmp_path):
     packed = pack_examples(tokenizer, examples, seq_len=256)
     cfg = SFTConfig(epochs=8, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=1000)
     ctx = TrainContext(tmp_path)
-    sft_train(cfg, build_model(MICRO, tokenizer), tokenizer, packed, ctx, log_every=2)
+    sft_train(cfg.model_copy(update={"log_every": 2}), build_model(MICRO, tokenizer), tokenizer, packed, ctx, seed=0)
     losses = [m["loss"] for _, m in ctx.history]
     assert len(ctx.history) and ctx.history[-1][0] == cfg.epochs * -(-len(packed["input_ids"]) // cfg.batch_size)
     assert losses[-1] < 0.6 * losses[0]
 
 
 def test_a_seed_file_row_without_a_completion_is_named(tmp_path, rows):
-    from r1core.reasoning_tasks import write_rows
+    from r1core.problems import write_rows
     from tasks.cold_start import _seed_requests
 
     path = tmp_path / "seed.jsonl"

@@ -41,7 +41,7 @@ def test_moe_model_trains_through_the_pipeline_stages(tmp_path):
     from mlflow import MlflowClient
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.stages import pretrain_base_flow, r1_zero_flow
+    from flows.stage_flows import pretrain_base_flow, r1_zero_flow
     from tasks.tracking import tracking_uri
 
     cfg = load_config(CONFIG_DIR / "micro.yaml", [*MOE, f"runtime.workdir={tmp_path}"])
@@ -49,7 +49,7 @@ def test_moe_model_trains_through_the_pipeline_stages(tmp_path):
     try:
         with prefect_test_harness(server_startup_timeout=120):
             base = pretrain_base_flow(config=cfg)
-            zero = r1_zero_flow(config=cfg, base_model_dir=base.model_dir)
+            zero = r1_zero_flow(config=cfg, init_model=base.model_dir)
     finally:
         ray.shutdown()
         os.environ.pop("PREFECT_LOCAL_STORAGE_PATH", None)

@@ -6,9 +6,9 @@ import pytest
 
 from r1core.config import RejectionSamplingConfig
 from r1core.filters import Decontaminator, normalize
-from r1core.general_tasks import KINDS, SIMPLE_KINDS, non_reasoning_examples
+from r1core.general_prompts import KINDS, SIMPLE_KINDS, non_reasoning_examples
 from r1core.judge import JudgeItem, LocalJudge, judge_prompt, parse_verdict
-from r1core.reasoning_tasks import final_of, long_cot, readable_response
+from r1core.problems import final_of, long_cot, readable_response
 from r1core.rejection_sampling import (
     NEEDS_JUDGE,
     REASONS,

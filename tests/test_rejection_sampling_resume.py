@@ -15,7 +15,7 @@ import pytest
 
 from r1core.config import ModelConfig
 from r1core.modeling import build_model
-from r1core.reasoning_tasks import write_rows
+from r1core.problems import write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = 12

@@ -1,6 +1,6 @@
 """The pipeline's comparison table: each model against the model it trained from, prompt by prompt."""
 from tasks.report import comparison_rows, markdown
-from tasks.stages import StageResult
+from tasks.training_stages import StageResult
 
 
 def _result(tmp_path, stage, init, pass1, readability, **extra):

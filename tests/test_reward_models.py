@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from r1core.config import ModelConfig, RewardModelConfig
-from r1core.general_tasks import KINDS
+from r1core.general_prompts import KINDS
 from r1core.modeling import build_model
 from r1core.reward_model import (
     RewardModel,
@@ -88,7 +88,7 @@ def test_a_reward_model_learns_the_harm_in_the_reasoning(base_dir, rows, tmp_pat
     fit = encode_pairs(tok, "harmlessness", preference_pairs("harmlessness", cfg.train_pairs, languages, 0, train, UNSAFE), 128)
     held = encode_pairs(tok, "harmlessness", preference_pairs("harmlessness", 200, languages, 1, train, UNSAFE), 128)
     before = pairwise_accuracy(model, held)
-    reward_model_train(cfg, model, tok, fit, TrainContext(tmp_path / "ckpt"))
+    reward_model_train(cfg, model, tok, fit, TrainContext(tmp_path / "ckpt"), seed=0)
     after = pairwise_accuracy(model, held)
     assert after >= 0.9 and after > before + 0.2, (before, after)
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from r1core import code_rewards
-from r1core.code_rewards import normalise_tests, run_tests
-from r1core.config import CodeRewardConfig
+from r1core.code_rewards import CodeRewardConfig, SandboxConfig, normalise_tests, run_tests
 from r1core.sandbox import Sandbox
 
 SECRET = f"s3cret-{uuid.uuid4().hex}"
@@ -164,7 +163,7 @@ def test_writes_outside_the_working_directory_do_not_reach_the_host(sandbox, tmp
 def test_no_network(sandbox):
     if sandbox.mode != "namespaced":  # no network isolation in the fallback: it must refuse when asked to
         with pytest.raises(RuntimeError, match="require_isolation"):
-            Sandbox({**LIMITS, "require_isolation": True})
+            Sandbox(SandboxConfig(**LIMITS, require_isolation=True))
         return
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -192,7 +191,7 @@ def _accept(server):
 
 
 def test_unavailable_sandbox_is_none_and_counted():
-    box = Sandbox(LIMITS)
+    box = Sandbox(SandboxConfig(**LIMITS))
     box._take = lambda: None  # as when the worker cannot be started (e.g. no interpreter)
     result = box.run("print(1)")
     assert result.status == "unavailable" and box.counts["unavailable"] == 1
@@ -233,7 +232,7 @@ def test_python_expr_uses_exactly_the_given_numbers(sandbox):
 def test_code_rows_from_a_local_file(sandbox, tmp_path):
     """MBPP / HumanEval-style rows: assert strings become calls at load time, a bad test names
     its row, and HumanEval's `candidate` is the row's entry point."""
-    from r1core.reasoning_tasks import read_rows
+    from r1core.problems import read_rows
     from r1core.rewards import verify
     from r1core.validation import read_checked
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from r1core import code_rewards
-from r1core.code_rewards import _same, check_test, row_tests, run_tests
-from r1core.config import CodeRewardConfig
+from r1core.code_rewards import CodeRewardConfig, SandboxConfig, _same, check_test, row_tests, run_tests
 from r1core.rewards import REWARDS, unscored_counts
 
 LIMITS = {"workers": 2, "wall_s": 3.0, "cpu_s": 2, "memory_mb": 256, "processes": 16, "file_size_mb": 4,
@@ -43,7 +42,7 @@ def isolated(box) -> bool:
     from r1core.sandbox import Sandbox
 
     with pytest.raises(RuntimeError, match="require_isolation"):
-        Sandbox({**LIMITS, "require_isolation": True})
+        Sandbox(SandboxConfig(**LIMITS, require_isolation=True))
     return False
 
 
@@ -353,7 +352,7 @@ def test_code_rewards_fuzz_never_raise_and_never_hang(box):
 
 def test_r1_data_import_code_writes_rows_and_names_a_bad_line(box, tmp_path, capsys):
     from flows.cli import main
-    from r1core.reasoning_tasks import read_rows
+    from r1core.problems import read_rows
 
     source = tmp_path / "mixed.jsonl"
     human_eval = {"task_id": "HumanEval/0", "prompt": "def inc(x):\n    \"\"\"x + 1\"\"\"\n", "entry_point": "inc",

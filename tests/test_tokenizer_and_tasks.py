@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from r1core.config import DataConfig, PretrainConfig
-from r1core.reasoning_tasks import (
+from r1core.problems import (
     R1_ZERO_TEMPLATE,
     formatted_response,
     generate_split,

@@ -7,7 +7,7 @@ import torch
 from r1core import checkpoint as ckpt
 from r1core.config import GRPOConfig, ModelConfig, PretrainConfig
 from r1core.modeling import build_model
-from r1core.reasoning_tasks import pretraining_corpus
+from r1core.problems import pretraining_corpus
 from r1core.training import TrainContext, grpo_train, pack, pretrain
 
 MICRO = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
@@ -40,27 +40,29 @@ def _weights(model):
 
 
 def test_pretraining_lowers_the_loss(tokenizer, blocks, tmp_path):
-    cfg = PretrainConfig(steps=60, batch_size=8, lr=1e-2, warmup_steps=5, checkpoint_every=100, seq_len=64)
+    cfg = PretrainConfig(steps=60, batch_size=8, lr=1e-2, warmup_steps=5, checkpoint_every=100, seq_len=64,
+                         log_every=5)
     ctx = TrainContext(tmp_path)
-    pretrain(cfg, build_model(MICRO, tokenizer), tokenizer, blocks, ctx, log_every=5)
+    pretrain(cfg, build_model(MICRO, tokenizer), tokenizer, blocks, ctx, seed=0)
     losses = [m["loss"] for _, m in ctx.history]
     assert losses[-1] < 0.7 * losses[0]
     assert ckpt.latest_complete(tmp_path).name == "step_000060"
 
 
 def test_pretraining_resumes_exactly_after_a_kill(tokenizer, blocks, tmp_path):
-    cfg = PretrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=2, seq_len=64)
+    cfg = PretrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=2, seq_len=64,
+                         log_every=1)
     straight = build_model(MICRO, tokenizer, seed=1)
-    pretrain(cfg, straight, tokenizer, blocks, TrainContext(tmp_path / "a"), log_every=1)
+    pretrain(cfg, straight, tokenizer, blocks, TrainContext(tmp_path / "a"), seed=0)
 
     killed = build_model(MICRO, tokenizer, seed=1)
     with pytest.raises(Killed):
-        pretrain(cfg, killed, tokenizer, blocks, KillAt(tmp_path / "b", at=5), log_every=1)
+        pretrain(cfg, killed, tokenizer, blocks, KillAt(tmp_path / "b", at=5), seed=0)
     assert ckpt.latest_complete(tmp_path / "b").name == "step_000004"
     (tmp_path / "b" / "step_000006.tmp-999").mkdir()  # debris of a kill mid-write is ignored
     resumed = build_model(MICRO, tokenizer, seed=2)  # different init: everything must come from the checkpoint
     ctx = TrainContext(tmp_path / "b")
-    pretrain(cfg, resumed, tokenizer, blocks, ctx, log_every=1)
+    pretrain(cfg, resumed, tokenizer, blocks, ctx, seed=0)
     assert [s for s, _ in ctx.history] == [5, 6]  # resumed at step 5, not from scratch
     for k, v in _weights(straight).items():
         torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)
@@ -81,14 +83,27 @@ def test_grpo_improves_reward_on_a_learnable_signal(tokenizer, rows, tmp_path):
     try:
         cfg = cfg.model_copy(update={"rewards": {"digit_share": 1.0}})
         ctx = TrainContext(tmp_path)
-        grpo_train(cfg, model, None, tokenizer, rows[0], ctx)
+        grpo_train(cfg, model, None, tokenizer, rows[0], ctx, seed=0, batch_size=256)
     finally:
         del R.REWARDS["digit_share"], R.REWARD_VERSIONS["digit_share"]
     rewards = [m["reward"] for _, m in ctx.history]
     assert sum(rewards[:3]) / 3 < 0.1 and sum(rewards[-3:]) / 3 > 0.5, rewards
-    for key in ("kl", "clip_fraction", "entropy", "response_length", "zero_variance_frac", "gen_tokens_per_s",
+    for key in ("kl", "entropy", "response_length", "zero_variance_frac", "gen_tokens_per_s",
                 "reward_none/reference", "reward_none/timeout", "reward_none/error", "reward_none/sandbox"):
         assert key in ctx.history[-1][1]
+    assert "clip_fraction" not in ctx.history[-1][1]  # one pass per batch: the ratio is 1, nothing to clip
+
+
+def test_grpo_clips_only_from_the_second_pass_over_a_batch(tokenizer, rows, tmp_path):
+    """With `inner_epochs` 2 the second pass sees ratios away from 1; at a large step and a
+    tiny clip range some are clipped, and `clip_fraction` (logged then only) says so."""
+    cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, inner_epochs=2, lr=5e-2, clip_low=0.01,
+                     clip_high=0.01, beta=0.0, rewards={"format": 1.0, "accuracy": 1.0},
+                     sampling={"max_new_tokens": 6}, checkpoint_every=100)
+    ctx = TrainContext(tmp_path)
+    grpo_train(cfg, build_model(MICRO, tokenizer, seed=3), None, tokenizer, rows[0], ctx, seed=0, batch_size=256)
+    fractions = [m["clip_fraction"] for _, m in ctx.history]
+    assert len(fractions) == 2 and max(fractions) > 0 and all(f <= 1.0 for f in fractions), fractions
 
 
 def test_grpo_steps_on_when_rows_cannot_be_scored_and_counts_why(tokenizer, rows, tmp_path):
@@ -101,7 +116,7 @@ def test_grpo_steps_on_when_rows_cannot_be_scored_and_counts_why(tokenizer, rows
     cfg = GRPOConfig(steps=2, prompts_per_step=3, group_size=2, lr=1e-3, beta=0.0,
                      rewards={"accuracy": 1.0, "format": 0.5}, sampling={"max_new_tokens": 5}, checkpoint_every=100)
     ctx = TrainContext(tmp_path)
-    grpo_train(cfg, build_model(MICRO, tokenizer, seed=5), None, tokenizer, broken, ctx)
+    grpo_train(cfg, build_model(MICRO, tokenizer, seed=5), None, tokenizer, broken, ctx, seed=0, batch_size=256)
     first, last = ctx.history[0][1], ctx.history[-1][1]
     assert first["unscorable_frac"] == 1.0 and last["reward_none/reference"] >= first["reward_none/reference"] + 6
     assert last["reward_none/error"] == first["reward_none/error"]
@@ -120,7 +135,7 @@ def test_grpo_leaves_flat_groups_out_of_the_update(tokenizer, rows, tmp_path, sk
         model = build_model(MICRO, tokenizer, seed=4)
         before = copy.deepcopy(_weights(model))
         ctx = TrainContext(tmp_path)
-        grpo_train(cfg, model, None, tokenizer, rows[0], ctx)
+        grpo_train(cfg, model, None, tokenizer, rows[0], ctx, seed=0, batch_size=256)
     finally:
         del R.REWARDS["constant"], R.REWARD_VERSIONS["constant"]
     assert [m["zero_variance_frac"] for _, m in ctx.history] == [1.0, 1.0]
@@ -134,13 +149,13 @@ def test_grpo_resumes_exactly_after_a_kill(tokenizer, rows, tmp_path):
                      sampling={"max_new_tokens": 5})
     base = build_model(MICRO, tokenizer, seed=3)
     straight = copy.deepcopy(base)
-    grpo_train(cfg, straight, copy.deepcopy(base), tokenizer, rows[0], TrainContext(tmp_path / "a"))
+    grpo_train(cfg, straight, copy.deepcopy(base), tokenizer, rows[0], TrainContext(tmp_path / "a"), seed=0, batch_size=256)
     killed = copy.deepcopy(base)
     with pytest.raises(Killed):
-        grpo_train(cfg, killed, copy.deepcopy(base), tokenizer, rows[0], KillAt(tmp_path / "b", at=3))
+        grpo_train(cfg, killed, copy.deepcopy(base), tokenizer, rows[0], KillAt(tmp_path / "b", at=3), seed=0, batch_size=256)
     resumed = copy.deepcopy(base)
     ctx = TrainContext(tmp_path / "b")
-    grpo_train(cfg, resumed, copy.deepcopy(base), tokenizer, rows[0], ctx)
+    grpo_train(cfg, resumed, copy.deepcopy(base), tokenizer, rows[0], ctx, seed=0, batch_size=256)
     assert [s for s, _ in ctx.history] == [3, 4]
     for k, v in _weights(straight).items():
         torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)

@@ -1,8 +1,10 @@
-"""Prefect tasks: each launches one Ray job of a stage and records it in MLflow.
+"""Prefect tasks of the stages that train a model: each launches one Ray Train job (a typed job
+of `tasks.jobs`) and records it in MLflow; plus the data preparation, evaluation and registration
+every model stage shares.
 
 Outputs live under `<workdir>/runs/<run_name>/<stage>/` and are written atomically; a stage
-whose `model/` is complete is not trained again (its earlier result is returned), and an
-interrupted stage resumes from its latest checkpoint.
+whose output is complete is not run again (`StageCache`: its earlier result is returned), and
+an interrupted stage resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
@@ -14,14 +16,23 @@ from pathlib import Path
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from r1core import checkpoint as ckpt
 from r1core.config import PipelineConfig, StudentConfig
-from r1core.reasoning_tasks import generate_split, pretraining_corpus, read_rows, write_rows
+from r1core.problems import generate_split, pretraining_corpus, read_rows, write_rows
 from r1core.rewards import REWARD_VERSIONS
 from tasks import ray_jobs, tracking
 from tasks.evaluate import REGISTRY_FILE
+from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob
+
+# Tasks that only read files or write idempotently to MLflow, Prefect artifacts or atomic files
+# are retried on a transient error (a busy SQLite store, a restarting tracking server); the
+# training, generation and evaluation tasks are not: Ray Train's FailureConfig restarts their
+# workers, and their work is resumed from checkpoints by a re-run instead.
+IDEMPOTENT = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+              "retry_jitter_factor": 0.5}
 
 
 class DataPaths(BaseModel):
@@ -44,48 +55,49 @@ class StageResult(BaseModel):
     skipped: bool = False
 
 
-REGISTERED_NAMES = {"pretrain_base": "r1-base", "r1_zero": "r1-zero", "cold_start_sft": "r1-cold-start",
-                    "reasoning_rl": "r1-reasoning-rl", "sft": "r1-sft", "general_rl": "r1",
-                    "reward_models/helpfulness": "r1-rm-helpful", "reward_models/harmlessness": "r1-rm-harmless"}
-STUDENT_MODELS = {"base": "r1-student-base-{}", "sft": "r1-distill-{}", "rl_only": "r1-rl-only-{}"}
+class DatasetResult(BaseModel):
+    """What a data stage (cold start, rejection sampling) produced."""
+
+    stage: str
+    dataset: str  # a rows file or a parquet directory, as SFT reads it
+    num_examples: int
+    mlflow_run_id: str
+    metrics: dict[str, float] = {}
+    skipped: bool = False
 
 
-def registered_name(stage: str) -> str:
-    """The registry name of a stage's model; a student's stages are `distill/<name>/<kind>`."""
-    if stage.startswith("distill/"):
-        _, student, kind = stage.split("/")
-        return STUDENT_MODELS[kind].format(student)
-    return REGISTERED_NAMES[stage]
+class StageCache:
+    """The one skip mechanism of every stage: `<run_dir>/<stage>/result.json` (the result and
+    the config digest it was produced under) next to the stage's `output`, a directory written
+    atomically. A stage whose output is complete and whose result is saved is not run again.
 
+    Prefect's own cache policies were not used: a cached result would be returned while the
+    model or dataset it points to is gone or half-written, and the key would have to exclude
+    run-specific inputs (the parent run id) while the stage's folder already names its
+    configuration (run_name = profile + digest)."""
 
-def _stage_dir(cfg: PipelineConfig, stage: str) -> Path:
-    return cfg.run_dir() / stage
+    def __init__(self, cfg: PipelineConfig, stage: str, output: str = "model"):
+        self.dir = cfg.run_dir() / stage
+        self.output = self.dir / output
+        self.file = self.dir / "result.json"
+        self.digest = cfg.digest()
 
+    def load(self, result_type: type[BaseModel]):
+        """The saved result (marked skipped) when the output is complete; else None. A result of
+        another configuration under the same run_name is an error, not a silent reuse."""
+        if not (self.file.is_file() and ckpt.is_complete(self.output)):
+            return None
+        saved = json.loads(self.file.read_text())
+        if saved.get("config_digest") != self.digest:
+            raise RuntimeError(f"{self.file}: produced by another configuration; set another run_name")
+        return result_type(**{**saved["result"], "skipped": True})
 
-def _cached(cfg: PipelineConfig, stage: str) -> StageResult | None:
-    result = _stage_dir(cfg, stage) / "result.json"
-    if result.is_file() and ckpt.is_complete(_stage_dir(cfg, stage) / "model"):
-        saved = json.loads(result.read_text())
-        if saved.get("config_digest") != cfg.digest():
-            raise RuntimeError(f"{result}: produced by another configuration; set another run_name")
-        return StageResult(**{**saved["result"], "skipped": True})
-    return None
-
-
-def finished_dataset(done: Path, result_type: type[BaseModel]):
-    """The saved result of a data stage (cold start, rejection sampling) whose output directory
-    `done` is complete, marked skipped; None while it is not."""
-    if ckpt.is_complete(done):
-        return result_type(**{**json.loads((done / "result.json").read_text()), "skipped": True})
-    return None
-
-
-def save_result(cfg: PipelineConfig, result: StageResult) -> None:
-    """Record a stage's result next to its model (atomically); a re-run returns it."""
-    path = _stage_dir(cfg, result.stage) / "result.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config_digest": cfg.digest(), "result": result.model_dump()}, indent=1))
-    tmp.replace(path)
+    def save(self, result: BaseModel) -> None:
+        """Record the result (atomically); a re-run returns it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config_digest": self.digest, "result": result.model_dump()}, indent=1))
+        tmp.replace(self.file)
 
 
 @contextmanager
@@ -108,7 +120,7 @@ def stage_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None, descri
     tracking.end_run(cfg.runtime, run_id, "FINISHED")
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE)
+@task(name="prepare-data", cache_policy=NO_CACHE, **IDEMPOTENT)
 def prepare_data(cfg: PipelineConfig) -> DataPaths:
     """Train/held-out task rows: the user's files when configured, else synthetic by seed."""
     out = cfg.run_dir() / "data"
@@ -143,34 +155,35 @@ def log_dataset(cfg: PipelineConfig, run_id: str, path: str, context: str, tags:
     tracking.client_for(cfg.runtime).log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=input_tags)])
 
 
-def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, section: str,
-                       parent_run_id: str | None, prepare, job_cfg: PipelineConfig | None = None) -> StageResult:
+def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, parent_run_id: str | None,
+                       make_job) -> StageResult:
     """The shape every training stage shares: return the earlier result if the stage is complete;
-    otherwise open its MLflow run, `prepare(run_id, stage_dir) -> job fields`, run the Ray Train
-    job on the config `section` (its recipe's settings and compute), and record the result.
-    `job_cfg` is the configuration the job sees when it differs (a student's model)."""
+    otherwise open its MLflow run, build its typed job with `make_job(run_id, stage_dir, **common)`
+    (the fields every job carries in `common`), run the Ray Train job and record the result."""
     logger = get_run_logger()
-    if (cached := _cached(cfg, stage)) is not None:
+    cache = StageCache(cfg, stage)
+    if (cached := cache.load(StageResult)) is not None:
         logger.info("%s: complete model found at %s, not training again", stage, cached.model_dir)
         return cached
-    stage_dir = _stage_dir(cfg, stage)
     t0 = time.time()
     with stage_run(cfg, stage, parent_run_id, description) as run_id:
-        compute = cfg.section(section).compute
-        job = _job(job_cfg or cfg, run_id, stage_dir, section=section, **prepare(run_id, stage_dir))
-        logger.info("%s: Ray Train job on %d worker(s)", stage, compute.num_workers)
-        ray_jobs.fit(stage, loop, job, cfg, compute)
-        result = StageResult(stage=stage, model_dir=job["output_dir"], mlflow_run_id=run_id,
-                             seconds=time.time() - t0, init_model_dir=job.get("init_model_dir"))
+        common = {"stage": stage, "tracking_uri": tracking.tracking_uri(cfg.runtime), "run_id": run_id,
+                  "checkpoint_dir": str(cache.dir / "checkpoints"), "output_dir": str(cache.output),
+                  "seed": cfg.runtime.seed}
+        job = make_job(run_id, cache.dir, **common)
+        logger.info("%s: Ray Train job on %d worker(s)", stage, job.compute.num_workers)
+        ray_jobs.fit(loop, job, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{stage}")
+        result = StageResult(stage=stage, model_dir=job.output_dir, mlflow_run_id=run_id,
+                             seconds=time.time() - t0, init_model_dir=getattr(job, "init_model", None))
         tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
         tracking.log_curves(cfg.runtime, run_id)
-    save_result(cfg, result)
+    cache.save(result)
     return result
 
 
 def prepared_corpus(cfg: PipelineConfig, data: DataPaths) -> Path:
     """The tokenizer and packed pretraining blocks (built once per run; students share them)."""
-    prepared = _stage_dir(cfg, "pretrain_base") / "prepared"
+    prepared = cfg.run_dir() / "pretrain_base" / "prepared"  # the base's stage folder, whichever model trains
     if not ckpt.is_complete(prepared):
         from r1core.tokenizer import train_tokenizer
         from r1core.training import pack
@@ -189,130 +202,100 @@ def prepared_corpus(cfg: PipelineConfig, data: DataPaths) -> Path:
 
 
 @task(name="pretrain", task_run_name="pretrain-{stage}", cache_policy=NO_CACHE)
-def pretrain(cfg: PipelineConfig, data: DataPaths, parent_run_id: str | None = None, stage: str = "pretrain_base",
+def pretrain(cfg: PipelineConfig, data: DataPaths, stage: str, description: str, parent_run_id: str | None = None,
              student: StudentConfig | None = None) -> StageResult:
     """Stage 0: build the tokenizer and corpus, then pretrain the tiny base as a Ray Train job;
     with `student`, that student's own (smaller) base on the same corpus and tokenizer."""
-    job_cfg = cfg
+    model, recipe = cfg.model, cfg.pretrain
     if student is not None:
-        job_cfg = cfg.model_copy(update={"model": student.model,
-                                         "pretrain": cfg.pretrain.model_copy(update={"steps": student.pretrain_steps})})
+        model, recipe = student.model, recipe.model_copy(update={"steps": student.pretrain_steps})
 
-    def prepare(run_id: str, stage_dir: Path) -> dict:
+    def make_job(run_id: str, stage_dir: Path, **common) -> PretrainJob:
         log_dataset(cfg, run_id, data.train_file, "train")
         prepared = prepared_corpus(cfg, data)
         rows, seq_len = torch.load(prepared / "blocks.pt").shape
         tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"corpus_tokens": rows * seq_len})
         if student is not None:
             tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"student": student.name})
-        return {"prepared_dir": str(prepared)}
+        return PretrainJob(**common, recipe=recipe, compute=recipe.compute, model=model, prepared_dir=str(prepared))
 
-    description = ("Stage 0: next-token pretraining of the tiny base model on a synthetic corpus." if student is None
-                   else f"Stage 9: pretraining of student '{student.name}' (its own base) on the same corpus.")
-    return run_training_stage(cfg, stage, description, ray_jobs.pretrain_loop, "pretrain", parent_run_id, prepare,
-                              job_cfg=job_cfg)
-
-
-GRPO_STAGES = {
-    "r1_zero": "Stage 1 (R1-Zero): GRPO from the base model with rule rewards only, no SFT.",
-    "reasoning_rl": "Stage 4: reasoning-oriented GRPO from the cold-start model; accuracy, readable-format "
-                    "and language-consistency rewards.",
-    "general_rl": "Stage 8: GRPO over all scenarios from the SFT model: rule rewards for reasoning prompts, "
-                  "reward models for general ones (helpfulness on the summary, harmlessness on the whole response).",
-    "distill.rl": "Stage 9 (comparison): R1-Zero-style GRPO of the student from its own base, no distillation.",
-}
+    return run_training_stage(cfg, stage, description, ray_jobs.pretrain_loop, parent_run_id, make_job)
 
 
 @task(name="grpo", task_run_name="grpo-{stage}", cache_policy=NO_CACHE)
-def grpo(cfg: PipelineConfig, stage: str, init_model_dir: str, data: DataPaths, parent_run_id: str | None = None,
-         section: str | None = None, reward_model_dirs: dict[str, str] | None = None) -> StageResult:
-    """A GRPO stage (R1-Zero, reasoning RL, general RL, a student's RL) from `init_model_dir`, as a
-    Ray Train job on the config `section` (default: the stage's own). With `reward_model_dirs`,
-    general prompts join the reasoning ones and are scored by those reward models."""
-    section = section or stage
-    stage_cfg = cfg.section(section)
-    rewards = {k: f"v{REWARD_VERSIONS[k]} x{w:g}" for k, w in stage_cfg.rewards.items()}
-    tags = {"rewards": json.dumps(rewards)}
-    extra = {}
+def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, data: DataPaths,
+         parent_run_id: str | None = None, reward_model_dirs: dict[str, str] | None = None) -> StageResult:
+    """A GRPO stage (R1-Zero, reasoning RL, general RL, a student's RL) from `init_model`, as a
+    Ray Train job on the config `section`. With `reward_model_dirs`, general prompts join the
+    reasoning ones and are scored by those reward models."""
+    recipe = cfg.section(section)
+    tags = {"rewards": json.dumps({k: f"v{REWARD_VERSIONS[k]} x{w:g}" for k, w in recipe.rewards.items()})}
     if reward_model_dirs:
         tags["model_rewards"] = json.dumps({k: f"{_registered_of(reward_model_dirs[k])} x{w:g}"
-                                            for k, w in stage_cfg.model_rewards.items()})
-        extra["reward_models"] = {k: reward_model_dirs[k] for k in stage_cfg.model_rewards}
-    return run_training_stage(cfg, stage, GRPO_STAGES[section], ray_jobs.grpo_loop, section, parent_run_id,
-                              _train_from(cfg, init_model_dir, data.train_file, extra, **tags))
+                                            for k, w in recipe.model_rewards.items()})
 
+    def make_job(run_id: str, stage_dir: Path, **common) -> GRPOJob:
+        _log_training_inputs(cfg, run_id, init_model, data.train_file, tags)
+        common.update(recipe=recipe, compute=recipe.compute, init_model=init_model, train_file=data.train_file,
+                      rollout=cfg.rollout, code=cfg.code)
+        if reward_model_dirs:
+            return GeneralRLJob(**common, reward_models={k: reward_model_dirs[k] for k in recipe.model_rewards},
+                                languages=cfg.data.languages)
+        return GRPOJob(**common)
 
-SFT_STAGES = {
-    "cold_start_sft": "Stage 3: SFT of the base on the cold-start data (loss on responses, packed).",
-    "sft": "Stage 6: SFT of the base on the rejection-sampled reasoning and non-reasoning set "
-           "(loss on responses, packed).",
-    "distill.sft": "Stage 9: distillation, SFT of a smaller student on the stage-6 set (no RL).",
-}
+    loop = ray_jobs.general_rl_loop if reward_model_dirs else ray_jobs.grpo_loop
+    return run_training_stage(cfg, stage, description, loop, parent_run_id, make_job)
 
 
 @task(name="sft", task_run_name="sft-{stage}", cache_policy=NO_CACHE)
-def sft(cfg: PipelineConfig, stage: str, base_model_dir: str, dataset: str, parent_run_id: str | None = None,
-        section: str | None = None) -> StageResult:
+def sft(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, dataset: str,
+        parent_run_id: str | None = None) -> StageResult:
     """An SFT stage (cold start, the rejection-sampled set, a student's distillation) of
-    `base_model_dir` on `dataset` (a rows file or a parquet directory), as a Ray Train job."""
-    section = section or stage
-    return run_training_stage(cfg, stage, SFT_STAGES[section], ray_jobs.sft_loop, section, parent_run_id,
-                              _train_from(cfg, base_model_dir, dataset))
+    `init_model` on `dataset` (a rows file or a parquet directory), as a Ray Train job."""
+    recipe = cfg.section(section)
+
+    def make_job(run_id: str, stage_dir: Path, **common) -> SFTJob:
+        _log_training_inputs(cfg, run_id, init_model, dataset)
+        return SFTJob(**common, recipe=recipe, compute=recipe.compute, init_model=init_model, train_file=dataset)
+
+    return run_training_stage(cfg, stage, description, ray_jobs.sft_loop, parent_run_id, make_job)
 
 
 @task(name="reward-model", task_run_name="reward-model-{model}", cache_policy=NO_CACHE)
-def reward_model(cfg: PipelineConfig, model: str, base_model_dir: str, data: DataPaths,
+def reward_model(cfg: PipelineConfig, model: str, description: str, init_model: str, data: DataPaths,
                  parent_run_id: str | None = None) -> StageResult:
     """Stage 7: one reward model (helpfulness or harmlessness) from the base, on synthesised
     preference pairs, as a Ray Train job; held-out pairwise accuracy in its metrics."""
     from r1core.reward_model import preference_pairs
 
-    rm = cfg.reward_models
-    stage = f"reward_models/{model}"
+    recipe = cfg.reward_models
 
-    def prepare(run_id: str, stage_dir: Path) -> dict:
+    def make_job(run_id: str, stage_dir: Path, **common) -> RewardModelJob:
         languages = list(cfg.data.languages)
         reasoning = read_rows(data.train_file)
         files = {}
-        for split, n, seed in (("train", rm.train_pairs, cfg.data.seed), ("heldout", rm.heldout_pairs, cfg.data.seed + 1)):
-            pairs = preference_pairs(model, n, languages, seed, reasoning, rm.unsafe_patterns)
+        for split, n, seed in (("train", recipe.train_pairs, cfg.data.seed),
+                               ("heldout", recipe.heldout_pairs, cfg.data.seed + 1)):
+            pairs = preference_pairs(model, n, languages, seed, reasoning, recipe.unsafe_patterns)
             files[f"{split}_file"] = str(write_rows(pairs, stage_dir / "pairs" / f"{split}.jsonl"))
-        log_dataset(cfg, run_id, files["train_file"], "train")
-        tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"init_model_dir": base_model_dir,
-                                                                     "reward_model": model})
-        return {"init_model_dir": base_model_dir, "reward_model": model, **files}
+        _log_training_inputs(cfg, run_id, init_model, files["train_file"], {"reward_model": model})
+        return RewardModelJob(**common, recipe=recipe, compute=recipe.compute, init_model=init_model,
+                              reward_model=model, **files)
 
-    result = run_training_stage(cfg, stage, f"Stage 7: the {model} reward model (Bradley-Terry on preference pairs).",
-                                ray_jobs.reward_model_loop, "reward_models", parent_run_id, prepare)
+    result = run_training_stage(cfg, f"reward_models/{model}", description, ray_jobs.reward_model_loop,
+                                parent_run_id, make_job)
     if result.skipped:
         return result
     run = tracking.client_for(cfg.runtime).get_run(result.mlflow_run_id)
-    metrics = {"pairwise_accuracy": run.data.metrics["eval/pairwise_accuracy"]}
-    return result.model_copy(update={"metrics": metrics})
+    return result.model_copy(update={"metrics": {"pairwise_accuracy": run.data.metrics["eval/pairwise_accuracy"]}})
 
 
-def _train_from(cfg: PipelineConfig, init_model_dir: str, train_file: str, job_fields: dict | None = None,
-                **tags: str):
-    """The `prepare` of a stage that trains an existing model on a rows file: the file as the
-    run's dataset, the starting model (and `tags`) as tags."""
-
-    def prepare(run_id: str, stage_dir: Path) -> dict:
-        log_dataset(cfg, run_id, train_file, "train")
-        tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"init_model_dir": init_model_dir, **tags})
-        return {"init_model_dir": init_model_dir, "train_file": train_file, **(job_fields or {})}
-
-    return prepare
-
-
-def _job(cfg: PipelineConfig, run_id: str, stage_dir: Path, **extra) -> dict:
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "mlflow_tracking_uri": tracking.tracking_uri(cfg.runtime),
-        "mlflow_run_id": run_id,
-        "checkpoint_dir": str(stage_dir / "checkpoints"),
-        "output_dir": str(stage_dir / "model"),
-        **extra,
-    }
+def _log_training_inputs(cfg: PipelineConfig, run_id: str, init_model: str, train_file: str,
+                         tags: dict[str, str] | None = None) -> None:
+    """A stage that trains an existing model on a rows file: the file as the run's dataset, the
+    starting model (and `tags`) as tags."""
+    log_dataset(cfg, run_id, train_file, "train")
+    tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"init_model_dir": init_model, **(tags or {})})
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -345,12 +328,11 @@ def _registered_of(model_dir: str) -> str:
 HEADLINE_METRICS = ("pass@1", "cons@{k}", "format_rate", "readability", "pairwise_accuracy")
 
 
-@task(name="register-model", cache_policy=NO_CACHE)
-def register(cfg: PipelineConfig, stage: StageResult, metrics: dict[str, float]) -> str:
+@task(name="register-model", cache_policy=NO_CACHE, **IDEMPOTENT)
+def register(cfg: PipelineConfig, stage: StageResult, metrics: dict[str, float], name: str) -> str:
     """Register the stage's model in the MLflow registry (alias `newest`) with its lineage: the
     model version it started from, the digests of its training data, its rewards with their
     versions, the config hash and the git commit, and its headline evaluation numbers."""
-    name = registered_name(stage.stage)
     run = tracking.client_for(cfg.runtime).get_run(stage.mlflow_run_id)
     init = run.data.tags.get("init_model_dir")
     lineage = {
@@ -371,10 +353,10 @@ def register(cfg: PipelineConfig, stage: StageResult, metrics: dict[str, float])
 
 
 @task(name="use-pretrained-base", cache_policy=NO_CACHE)
-def use_pretrained_base(cfg: PipelineConfig, parent_run_id: str | None = None) -> StageResult:
+def use_pretrained_base(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None) -> StageResult:
     """Stage 0 without pretraining: the user's local HF causal LM is the base model."""
     path = str(Path(cfg.model.pretrained_path).resolve())
-    with stage_run(cfg, "pretrain_base", parent_run_id,
+    with stage_run(cfg, stage, parent_run_id,
                    f"Stage 0: base model taken from the local directory {path} (no pretraining).") as run_id:
         tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"base_model_source": path})
-    return StageResult(stage="pretrain_base", model_dir=path, mlflow_run_id=run_id, seconds=0.0)
+    return StageResult(stage=stage, model_dir=path, mlflow_run_id=run_id, seconds=0.0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 
-from r1core.reasoning_tasks import r1_zero_prompt, readable_response, row_id
+from r1core.problems import r1_zero_prompt, readable_response, row_id
 
 KINDS = ("writing", "factual_qa", "self_cognition", "translation", "greeting")
 SIMPLE_KINDS = {"self_cognition", "greeting"}  # answered without a chain of thought

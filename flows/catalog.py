@@ -1,0 +1,149 @@
+"""The stage catalog: one declaration per stage of the recipe.
+
+The CLI (`r1 run stage NAME`, `r1 stages`), the deployments (`r1-stage-<name>`), the Prefect UI
+descriptions, the MLflow run descriptions, the registry names and the default starting models
+all derive from these entries. Adding a stage is: its recipe in `r1core`, one `declare(Stage(...))`
+here (or in any module imported before the CLI runs), and its flow under `@stage_flow(name)`.
+
+A stage's outputs live in `<run_dir>/<name>/`; its model, for the stages that train one, in
+`<run_dir>/<name>/model/`. Sub-stages (a reward model of `reward_models`, a student of `distill`)
+are named `<name>/<part>` or `<name>/<student>/<part>`.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from r1core.config import PipelineConfig
+
+Kind = Literal["data", "pretrain", "sft", "grpo", "reward_model", "eval"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the flow's name, `r1 run stage NAME`, the folder under the run directory
+    kind: Kind  # what it does: makes data, pretrains, fine-tunes, runs GRPO, trains reward models, evaluates
+    section: str  # its config section, a dotted path of `PipelineConfig` (`PipelineConfig.section`)
+    description: str  # shown in the Prefect UI (flow, deployment), on its MLflow run and by `r1 stages`
+    starts_from: str | None = None  # the stage whose model it starts (or samples) from by default
+    # the registry name of its model; for sub-stages, part -> name (`{student}` is filled in)
+    registers: str | dict[str, str] | None = None
+
+    def registered_name(self, substage: str | None = None) -> str:
+        """The registry name of this stage's model, or of a sub-stage's (`reward_models/helpfulness`,
+        `distill/small/sft`)."""
+        if isinstance(self.registers, str) or self.registers is None:
+            if self.registers is None:
+                raise KeyError(f"stage {self.name} registers no model")
+            return self.registers
+        parts = (substage or "").split("/")
+        return self.registers[parts[-1]].format(student=parts[1] if len(parts) == 3 else "")
+
+
+CATALOG: dict[str, Stage] = {}
+_FLOWS: dict[str, object] = {}
+
+
+def declare(stage: Stage) -> Stage:
+    if stage.name in CATALOG and CATALOG[stage.name] != stage:
+        raise ValueError(f"stage {stage.name} is declared twice, differently")
+    CATALOG[stage.name] = stage
+    return stage
+
+
+for _stage in (
+    Stage("pretrain_base", "pretrain", "pretrain",
+          "Stage 0: next-token pretraining of the tiny base model on a synthetic corpus (or the local model of "
+          "`model.pretrained_path`).", registers="r1-base"),
+    Stage("r1_zero", "grpo", "r1_zero",
+          "Stage 1 (R1-Zero): GRPO from the base model with rule rewards only (accuracy, format), no SFT.",
+          starts_from="pretrain_base", registers="r1-zero"),
+    Stage("cold_start_data", "data", "cold_start",
+          "Stage 2: cold-start data by few-shot prompting, direct prompting and rewritten R1-Zero outputs; "
+          "verified, filtered, optionally reviewed by a person in the Prefect UI.",
+          starts_from="pretrain_base"),
+    Stage("cold_start_sft", "sft", "cold_start_sft",
+          "Stage 3: SFT of the base on the cold-start data (loss on responses, packed).",
+          starts_from="pretrain_base", registers="r1-cold-start"),
+    Stage("reasoning_rl", "grpo", "reasoning_rl",
+          "Stage 4: reasoning-oriented GRPO from the cold-start model; accuracy, readable-format and "
+          "language-consistency rewards.", starts_from="cold_start_sft", registers="r1-reasoning-rl"),
+    Stage("rejection_sampling", "data", "rejection_sampling",
+          "Stage 5: k samples per prompt from the reasoning-RL checkpoint, verified (rules, else the model judge), "
+          "filtered, deduplicated, decontaminated, with non-reasoning data, to quotas.",
+          starts_from="reasoning_rl"),
+    Stage("sft", "sft", "sft",
+          "Stage 6: SFT of the base on the rejection-sampled reasoning and non-reasoning set (loss on responses, "
+          "packed).", starts_from="pretrain_base", registers="r1-sft"),
+    Stage("reward_models", "reward_model", "reward_models",
+          "Stage 7: the helpfulness and harmlessness reward models (Bradley-Terry on preference pairs), one Ray "
+          "Train job each, trained at the same time.", starts_from="pretrain_base",
+          registers={"helpfulness": "r1-rm-helpful", "harmlessness": "r1-rm-harmless"}),
+    Stage("general_rl", "grpo", "general_rl",
+          "Stage 8: GRPO over all scenarios from the SFT model: rule rewards for reasoning prompts, reward models "
+          "for general ones (helpfulness on the summary, harmlessness on the whole response); registered as `r1`, "
+          "the promotion gate decides `champion`.", starts_from="sft", registers="r1"),
+    Stage("distill", "sft", "distill",
+          "Stage 9: each smaller student gets its own pretrained base, then SFT on the stage-6 set, no RL "
+          "(r1-distill-<name>); for the paper's comparison, the same student by R1-Zero-style RL alone "
+          "(r1-rl-only-<name>).",
+          registers={"base": "r1-student-base-{student}", "sft": "r1-distill-{student}",
+                     "rl_only": "r1-rl-only-{student}"}),
+):
+    declare(_stage)
+
+
+def stage(name: str) -> Stage:
+    """The catalog entry of a stage or sub-stage (`reward_models/helpfulness` -> `reward_models`)."""
+    return CATALOG[name.split("/")[0]]
+
+
+def registered_name(substage: str) -> str:
+    return stage(substage).registered_name(substage)
+
+
+def model_dir(config: PipelineConfig, name: str) -> str:
+    """Where this configuration's stage (or sub-stage) `name` writes its model."""
+    return str(Path(config.run_dir()) / name / "model")
+
+
+def stage_flow(name: str):
+    """Make `fn` the Prefect flow of the catalog's stage `name`: the flow is named after it and
+    described by it, and fills in what its caller left out: `data` (this configuration's train
+    and held-out rows, prepared once) and `init_model` (the model of the stage it starts from)."""
+    entry = CATALOG[name]
+
+    def bind(fn):
+        from prefect import flow
+
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            from tasks.training_stages import prepare_data
+
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            params = bound.arguments
+            if "data" in params and params["data"] is None:
+                params["data"] = prepare_data(params["config"])
+            if "init_model" in params and params["init_model"] is None and entry.starts_from:
+                params["init_model"] = model_dir(params["config"], entry.starts_from)
+            return fn(**params)
+
+        stage_flow_ = flow(name=name, description=entry.description, log_prints=True)(run)
+        _FLOWS[name] = stage_flow_
+        return stage_flow_
+
+    return bind
+
+
+def stage_flows() -> dict[str, object]:
+    """Every catalogued stage's flow, in catalog order (the built-in ones are imported here)."""
+    import flows.stage_flows  # noqa: F401 (binds the built-in stages' flows)
+
+    return {name: _FLOWS[name] for name in CATALOG if name in _FLOWS}

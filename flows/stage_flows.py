@@ -1,0 +1,207 @@
+"""One Prefect flow per R1 stage of the catalog (`flows.catalog`). Each can run alone
+(`r1 run stage NAME`) or as a subflow of `r1_pipeline`; its parameters are the typed pipeline
+config (a form in the Prefect UI) and the model it starts from, `init_model`, which defaults to
+the one this configuration's earlier stage produced (`Stage.starts_from`)."""
+from __future__ import annotations
+
+import time
+
+from flows.catalog import model_dir, registered_name, stage, stage_flow
+from flows.review import review_examples
+from r1core.config import DEFAULT_CONFIG, PipelineConfig
+from tasks import cold_start, rejection_sampling
+from tasks.evaluate import resolve_model
+from tasks.promotion import promote
+from tasks.report import publish_stage_summary
+from tasks.training_stages import (
+    DataPaths,
+    DatasetResult,
+    StageCache,
+    StageResult,
+    evaluate_stage,
+    grpo,
+    pretrain,
+    register,
+    reward_model,
+    sft,
+    stage_run,
+    use_pretrained_base,
+)
+
+
+def evaluate_and_register(config: PipelineConfig, result: StageResult, data: DataPaths,
+                          register_model: bool = True) -> StageResult:
+    """Held-out evaluation of a stage's model, its registration (under the catalog's name) and
+    its summary in the Prefect UI; a stage done in an earlier run of this config is returned."""
+    if result.skipped and (result.registered or result.metrics):
+        return result
+    metrics, per_prompt = evaluate_stage(config, result, data.heldout_file)
+    registered = register(config, result, metrics, registered_name(result.stage)) if register_model else None
+    final = result.model_copy(update={"metrics": metrics, "per_prompt": per_prompt, "registered": registered})
+    StageCache(config, result.stage).save(final)
+    publish(config, final)
+    return final
+
+
+def publish(config: PipelineConfig, result: StageResult) -> None:
+    publish_stage_summary(config, result.stage, result.mlflow_run_id, result.metrics, result.model_dir,
+                          result.registered, result.seconds)
+
+
+@stage_flow("pretrain_base")
+def pretrain_base_flow(config: PipelineConfig = DEFAULT_CONFIG, parent_run_id: str | None = None,
+                       data: DataPaths | None = None) -> StageResult:
+    if not config.pretrain.enabled:
+        result = use_pretrained_base(config, "pretrain_base", parent_run_id)
+    else:
+        result = pretrain(config, data, "pretrain_base", stage("pretrain_base").description, parent_run_id)
+    return evaluate_and_register(config, result, data)
+
+
+@stage_flow("r1_zero")
+def r1_zero_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                 parent_run_id: str | None = None, data: DataPaths | None = None,
+                 register_model: bool = True) -> StageResult:
+    result = grpo(config, "r1_zero", "r1_zero", stage("r1_zero").description, init_model, data, parent_run_id)
+    return evaluate_and_register(config, result, data, register_model)
+
+
+@stage_flow("cold_start_data")
+def cold_start_data_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                         r1_zero_model: str | None = None, parent_run_id: str | None = None,
+                         data: DataPaths | None = None) -> DatasetResult:
+    """`init_model` (the base) serves the few-shot and direct routes, `r1_zero_model` the rewrites."""
+    cache = StageCache(config, cold_start.STAGE, output="dataset")
+    if (done := cache.load(DatasetResult)) is not None:
+        return done
+    models = {"base": init_model, "r1_zero": r1_zero_model or model_dir(config, "r1_zero")}
+    started = time.time()
+    with stage_run(config, cold_start.STAGE, parent_run_id, stage(cold_start.STAGE).description) as run_id:
+        candidates = cold_start.build_candidates(config, data, models, run_id)
+        decisions = []
+        if config.cold_start.review.enabled:
+            decisions = review_examples(cold_start.selected(config, candidates), config.cold_start.review,
+                                        seed=config.runtime.seed)
+        written = cold_start.write_dataset(config, candidates, decisions, run_id, started)
+    cache.save(written)
+    publish_stage_summary(config, cold_start.STAGE, written.mlflow_run_id, written.metrics, written.dataset,
+                          seconds=time.time() - started)
+    return written
+
+
+@stage_flow("cold_start_sft")
+def cold_start_sft_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                        dataset_file: str | None = None, parent_run_id: str | None = None,
+                        data: DataPaths | None = None, register_model: bool = True) -> StageResult:
+    dataset_file = dataset_file or str(cold_start.dataset_file(config))
+    result = sft(config, "cold_start_sft", "cold_start_sft", stage("cold_start_sft").description, init_model,
+                 dataset_file, parent_run_id)
+    return evaluate_and_register(config, result, data, register_model)
+
+
+@stage_flow("reasoning_rl")
+def reasoning_rl_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                      parent_run_id: str | None = None, data: DataPaths | None = None,
+                      register_model: bool = True) -> StageResult:
+    result = grpo(config, "reasoning_rl", "reasoning_rl", stage("reasoning_rl").description, init_model, data,
+                  parent_run_id)
+    return evaluate_and_register(config, result, data, register_model)
+
+
+@stage_flow("rejection_sampling")
+def rejection_sampling_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                            judge_base_model: str | None = None, producer: str | None = None,
+                            parent_run_id: str | None = None, data: DataPaths | None = None) -> DatasetResult:
+    """Samples from `init_model` (the reasoning-RL model); a local judge set to 'base' is
+    `judge_base_model` (default: this configuration's base)."""
+    cache = StageCache(config, rejection_sampling.STAGE, output="dataset")
+    if (done := cache.load(DatasetResult)) is not None:
+        return done
+    judge = config.rejection_sampling.judge
+    judge_dir = None
+    if judge.kind == "local":
+        judge_dir = (judge_base_model or model_dir(config, "pretrain_base")) if judge.model == "base" \
+            else resolve_model(judge.model, config)
+    started = time.time()
+    with stage_run(config, rejection_sampling.STAGE, parent_run_id,
+                   stage(rejection_sampling.STAGE).description) as run_id:
+        prompts = rejection_sampling.read_prompts(config, data)
+        samples = rejection_sampling.generate(config, prompts, init_model, run_id)
+        rows, files, judge_metrics = rejection_sampling.check(config, samples, data, init_model, judge_dir)
+        written = rejection_sampling.write_dataset(config, rows, files, judge_metrics, run_id, started,
+                                                   {"model_dir": init_model, "model": producer or init_model})
+    cache.save(written)
+    publish_stage_summary(config, rejection_sampling.STAGE, written.mlflow_run_id, written.metrics,
+                          written.dataset, seconds=time.time() - started)
+    return written
+
+
+@stage_flow("sft")
+def sft_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+             dataset_dir: str | None = None, parent_run_id: str | None = None,
+             data: DataPaths | None = None, register_model: bool = True) -> StageResult:
+    dataset_dir = dataset_dir or str(rejection_sampling.dataset_dir(config))
+    result = sft(config, "sft", "sft", stage("sft").description, init_model, dataset_dir, parent_run_id)
+    return evaluate_and_register(config, result, data, register_model)
+
+
+@stage_flow("reward_models")
+def reward_models_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                       parent_run_id: str | None = None, data: DataPaths | None = None) -> dict[str, StageResult]:
+    """Both reward models at once (one Ray Train job each), registered under the catalog's names."""
+    from r1core.reward_model import REWARD_MODELS
+
+    futures = {m: reward_model.submit(config, m, f"Stage 7: the {m} reward model (Bradley-Terry on preference "
+                                      "pairs).", init_model, data, parent_run_id) for m in REWARD_MODELS}
+    results = {}
+    for m, future in futures.items():
+        result = future.result()
+        if not (result.skipped and result.registered):
+            result = result.model_copy(update={"registered": register(config, result, result.metrics,
+                                                                      registered_name(result.stage))})
+            StageCache(config, result.stage).save(result)
+            publish(config, result)
+        results[m] = result
+    return results
+
+
+@stage_flow("general_rl")
+def general_rl_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                    reward_model_dirs: dict[str, str] | None = None, parent_run_id: str | None = None,
+                    data: DataPaths | None = None, register_model: bool = True) -> StageResult:
+    reward_model_dirs = reward_model_dirs or {m: model_dir(config, f"reward_models/{m}")
+                                              for m in config.general_rl.model_rewards}
+    result = grpo(config, "general_rl", "general_rl", stage("general_rl").description, init_model, data,
+                  parent_run_id, reward_model_dirs=reward_model_dirs)
+    final = evaluate_and_register(config, result, data, register_model)
+    if register_model and not result.skipped:
+        promote(config, final.registered, final.mlflow_run_id, final.metrics)
+    return final
+
+
+@stage_flow("distill")
+def distill_flow(config: PipelineConfig = DEFAULT_CONFIG, dataset_dir: str | None = None,
+                 parent_run_id: str | None = None, data: DataPaths | None = None) -> dict[str, StageResult]:
+    dataset_dir = dataset_dir or str(rejection_sampling.dataset_dir(config))
+    results = {}
+    for student in config.distill.students:
+        name = f"distill/{student.name}"
+        if student.model.pretrained_path:
+            base = StageResult(stage=f"{name}/base", model_dir=student.model.pretrained_path, mlflow_run_id="",
+                               seconds=0.0)
+        else:
+            base = evaluate_and_register(config, pretrain(
+                config, data, f"{name}/base",
+                f"Stage 9: pretraining of student '{student.name}' (its own base) on the same corpus.",
+                parent_run_id, student), data)
+            results[f"{name}/base"] = base
+        distilled = sft(config, f"{name}/sft", "distill.sft",
+                        "Stage 9: distillation, SFT of a smaller student on the stage-6 set (no RL).",
+                        base.model_dir, dataset_dir, parent_run_id)
+        results[f"{name}/sft"] = evaluate_and_register(config, distilled, data)
+        if config.distill.rl_only:
+            rl = grpo(config, f"{name}/rl_only", "distill.rl",
+                      "Stage 9 (comparison): R1-Zero-style GRPO of the student from its own base, no distillation.",
+                      base.model_dir, data, parent_run_id)
+            results[f"{name}/rl_only"] = evaluate_and_register(config, rl, data)
+    return results

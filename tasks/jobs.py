@@ -1,0 +1,69 @@
+"""What a Ray Train job of a stage is told: one typed job per kind of stage.
+
+The task resolves the stage's config section once and sends the workers only that section (the
+`recipe`), its `compute`, the paths of its model and data, and the tracking ids; each worker
+loop validates its own job type (`tasks.ray_jobs`), never the whole pipeline config.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from r1core.config import (
+    CodeRewardConfig,
+    ComputeConfig,
+    GeneralRLConfig,
+    GRPOConfig,
+    ModelConfig,
+    PretrainConfig,
+    RewardModelConfig,
+    RolloutConfig,
+    SFTConfig,
+)
+from r1core.schema import Strict
+
+
+class TrainJob(Strict):
+    """What every training job carries."""
+
+    stage: str = Field(description="the stage (or sub-stage) this job trains, e.g. r1_zero, distill/small/sft")
+    tracking_uri: str = Field(description="the MLflow tracking URI the workers log to")
+    run_id: str = Field(description="the stage's MLflow run")
+    checkpoint_dir: str = Field(description="where rank 0 writes step checkpoints")
+    output_dir: str = Field(description="where rank 0 writes the final HF model directory")
+    compute: ComputeConfig = Field(description="workers and their resources")
+    seed: int = Field(description="runtime.seed: data order, sampling and initialisation")
+
+
+class PretrainJob(TrainJob):
+    recipe: PretrainConfig
+    model: ModelConfig = Field(description="the architecture built from scratch")
+    prepared_dir: str = Field(description="the tokenizer and packed blocks (`prepared_corpus`)")
+
+
+class SFTJob(TrainJob):
+    recipe: SFTConfig
+    init_model: str = Field(description="the HF model directory fine-tuned")
+    train_file: str = Field(description="the examples {prompt, completion}: a rows file or parquet directory")
+
+
+class RewardModelJob(TrainJob):
+    recipe: RewardModelConfig
+    init_model: str = Field(description="the HF causal LM the scalar head is put on")
+    reward_model: str = Field(description="helpfulness or harmlessness")
+    train_file: str = Field(description="preference pairs to train on (jsonl)")
+    heldout_file: str = Field(description="preference pairs for the held-out pairwise accuracy (jsonl)")
+
+
+class GRPOJob(TrainJob):
+    recipe: GRPOConfig
+    init_model: str = Field(description="the HF model directory the policy and its frozen reference start from")
+    train_file: str = Field(description="the prompt rows {prompt, answer, task}")
+    rollout: RolloutConfig = Field(description="how rollouts are generated")
+    code: CodeRewardConfig = Field(description="the sandbox limits of code rewards")
+
+
+class GeneralRLJob(GRPOJob):
+    recipe: GeneralRLConfig
+    reward_models: dict[str, str] = Field(description="reward model -> its HF directory (general prompts)")
+    languages: dict[str, float] = Field(description="data.languages: the languages of the synthesised general "
+                                                    "prompts")
