@@ -97,11 +97,17 @@ def test_grpo_improves_reward_on_a_learnable_signal(tokenizer, rows, tmp_path):
 def test_grpo_clips_only_from_the_second_pass_over_a_batch(tokenizer, rows, tmp_path):
     """With `inner_epochs` 2 the second pass sees ratios away from 1; at a large step and a
     tiny clip range some are clipped, and `clip_fraction` (logged then only) says so."""
-    cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, inner_epochs=2, lr=5e-2, clip_low=0.01,
-                     clip_high=0.01, beta=0.0, rewards={"format": 1.0, "accuracy": 1.0},
-                     sampling={"max_new_tokens": 6}, checkpoint_every=100)
-    ctx = TrainContext(tmp_path)
-    grpo_train(cfg, build_model(MICRO, tokenizer, seed=3), None, tokenizer, rows[0], ctx, seed=0, batch_size=256)
+    from r1core import rewards as R
+
+    R.register("length_share")(lambda completions, **_: [len(c) / 40 for c in completions])  # dense: never flat
+    try:
+        cfg = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, inner_epochs=2, lr=5e-2, clip_low=0.01,
+                         clip_high=0.01, beta=0.0, rewards={"length_share": 1.0}, sampling={"max_new_tokens": 6},
+                         checkpoint_every=100)
+        ctx = TrainContext(tmp_path)
+        grpo_train(cfg, build_model(MICRO, tokenizer, seed=3), None, tokenizer, rows[0], ctx, seed=0, batch_size=256)
+    finally:
+        del R.REWARDS["length_share"], R.REWARD_VERSIONS["length_share"]
     fractions = [m["clip_fraction"] for _, m in ctx.history]
     assert len(fractions) == 2 and max(fractions) > 0 and all(f <= 1.0 for f in fractions), fractions
 
