@@ -43,6 +43,13 @@ def evaluate_and_register(config: PipelineConfig, result: StageResult, data: Dat
     return final
 
 
+def fine_tune(config: PipelineConfig, name: str, init_model: str, dataset: str, parent_run_id: str | None,
+              data: DataPaths, register_model: bool) -> StageResult:
+    """An SFT stage of the catalog on its own config section, evaluated and registered."""
+    result = sft(config, name, name, stage(name).description, init_model, dataset, parent_run_id)
+    return evaluate_and_register(config, result, data, register_model)
+
+
 def publish(config: PipelineConfig, result: StageResult) -> None:
     publish_stage_summary(config, result.stage, result.mlflow_run_id, result.metrics, result.model_dir,
                           result.registered, result.seconds)
@@ -66,37 +73,45 @@ def r1_zero_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None
     return evaluate_and_register(config, result, data, register_model)
 
 
+def run_data_stage(config: PipelineConfig, name: str, parent_run_id: str | None, build) -> DatasetResult:
+    """The shape both data stages share: the earlier dataset when it is complete; otherwise
+    `build(run_id, started)` inside the stage's MLflow run, then its result saved and summarised."""
+    cache = StageCache(config, name, output="dataset")
+    if (done := cache.load(DatasetResult)) is not None:
+        return done
+    started = time.time()
+    with stage_run(config, name, parent_run_id, stage(name).description) as run_id:
+        written = build(run_id, started)
+    cache.save(written)
+    publish_stage_summary(config, name, written.mlflow_run_id, written.metrics, written.dataset,
+                          seconds=time.time() - started)
+    return written
+
+
 @stage_flow("cold_start_data")
 def cold_start_data_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
                          r1_zero_model: str | None = None, parent_run_id: str | None = None,
                          data: DataPaths | None = None) -> DatasetResult:
     """`init_model` (the base) serves the few-shot and direct routes, `r1_zero_model` the rewrites."""
-    cache = StageCache(config, cold_start.STAGE, output="dataset")
-    if (done := cache.load(DatasetResult)) is not None:
-        return done
     models = {"base": init_model, "r1_zero": r1_zero_model or model_dir(config, "r1_zero")}
-    started = time.time()
-    with stage_run(config, cold_start.STAGE, parent_run_id, stage(cold_start.STAGE).description) as run_id:
+
+    def build(run_id: str, started: float) -> DatasetResult:
         candidates = cold_start.build_candidates(config, data, models, run_id)
         decisions = []
         if config.cold_start.review.enabled:
             decisions = review_examples(cold_start.selected(config, candidates), config.cold_start.review,
                                         seed=config.runtime.seed)
-        written = cold_start.write_dataset(config, candidates, decisions, run_id, started)
-    cache.save(written)
-    publish_stage_summary(config, cold_start.STAGE, written.mlflow_run_id, written.metrics, written.dataset,
-                          seconds=time.time() - started)
-    return written
+        return cold_start.write_dataset(config, candidates, decisions, run_id, started)
+
+    return run_data_stage(config, cold_start.STAGE, parent_run_id, build)
 
 
 @stage_flow("cold_start_sft")
 def cold_start_sft_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
                         dataset_file: str | None = None, parent_run_id: str | None = None,
                         data: DataPaths | None = None, register_model: bool = True) -> StageResult:
-    dataset_file = dataset_file or str(cold_start.dataset_file(config))
-    result = sft(config, "cold_start_sft", "cold_start_sft", stage("cold_start_sft").description, init_model,
-                 dataset_file, parent_run_id)
-    return evaluate_and_register(config, result, data, register_model)
+    return fine_tune(config, "cold_start_sft", init_model, dataset_file or str(cold_start.dataset_file(config)),
+                     parent_run_id, data, register_model)
 
 
 @stage_flow("reasoning_rl")
@@ -114,35 +129,28 @@ def rejection_sampling_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model:
                             parent_run_id: str | None = None, data: DataPaths | None = None) -> DatasetResult:
     """Samples from `init_model` (the reasoning-RL model); a local judge set to 'base' is
     `judge_base_model` (default: this configuration's base)."""
-    cache = StageCache(config, rejection_sampling.STAGE, output="dataset")
-    if (done := cache.load(DatasetResult)) is not None:
-        return done
     judge = config.rejection_sampling.judge
     judge_dir = None
     if judge.kind == "local":
         judge_dir = (judge_base_model or model_dir(config, "pretrain_base")) if judge.model == "base" \
             else resolve_model(judge.model, config)
-    started = time.time()
-    with stage_run(config, rejection_sampling.STAGE, parent_run_id,
-                   stage(rejection_sampling.STAGE).description) as run_id:
+
+    def build(run_id: str, started: float) -> DatasetResult:
         prompts = rejection_sampling.read_prompts(config, data)
         samples = rejection_sampling.generate(config, prompts, init_model, run_id)
         rows, files, judge_metrics = rejection_sampling.check(config, samples, data, init_model, judge_dir)
-        written = rejection_sampling.write_dataset(config, rows, files, judge_metrics, run_id, started,
-                                                   {"model_dir": init_model, "model": producer or init_model})
-    cache.save(written)
-    publish_stage_summary(config, rejection_sampling.STAGE, written.mlflow_run_id, written.metrics,
-                          written.dataset, seconds=time.time() - started)
-    return written
+        return rejection_sampling.write_dataset(config, rows, files, judge_metrics, run_id, started,
+                                                {"model_dir": init_model, "model": producer or init_model})
+
+    return run_data_stage(config, rejection_sampling.STAGE, parent_run_id, build)
 
 
 @stage_flow("sft")
 def sft_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
              dataset_dir: str | None = None, parent_run_id: str | None = None,
              data: DataPaths | None = None, register_model: bool = True) -> StageResult:
-    dataset_dir = dataset_dir or str(rejection_sampling.dataset_dir(config))
-    result = sft(config, "sft", "sft", stage("sft").description, init_model, dataset_dir, parent_run_id)
-    return evaluate_and_register(config, result, data, register_model)
+    return fine_tune(config, "sft", init_model, dataset_dir or str(rejection_sampling.dataset_dir(config)),
+                     parent_run_id, data, register_model)
 
 
 @stage_flow("reward_models")

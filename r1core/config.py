@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from r1core.code_rewards import CodeRewardConfig, SandboxConfig  # noqa: F401 (part of the pipeline's config)
+from r1core.cold_start import ROUTES
+from r1core.general_prompts import KINDS
+from r1core.problems import GENERATORS, PHRASES
+from r1core.rewards import REWARDS
 from r1core.schema import Strict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +37,49 @@ def _known_names(names, registry, what: str) -> None:
         raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(registry)}")
 
 
-def _existing_file(v: str | None, what: str) -> str | None:
-    if v is not None and not Path(v).is_file():
-        raise ValueError(f"{what} not found: '{v}'")
+def _shares(v: dict[str, float], what: str) -> dict[str, float]:
+    if not v or sum(v.values()) <= 0 or min(v.values()) < 0:
+        raise ValueError(f"{what} shares must be non-negative and sum to more than 0")
     return v
+
+
+def _names_in(registry, what: str, shares: bool = False) -> AfterValidator:
+    """A field's keys must be names of `registry` (a collection, or a function returning one for
+    a registry whose module is heavy to import); with `shares`, its values non-negative shares."""
+
+    def check(v: dict) -> dict:
+        _known_names(v, registry() if callable(registry) else registry, what)
+        return _shares(v, what) if shares else v
+
+    return AfterValidator(check)
+
+
+def _existing(what: str) -> AfterValidator:
+    def check(v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"{what} not found: '{v}'")
+        return v
+
+    return AfterValidator(check)
+
+
+def _reward_models():
+    from r1core.reward_model import REWARD_MODELS  # imports torch: only when a config names reward models
+
+    return REWARD_MODELS
+
+
+# Named fields whose keys come from a registry of r1core: a typo fails before training starts.
+TaskShares = Annotated[dict[str, float], _names_in(GENERATORS, "task", shares=True)]
+LanguageShares = Annotated[dict[str, float], _names_in(PHRASES, "language", shares=True)]
+GeneralKindShares = Annotated[dict[str, float], _names_in(KINDS, "non-reasoning kind", shares=True)]
+PromptKindShares = Annotated[dict[str, float], _names_in(("reasoning", "general"), "prompt kind", shares=True)]
+RewardWeights = Annotated[dict[str, float], _names_in(REWARDS, "reward")]
+ModelRewardWeights = Annotated[dict[str, float], _names_in(_reward_models, "reward model")]
+RouteCounts = Annotated[dict[str, int], _names_in(ROUTES, "cold-start route")]
+DataFile = Annotated[str | None, _existing("data file")]
+SeedFile = Annotated[str | None, _existing("seed file")]
+PromptsFile = Annotated[str | None, _existing("prompts file")]
 
 
 class MoEConfig(Strict):
@@ -99,11 +142,11 @@ class DataConfig(Strict):
     seed: int = Field(0, description="seed of the synthetic rows and of the train/held-out split")
     num_train: int = Field(3000, ge=1, description="synthetic train rows")
     num_heldout: int = Field(200, ge=1, description="synthetic held-out rows (disjoint from train by problem)")
-    task_mix: dict[str, float] = Field(
+    task_mix: TaskShares = Field(
         default_factory=lambda: {"chain_sum": 0.75, "countdown": 0.1, "python_expr": 0.15},
         description="task name -> share of rows (synthetic generators in r1core.problems)",
     )
-    languages: dict[str, float] = Field(
+    languages: LanguageShares = Field(
         default_factory=lambda: {"en": 0.5, "ru": 0.5},
         description="language -> share of synthetic rows (r1core.problems.PHRASES)",
     )
@@ -111,47 +154,13 @@ class DataConfig(Strict):
     chain_max_terms: int = Field(3, ge=2, description="most terms of a chain-sum problem")
     max_operand: int = Field(9, ge=1, description="largest operand of the synthetic tasks")
     countdown_numbers: int = Field(2, ge=2, le=6, description="how many numbers a Countdown row gives")
-    train_file: str | None = Field(None, description="your own train rows {prompt, answer, task} (jsonl/parquet)")
-    heldout_file: str | None = Field(None, description="your own held-out rows (jsonl/parquet)")
-
-    @field_validator("train_file", "heldout_file")
-    @classmethod
-    def _file_exists(cls, v: str | None) -> str | None:
-        return _existing_file(v, "data file")
-
-    @field_validator("task_mix")
-    @classmethod
-    def _known_tasks(cls, v: dict[str, float]) -> dict[str, float]:
-        from r1core.problems import GENERATORS
-
-        _known_names(v, GENERATORS, "task")
-        return _shares(v, "task")
-
-    @field_validator("languages")
-    @classmethod
-    def _known_languages(cls, v: dict[str, float]) -> dict[str, float]:
-        from r1core.problems import PHRASES
-
-        _known_names(v, PHRASES, "language")
-        return _shares(v, "language")
-
-
-def _shares(v: dict[str, float], what: str) -> dict[str, float]:
-    if not v or sum(v.values()) <= 0 or min(v.values()) < 0:
-        raise ValueError(f"{what} shares must be non-negative and sum to more than 0")
-    return v
+    train_file: DataFile = Field(None, description="your own train rows {prompt, answer, task} (jsonl/parquet)")
+    heldout_file: DataFile = Field(None, description="your own held-out rows (jsonl/parquet)")
 
 
 def _general_mix() -> dict[str, float]:
     """The default shares of non-reasoning kinds (rejection sampling's data, general RL's prompts)."""
     return {"writing": 0.25, "factual_qa": 0.25, "translation": 0.25, "self_cognition": 0.15, "greeting": 0.1}
-
-
-def _general_kind_shares(v: dict[str, float]) -> dict[str, float]:
-    from r1core.general_prompts import KINDS
-
-    _known_names(v, KINDS, "non-reasoning kind")
-    return _shares(v, "non-reasoning kind")
 
 
 class ComputeConfig(Strict):
@@ -171,7 +180,23 @@ class OptimizerConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global L2 norm before each step")
 
 
-class PretrainConfig(OptimizerConfig):
+class LMTrainConfig(OptimizerConfig):
+    """What the supervised stages share (pretraining, SFT, reward models): AdamW with linear
+    warmup then cosine decay to 10% of the peak, checkpoints and logging every few steps."""
+
+    batch_size: int = Field(16, ge=1, description="sequences (packed rows; for reward models, preference pairs) "
+                                                  "per optimizer step, all workers together")
+    seq_len: int = Field(256, ge=16, description="tokens per packed training sequence (reward models: the longest "
+                                                 "scored text)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    warmup_steps: int = Field(5, ge=0, description="steps of linear learning-rate warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
+    log_every: int = Field(10, ge=1, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
+
+
+class PretrainConfig(LMTrainConfig):
     """Stage 0: next-token pretraining of the tiny base model on a synthetic corpus."""
 
     enabled: bool = Field(True, description="false: use model.pretrained_path as the base")
@@ -192,15 +217,12 @@ class PretrainConfig(OptimizerConfig):
     code_switch_share: float = Field(
         0.3, ge=0, le=1, description="share of documents whose reasoning steps switch language at random"
     )
-    seq_len: int = Field(256, ge=16, description="tokens per packed training sequence")
-    batch_size: int = Field(16, ge=1, description="sequences per optimizer step (all workers)")
     steps: int = Field(340, ge=1, description="optimizer steps")
+    # the base learns from scratch: a larger step, longer warmup and weight decay than fine-tuning
     lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
     warmup_steps: int = Field(30, ge=0, description="steps of linear learning-rate warmup")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
-    log_every: int = Field(10, ge=1, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
-    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
 
     @model_validator(mode="after")
     def _document_shares(self) -> PretrainConfig:
@@ -238,7 +260,7 @@ class GRPOConfig(OptimizerConfig):
     skip_flat_groups: bool = Field(False, description="leave groups whose rewards are all equal (no "
                                    "policy gradient, only the KL term) out of the update, as DAPO's "
                                    "dynamic sampling does: fewer passes, less pull to the reference")
-    rewards: dict[str, float] = Field(
+    rewards: RewardWeights = Field(
         default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "code_exec": 0.25},
         description="reward name -> weight (code_* rewards score code rows only)"
     )
@@ -247,14 +269,6 @@ class GRPOConfig(OptimizerConfig):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
-
-    @field_validator("rewards")
-    @classmethod
-    def _known_rewards(cls, v: dict[str, float]) -> dict[str, float]:
-        from r1core.rewards import REWARDS
-
-        _known_names(v, REWARDS, "reward")
-        return v
 
 
 class ReasoningRLConfig(GRPOConfig):
@@ -266,7 +280,7 @@ class ReasoningRLConfig(GRPOConfig):
     # accuracy (0.201 -> 0.133); a smaller step without std scaling (Dr. GRPO) kept or gained it
     lr: float = Field(3e-5, gt=0, description="learning rate (AdamW, constant)")
     scale_rewards: bool = Field(False, description="divide advantages by the group std")
-    rewards: dict[str, float] = Field(
+    rewards: RewardWeights = Field(
         default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0,
                                  "code_exec": 0.25},
         description="reward name -> weight (readable_format: think, summary, answer)",
@@ -285,7 +299,7 @@ class ReviewConfig(Strict):
 class ColdStartConfig(Strict):
     """Stage 2: cold-start data, a small set of long readable chains of thought."""
 
-    routes: dict[str, int] = Field(
+    routes: RouteCounts = Field(
         default_factory=lambda: {"few_shot": 160, "direct": 160, "rewrite_r1_zero": 160},
         description="route -> train prompts it is run on (few_shot, direct, rewrite_r1_zero); "
         "leave a route out to switch it off",
@@ -295,7 +309,7 @@ class ColdStartConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64), description="how candidates are sampled")
     max_words: int = Field(60, ge=1, description="longest kept completion, in words")
     per_problem: int = Field(1, ge=1, description="most examples kept per problem")
-    seed_file: str | None = Field(
+    seed_file: SeedFile = Field(
         None, description="your own candidate examples {prompt, completion, answer, task, language} "
         "(jsonl/parquet), verified and filtered like the generated ones")
     review: ReviewConfig = Field(default_factory=ReviewConfig, description="the optional human review in the Prefect UI")
@@ -303,32 +317,10 @@ class ColdStartConfig(Strict):
         default_factory=lambda: ComputeConfig(cpus_per_worker=1),
         description="Ray Data generation actors (num_workers) and their resources")
 
-    @field_validator("routes")
-    @classmethod
-    def _known_routes(cls, v: dict[str, int]) -> dict[str, int]:
-        from r1core.cold_start import ROUTES
-
-        _known_names(v, ROUTES, "cold-start route")
-        return v
-
-    @field_validator("seed_file")
-    @classmethod
-    def _seed_file_exists(cls, v: str | None) -> str | None:
-        return _existing_file(v, "seed file")
-
-
-class SFTConfig(OptimizerConfig):
+class SFTConfig(LMTrainConfig):
     """Supervised fine-tuning (loss on response tokens, packed sequences)."""
 
     epochs: int = Field(3, ge=1, description="passes over the packed examples")
-    batch_size: int = Field(16, ge=1, description="packed sequences per optimizer step (all workers)")
-    seq_len: int = Field(256, ge=16, description="tokens per packed sequence")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
-    warmup_steps: int = Field(5, ge=0, description="steps of linear learning-rate warmup")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
-    log_every: int = Field(10, ge=1, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
-    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
 
 
 class JudgeConfig(Strict):
@@ -357,7 +349,7 @@ class RejectionSamplingConfig(Strict):
     non-reasoning data. (At full scale the paper keeps ~600k reasoning and ~200k
     non-reasoning examples; the quotas below are the tiny profile's.)"""
 
-    prompts_file: str | None = Field(
+    prompts_file: PromptsFile = Field(
         None, description="your own prompt rows {prompt, answer, task} (jsonl); default: the train split. "
         "Malformed rows go to a quarantine file")
     error_budget: float = Field(0.01, ge=0, le=1, description="largest share of malformed prompt rows tolerated")
@@ -375,7 +367,7 @@ class RejectionSamplingConfig(Strict):
     non_reasoning_examples: int = Field(150, ge=0, description="quota of non-reasoning examples (paper: ~200k)")
     non_reasoning_candidates: int = Field(1000, ge=0, description="synthesised non-reasoning candidates, "
                                           "before deduplication and the quota")
-    non_reasoning_mix: dict[str, float] = Field(
+    non_reasoning_mix: GeneralKindShares = Field(
         default_factory=_general_mix,
         description="kind -> share of the synthesised non-reasoning candidates (r1core.general_prompts)")
     per_problem: int = Field(1, ge=1, description="most examples kept per problem")
@@ -390,16 +382,6 @@ class RejectionSamplingConfig(Strict):
         default_factory=lambda: ComputeConfig(num_workers=2, cpus_per_worker=1),
         description="Ray Data generation actors (num_workers) and their resources")
 
-    @field_validator("non_reasoning_mix")
-    @classmethod
-    def _known_kinds(cls, v: dict[str, float]) -> dict[str, float]:
-        return _general_kind_shares(v)
-
-    @field_validator("prompts_file")
-    @classmethod
-    def _prompts_file_exists(cls, v: str | None) -> str | None:
-        return _existing_file(v, "prompts file")
-
     @model_validator(mode="after")
     def _server(self) -> RejectionSamplingConfig:
         if self.engine == "openai" and not (self.base_url and self.served_model):
@@ -407,7 +389,7 @@ class RejectionSamplingConfig(Strict):
         return self
 
 
-class RewardModelConfig(OptimizerConfig):
+class RewardModelConfig(LMTrainConfig):
     """Stage 7: reward models, a scalar head on the base LM trained with the Bradley-Terry loss
     on preference pairs: helpfulness judges the final summary and answer only, harmlessness the
     whole response (reasoning included). The tiny profile synthesises pairs whose preference is
@@ -420,13 +402,10 @@ class RewardModelConfig(OptimizerConfig):
                                  "ты идиот", "укради пароль", "сделай бомбу", "сделай им больно"],
         description="phrases a harmless response never contains; a response with one is dispreferred")
     epochs: int = Field(1, ge=1, description="passes over the training pairs")
-    batch_size: int = Field(16, ge=1, description="pairs per optimizer step (all workers)")
-    seq_len: int = Field(160, ge=16, description="longest scored text, in tokens")
+    seq_len: int = Field(160, ge=16, description="longest scored text, in tokens")  # a response, not packed rows
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
     warmup_steps: int = Field(10, ge=0, description="steps of linear learning-rate warmup")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
-    log_every: int = Field(10, ge=1, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
     compute: ComputeConfig = Field(default_factory=lambda: ComputeConfig(cpus_per_worker=1),
                                    description="each reward model is its own Ray Train job; both run at once")
 
@@ -444,35 +423,15 @@ class GeneralRLConfig(ReasoningRLConfig):
     on the final summary and answer, harmlessness on the whole response."""
 
     steps: int = Field(16, ge=1, description="optimizer steps (one batch of rollouts each)")
-    model_rewards: dict[str, float] = Field(
+    model_rewards: ModelRewardWeights = Field(
         default_factory=lambda: {"helpfulness": 1.0, "harmlessness": 1.0},
         description="reward model -> weight, for general prompts")
-    prompt_mix: dict[str, float] = Field(
+    prompt_mix: PromptKindShares = Field(
         default_factory=lambda: {"reasoning": 0.8, "general": 0.2},
         description="share of each step's prompts that are reasoning / general")
-    general_mix: dict[str, float] = Field(
+    general_mix: GeneralKindShares = Field(
         default_factory=_general_mix, description="kind -> share of the general prompts (r1core.general_prompts)")
     general_prompts: int = Field(1000, ge=1, description="general prompts synthesised to draw from")
-
-    @field_validator("model_rewards")
-    @classmethod
-    def _known_model_rewards(cls, v: dict[str, float]) -> dict[str, float]:
-        from r1core.reward_model import REWARD_MODELS
-
-        _known_names(v, REWARD_MODELS, "reward model")
-        return v
-
-    @field_validator("prompt_mix")
-    @classmethod
-    def _known_mix(cls, v: dict[str, float]) -> dict[str, float]:
-        _known_names(v, ("reasoning", "general"), "prompt kind")
-        return _shares(v, "prompt kind")
-
-    @field_validator("general_mix")
-    @classmethod
-    def _known_kinds(cls, v: dict[str, float]) -> dict[str, float]:
-        return _general_kind_shares(v)
-
 
 class PromotionConfig(Strict):
     """The gate on the final model's `champion` alias: a new `r1` version takes it only when it

@@ -40,24 +40,28 @@ class PretrainJob(TrainJob):
     prepared_dir: str = Field(description="the tokenizer and packed blocks (`prepared_corpus`)")
 
 
-class SFTJob(TrainJob):
+class FineTuneJob(TrainJob):
+    """A job that trains an existing model on a file of rows."""
+
+    init_model: str = Field(description="the HF model directory training starts from")
+    train_file: str = Field(description="its rows: SFT examples, preference pairs or prompts (a rows file or "
+                                        "a parquet directory)")
+
+
+class SFTJob(FineTuneJob):
     recipe: SFTConfig
-    init_model: str = Field(description="the HF model directory fine-tuned")
-    train_file: str = Field(description="the examples {prompt, completion}: a rows file or parquet directory")
 
 
-class RewardModelJob(TrainJob):
+class RewardModelJob(FineTuneJob):
     recipe: RewardModelConfig
-    init_model: str = Field(description="the HF causal LM the scalar head is put on")
     reward_model: str = Field(description="helpfulness or harmlessness")
-    train_file: str = Field(description="preference pairs to train on (jsonl)")
     heldout_file: str = Field(description="preference pairs for the held-out pairwise accuracy (jsonl)")
 
 
-class GRPOJob(TrainJob):
+class GRPOJob(FineTuneJob):
+    """The policy and its frozen reference both start from `init_model`."""
+
     recipe: GRPOConfig
-    init_model: str = Field(description="the HF model directory the policy and its frozen reference start from")
-    train_file: str = Field(description="the prompt rows {prompt, answer, task}")
     rollout: RolloutConfig = Field(description="how rollouts are generated")
     code: CodeRewardConfig = Field(description="the sandbox limits of code rewards")
 

@@ -1,4 +1,5 @@
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,46 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# ----------------------------------------------------------------- no store outside temporary dirs
+# What a run leaves where its workdir is: MLflow's database and artifacts, Ray's results, Prefect's
+# database, the runs' outputs. Tests keep them in their tmp_path; the demo's `.r1/` is left alone.
+STORE_GLOBS = ("mlflow.db", "mlruns", "ray_results", "runs/*", "prefect/*.db", ".r1/mlflow.db", ".r1/mlruns",
+               ".r1/ray_results/*", ".r1/runs/*", ".r1/prefect/*.db")
+
+
+def store_snapshot(roots) -> dict[str, float]:
+    """Store paths under `roots` -> their modification time."""
+    found = {}
+    for root in roots:
+        for pattern in STORE_GLOBS:
+            for path in Path(root).glob(pattern):
+                found[str(path)] = path.stat().st_mtime
+    return found
+
+
+def changed_stores(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    return sorted(p for p, mtime in after.items() if before.get(p) != mtime)
+
+
+def _store_roots():
+    from r1core.config import PROJECT_ROOT
+
+    return {PROJECT_ROOT, Path.cwd()}
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_STORES] = store_snapshot(_store_roots())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when the tests left a store (or wrote to one) outside their temporary dirs."""
+    leaked = changed_stores(session.config.stash.get(_STORES, {}), store_snapshot(_store_roots()))
+    if leaked:
+        session.config.get_terminal_writer().line(
+            f"FAILED: the tests wrote stores outside their temporary directories: {leaked}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_STORES = pytest.StashKey[dict]()
