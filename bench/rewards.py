@@ -1,4 +1,4 @@
-"""Worst-case time of one reward call, on the attacks of issue 16 and on random strings.
+"""Worst-case time of one reward call, on the classes of attack the reward tests cover and on random strings.
 
     python bench/rewards.py [--fuzz N] [--seed S]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -135,6 +136,10 @@ def stage_flow(name: str):
                 params["init_model"] = model_dir(params["config"], entry.starts_from)
             return fn(**params)
 
+        # the annotations resolved in `fn`'s module: Prefect reads them from this wrapper, whose
+        # module (this one) does not import the types a flow's signature names
+        run.__annotations__ = typing.get_type_hints(fn)
+        run.__signature__ = inspect.signature(fn, eval_str=True)
         stage_flow_ = flow(name=name, description=entry.description, log_prints=True)(run)
         _FLOWS[name] = stage_flow_
         return stage_flow_

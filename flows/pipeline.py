@@ -69,18 +69,18 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
         zero = r1_zero_flow(config, init_model=base.model_dir, parent_run_id=parent, data=data)
         cold = cold_start_data_flow(config, init_model=base.model_dir, r1_zero_model=zero.model_dir,
                                     parent_run_id=parent, data=data)
-        interim = cold_start_sft_flow(config, init_model=base.model_dir, dataset_file=cold.dataset,
+        interim = cold_start_sft_flow(config, init_model=base.model_dir, dataset=cold.dataset,
                                       parent_run_id=parent, data=data)
         reasoning = reasoning_rl_flow(config, init_model=interim.model_dir, parent_run_id=parent, data=data)
         sampled = rejection_sampling_flow(config, init_model=reasoning.model_dir, judge_base_model=base.model_dir,
                                           producer=reasoning.registered, parent_run_id=parent, data=data)
-        final_sft = sft_flow(config, init_model=base.model_dir, dataset_dir=sampled.dataset,
+        final_sft = sft_flow(config, init_model=base.model_dir, dataset=sampled.dataset,
                              parent_run_id=parent, data=data)
         reward_models = reward_models_flow(config, init_model=base.model_dir, parent_run_id=parent, data=data)
         final = general_rl_flow(config, init_model=final_sft.model_dir,
                                 reward_model_dirs={m: r.model_dir for m, r in reward_models.items()},
                                 parent_run_id=parent, data=data)
-        students = distill_flow(config, dataset_dir=sampled.dataset, parent_run_id=parent, data=data)
+        students = distill_flow(config, dataset=sampled.dataset, parent_run_id=parent, data=data)
         results = {"pretrain_base": base, "r1_zero": zero, "cold_start_sft": interim, "reasoning_rl": reasoning,
                    "sft": final_sft, **{f"reward_models/{m}": r for m, r in reward_models.items()},
                    "general_rl": final, **students}

@@ -1,7 +1,9 @@
 """One Prefect flow per R1 stage of the catalog (`flows.catalog`). Each can run alone
 (`r1 run stage NAME`) or as a subflow of `r1_pipeline`; its parameters are the typed pipeline
 config (a form in the Prefect UI) and the model it starts from, `init_model`, which defaults to
-the one this configuration's earlier stage produced (`Stage.starts_from`)."""
+the one this configuration's earlier stage produced (`Stage.starts_from`). The flows are grouped
+by kind (pretraining, GRPO, SFT, data, reward models, distillation); the catalog and
+`r1_pipeline` give the recipe's order."""
 from __future__ import annotations
 
 import time
@@ -43,11 +45,19 @@ def evaluate_and_register(config: PipelineConfig, result: StageResult, data: Dat
     return final
 
 
-def fine_tune(config: PipelineConfig, name: str, init_model: str, dataset: str, parent_run_id: str | None,
-              data: DataPaths, register_model: bool) -> StageResult:
-    """An SFT stage of the catalog on its own config section, evaluated and registered."""
-    result = sft(config, name, name, stage(name).description, init_model, dataset, parent_run_id)
-    return evaluate_and_register(config, result, data, register_model)
+def run_data_stage(config: PipelineConfig, name: str, parent_run_id: str | None, build) -> DatasetResult:
+    """The shape both data stages share: the earlier dataset when it is complete; otherwise
+    `build(run_id, started)` inside the stage's MLflow run, then its result saved and summarised."""
+    cache = StageCache(config, name, output="dataset")
+    if (done := cache.load(DatasetResult)) is not None:
+        return done
+    started = time.time()
+    with stage_run(config, name, parent_run_id, stage(name).description) as run_id:
+        written = build(run_id, started)
+    cache.save(written)
+    publish_stage_summary(config, name, written.mlflow_run_id, written.metrics, written.dataset,
+                          seconds=time.time() - started)
+    return written
 
 
 def publish(config: PipelineConfig, result: StageResult) -> None:
@@ -65,27 +75,58 @@ def pretrain_base_flow(config: PipelineConfig = DEFAULT_CONFIG, parent_run_id: s
     return evaluate_and_register(config, result, data)
 
 
-@stage_flow("r1_zero")
-def r1_zero_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
-                 parent_run_id: str | None = None, data: DataPaths | None = None,
-                 register_model: bool = True) -> StageResult:
-    result = grpo(config, "r1_zero", "r1_zero", stage("r1_zero").description, init_model, data, parent_run_id)
-    return evaluate_and_register(config, result, data, register_model)
+def grpo_stage_flow(name: str):
+    """The flow of a GRPO stage that needs nothing but its starting model (R1-Zero, reasoning RL):
+    GRPO on the stage's config section, then evaluation and registration."""
+
+    @stage_flow(name)
+    def grpo_stage(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                   parent_run_id: str | None = None, data: DataPaths | None = None,
+                   register_model: bool = True) -> StageResult:
+        s = stage(name)
+        result = grpo(config, s.name, s.section, s.description, init_model, data, parent_run_id)
+        return evaluate_and_register(config, result, data, register_model)
+
+    return grpo_stage
 
 
-def run_data_stage(config: PipelineConfig, name: str, parent_run_id: str | None, build) -> DatasetResult:
-    """The shape both data stages share: the earlier dataset when it is complete; otherwise
-    `build(run_id, started)` inside the stage's MLflow run, then its result saved and summarised."""
-    cache = StageCache(config, name, output="dataset")
-    if (done := cache.load(DatasetResult)) is not None:
-        return done
-    started = time.time()
-    with stage_run(config, name, parent_run_id, stage(name).description) as run_id:
-        written = build(run_id, started)
-    cache.save(written)
-    publish_stage_summary(config, name, written.mlflow_run_id, written.metrics, written.dataset,
-                          seconds=time.time() - started)
-    return written
+r1_zero_flow = grpo_stage_flow("r1_zero")
+reasoning_rl_flow = grpo_stage_flow("reasoning_rl")
+
+
+@stage_flow("general_rl")
+def general_rl_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                    reward_model_dirs: dict[str, str] | None = None, parent_run_id: str | None = None,
+                    data: DataPaths | None = None, register_model: bool = True) -> StageResult:
+    reward_model_dirs = reward_model_dirs or {m: model_dir(config, f"reward_models/{m}")
+                                              for m in config.general_rl.model_rewards}
+    s = stage("general_rl")
+    result = grpo(config, s.name, s.section, s.description, init_model, data, parent_run_id,
+                  reward_model_dirs=reward_model_dirs)
+    final = evaluate_and_register(config, result, data, register_model)
+    if register_model and not result.skipped:
+        promote(config, final.registered, final.mlflow_run_id, final.metrics)
+    return final
+
+
+def sft_stage_flow(name: str, default_dataset):
+    """The flow of an SFT stage: SFT of `init_model` on `dataset` (default: `default_dataset(config)`,
+    the output of the data stage before it), then evaluation and registration."""
+
+    @stage_flow(name)
+    def sft_stage(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
+                  dataset: str | None = None, parent_run_id: str | None = None,
+                  data: DataPaths | None = None, register_model: bool = True) -> StageResult:
+        s = stage(name)
+        result = sft(config, s.name, s.section, s.description, init_model, dataset or str(default_dataset(config)),
+                     parent_run_id)
+        return evaluate_and_register(config, result, data, register_model)
+
+    return sft_stage
+
+
+cold_start_sft_flow = sft_stage_flow("cold_start_sft", cold_start.dataset_file)
+sft_flow = sft_stage_flow("sft", rejection_sampling.dataset_dir)
 
 
 @stage_flow("cold_start_data")
@@ -104,23 +145,6 @@ def cold_start_data_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: st
         return cold_start.write_dataset(config, candidates, decisions, run_id, started)
 
     return run_data_stage(config, cold_start.STAGE, parent_run_id, build)
-
-
-@stage_flow("cold_start_sft")
-def cold_start_sft_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
-                        dataset_file: str | None = None, parent_run_id: str | None = None,
-                        data: DataPaths | None = None, register_model: bool = True) -> StageResult:
-    return fine_tune(config, "cold_start_sft", init_model, dataset_file or str(cold_start.dataset_file(config)),
-                     parent_run_id, data, register_model)
-
-
-@stage_flow("reasoning_rl")
-def reasoning_rl_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
-                      parent_run_id: str | None = None, data: DataPaths | None = None,
-                      register_model: bool = True) -> StageResult:
-    result = grpo(config, "reasoning_rl", "reasoning_rl", stage("reasoning_rl").description, init_model, data,
-                  parent_run_id)
-    return evaluate_and_register(config, result, data, register_model)
 
 
 @stage_flow("rejection_sampling")
@@ -145,14 +169,6 @@ def rejection_sampling_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model:
     return run_data_stage(config, rejection_sampling.STAGE, parent_run_id, build)
 
 
-@stage_flow("sft")
-def sft_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
-             dataset_dir: str | None = None, parent_run_id: str | None = None,
-             data: DataPaths | None = None, register_model: bool = True) -> StageResult:
-    return fine_tune(config, "sft", init_model, dataset_dir or str(rejection_sampling.dataset_dir(config)),
-                     parent_run_id, data, register_model)
-
-
 @stage_flow("reward_models")
 def reward_models_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
                        parent_run_id: str | None = None, data: DataPaths | None = None) -> dict[str, StageResult]:
@@ -173,24 +189,10 @@ def reward_models_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str 
     return results
 
 
-@stage_flow("general_rl")
-def general_rl_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str | None = None,
-                    reward_model_dirs: dict[str, str] | None = None, parent_run_id: str | None = None,
-                    data: DataPaths | None = None, register_model: bool = True) -> StageResult:
-    reward_model_dirs = reward_model_dirs or {m: model_dir(config, f"reward_models/{m}")
-                                              for m in config.general_rl.model_rewards}
-    result = grpo(config, "general_rl", "general_rl", stage("general_rl").description, init_model, data,
-                  parent_run_id, reward_model_dirs=reward_model_dirs)
-    final = evaluate_and_register(config, result, data, register_model)
-    if register_model and not result.skipped:
-        promote(config, final.registered, final.mlflow_run_id, final.metrics)
-    return final
-
-
 @stage_flow("distill")
-def distill_flow(config: PipelineConfig = DEFAULT_CONFIG, dataset_dir: str | None = None,
+def distill_flow(config: PipelineConfig = DEFAULT_CONFIG, dataset: str | None = None,
                  parent_run_id: str | None = None, data: DataPaths | None = None) -> dict[str, StageResult]:
-    dataset_dir = dataset_dir or str(rejection_sampling.dataset_dir(config))
+    dataset = dataset or str(rejection_sampling.dataset_dir(config))
     results = {}
     for student in config.distill.students:
         name = f"distill/{student.name}"
@@ -205,7 +207,7 @@ def distill_flow(config: PipelineConfig = DEFAULT_CONFIG, dataset_dir: str | Non
             results[f"{name}/base"] = base
         distilled = sft(config, f"{name}/sft", "distill.sft",
                         "Stage 9: distillation, SFT of a smaller student on the stage-6 set (no RL).",
-                        base.model_dir, dataset_dir, parent_run_id)
+                        base.model_dir, dataset, parent_run_id)
         results[f"{name}/sft"] = evaluate_and_register(config, distilled, data)
         if config.distill.rl_only:
             rl = grpo(config, f"{name}/rl_only", "distill.rl",

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from r1core.expressions import OPERATORS, integer_expression
 from r1core.sandbox import STATUSES, Result, Sandbox, Unencodable, decode
@@ -46,18 +46,18 @@ FENCE = re.compile(r"```(?:python|py)?\s*\n?(.*?)```", re.DOTALL)
 class SandboxConfig(Strict):
     """Limits of the sandbox that runs model-written code (r1core/sandbox.py: what is isolated)."""
 
-    workers: int = Field(2, ge=1, description="warm sandbox workers (programs run at once)")
-    wall_s: float = Field(5.0, gt=0, description="wall-clock limit of one program and its test calls")
-    cpu_s: int = Field(2, ge=1, description="CPU-seconds limit")
+    workers: PositiveInt = Field(2, description="warm sandbox workers (programs run at once)")
+    wall_s: PositiveFloat = Field(5.0, description="wall-clock limit of one program and its test calls")
+    cpu_s: PositiveInt = Field(2, description="CPU-seconds limit")
     memory_mb: int = Field(512, ge=64, description="address-space limit")
-    processes: int = Field(32, ge=1, description="process limit (counted per user)")
-    file_size_mb: int = Field(16, ge=1, description="largest file a program may write")
+    processes: PositiveInt = Field(32, description="process limit (counted per user)")
+    file_size_mb: PositiveInt = Field(16, description="largest file a program may write")
     open_files: int = Field(64, ge=8, description="open file descriptors")
     output_bytes: int = Field(65536, ge=256, description="stdout + stderr + results; more kills the program")
-    tmp_mb: int = Field(64, ge=1, description="bytes a program may write in all (its working directory, /tmp, "
+    tmp_mb: PositiveInt = Field(64, description="bytes a program may write in all (its working directory, /tmp, "
                                               "/var/tmp, /dev/shm: one fresh tmpfs per program), in MB")
     tmp_inodes: int = Field(4096, ge=64, description="files and directories a program may create in all")
-    uid: int = Field(65534, ge=1, description="user the programs run as when the trainer runs as root")
+    uid: PositiveInt = Field(65534, description="user the programs run as when the trainer runs as root")
     require_isolation: bool = Field(
         False, description="fail instead of falling back to a process group without network/file isolation")
 

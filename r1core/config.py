@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from r1core.code_rewards import CodeRewardConfig, SandboxConfig  # noqa: F401 (part of the pipeline's config)
 from r1core.cold_start import ROUTES
@@ -87,11 +97,11 @@ class MoEConfig(Strict):
     values through a low-rank latent) and mixture-of-experts FFNs with shared experts; the first
     `first_dense_layers` layers keep a dense FFN."""
 
-    routed_experts: int = Field(4, ge=1, description="routed experts per MoE layer")
-    shared_experts: int = Field(1, ge=0, description="experts every token goes through")
-    experts_per_token: int = Field(2, ge=1, description="routed experts each token is sent to (top-k)")
+    routed_experts: PositiveInt = Field(4, description="routed experts per MoE layer")
+    shared_experts: NonNegativeInt = Field(1, description="experts every token goes through")
+    experts_per_token: PositiveInt = Field(2, description="routed experts each token is sent to (top-k)")
     expert_intermediate_size: int = Field(96, ge=8, description="feed-forward width of one expert")
-    first_dense_layers: int = Field(1, ge=0, description="leading layers that keep a dense feed-forward")
+    first_dense_layers: NonNegativeInt = Field(1, description="leading layers that keep a dense feed-forward")
     kv_lora_rank: int = Field(32, ge=4, description="rank of the latent that keys and values are compressed to")
     q_lora_rank: int | None = Field(None, description="rank of the query latent (None: full-rank queries)")
     qk_rope_head_dim: int = Field(16, ge=2, description="per-head query/key dimensions that carry rotary positions")
@@ -111,9 +121,9 @@ class ModelConfig(Strict):
     architecture: Literal["llama", "qwen2", "deepseek_v3"] = Field(
         "llama", description="transformers architecture; deepseek_v3: MLA + MoE as in `moe`")
     hidden_size: int = Field(192, ge=8, description="width of the residual stream")
-    num_layers: int = Field(4, ge=1, description="decoder layers")
-    num_heads: int = Field(6, ge=1, description="attention heads (divides hidden_size)")
-    num_kv_heads: int = Field(6, ge=1, description="key/value heads (grouped-query attention; divides num_heads)")
+    num_layers: PositiveInt = Field(4, description="decoder layers")
+    num_heads: PositiveInt = Field(6, description="attention heads (divides hidden_size)")
+    num_kv_heads: PositiveInt = Field(6, description="key/value heads (grouped-query attention; divides num_heads)")
     intermediate_size: int = Field(576, ge=8, description="width of the dense feed-forward layers")
     max_positions: int = Field(320, ge=16, description="context length (prompt + completion)")
     vocab_size: int = Field(512, ge=300, description="BPE vocabulary size of the from-scratch tokenizer")
@@ -140,8 +150,8 @@ class DataConfig(Strict):
     """Verifiable reasoning tasks: synthetic generators, or the user's own JSONL/parquet files."""
 
     seed: int = Field(0, description="seed of the synthetic rows and of the train/held-out split")
-    num_train: int = Field(3000, ge=1, description="synthetic train rows")
-    num_heldout: int = Field(200, ge=1, description="synthetic held-out rows (disjoint from train by problem)")
+    num_train: PositiveInt = Field(3000, description="synthetic train rows")
+    num_heldout: PositiveInt = Field(200, description="synthetic held-out rows (disjoint from train by problem)")
     task_mix: TaskShares = Field(
         default_factory=lambda: {"chain_sum": 0.75, "countdown": 0.1, "python_expr": 0.15},
         description="task name -> share of rows (synthetic generators in r1core.problems)",
@@ -152,7 +162,7 @@ class DataConfig(Strict):
     )
     chain_min_terms: int = Field(2, ge=2, description="fewest terms of a chain-sum problem")
     chain_max_terms: int = Field(3, ge=2, description="most terms of a chain-sum problem")
-    max_operand: int = Field(9, ge=1, description="largest operand of the synthetic tasks")
+    max_operand: PositiveInt = Field(9, description="largest operand of the synthetic tasks")
     countdown_numbers: int = Field(2, ge=2, le=6, description="how many numbers a Countdown row gives")
     train_file: DataFile = Field(None, description="your own train rows {prompt, answer, task} (jsonl/parquet)")
     heldout_file: DataFile = Field(None, description="your own held-out rows (jsonl/parquet)")
@@ -166,8 +176,8 @@ def _general_mix() -> dict[str, float]:
 class ComputeConfig(Strict):
     """How a Ray Train job is scaled."""
 
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
-    cpus_per_worker: int = Field(2, ge=1, description="CPUs each worker reserves (and torch threads it uses)")
+    num_workers: PositiveInt = Field(1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: PositiveInt = Field(2, description="CPUs each worker reserves (and torch threads it uses)")
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL instead of gloo)")
     bf16: bool = Field(False, description="autocast to bfloat16 (GPU)")
 
@@ -175,24 +185,24 @@ class ComputeConfig(Strict):
 class OptimizerConfig(Strict):
     """AdamW and gradient clipping, as every training stage uses them."""
 
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (decay of the gradient's running mean)")
-    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (decay of the squared gradient's running mean)")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global L2 norm before each step")
+    adam_beta1: NonNegativeFloat = Field(0.9, lt=1, description="AdamW beta1 (decay of the gradient's running mean)")
+    adam_beta2: NonNegativeFloat = Field(0.95, lt=1, description="AdamW beta2 (decay of the squared gradient's running mean)")
+    max_grad_norm: PositiveFloat = Field(1.0, description="gradients are clipped to this global L2 norm before each step")
 
 
 class LMTrainConfig(OptimizerConfig):
     """What the supervised stages share (pretraining, SFT, reward models): AdamW with linear
     warmup then cosine decay to 10% of the peak, checkpoints and logging every few steps."""
 
-    batch_size: int = Field(16, ge=1, description="sequences (packed rows; for reward models, preference pairs) "
+    batch_size: PositiveInt = Field(16, description="sequences (packed rows; for reward models, preference pairs) "
                                                   "per optimizer step, all workers together")
     seq_len: int = Field(256, ge=16, description="tokens per packed training sequence (reward models: the longest "
                                                  "scored text)")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
-    warmup_steps: int = Field(5, ge=0, description="steps of linear learning-rate warmup")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
-    log_every: int = Field(10, ge=1, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
+    lr: PositiveFloat = Field(5e-4, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    warmup_steps: NonNegativeInt = Field(5, description="steps of linear learning-rate warmup")
+    weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay")
+    checkpoint_every: PositiveInt = Field(50, description="steps between checkpoints (a re-run resumes from the latest)")
+    log_every: PositiveInt = Field(10, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
 
 
@@ -217,12 +227,12 @@ class PretrainConfig(LMTrainConfig):
     code_switch_share: float = Field(
         0.3, ge=0, le=1, description="share of documents whose reasoning steps switch language at random"
     )
-    steps: int = Field(340, ge=1, description="optimizer steps")
+    steps: PositiveInt = Field(340, description="optimizer steps")
     # the base learns from scratch: a larger step, longer warmup and weight decay than fine-tuning
-    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
-    warmup_steps: int = Field(30, ge=0, description="steps of linear learning-rate warmup")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
-    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
+    lr: PositiveFloat = Field(2e-3, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    warmup_steps: NonNegativeInt = Field(30, description="steps of linear learning-rate warmup")
+    weight_decay: NonNegativeFloat = Field(0.1, description="AdamW weight decay")
+    checkpoint_every: PositiveInt = Field(200, description="steps between checkpoints (a re-run resumes from the latest)")
 
     @model_validator(mode="after")
     def _document_shares(self) -> PretrainConfig:
@@ -232,27 +242,27 @@ class PretrainConfig(LMTrainConfig):
 
 
 class SamplingConfig(Strict):
-    temperature: float = Field(1.0, ge=0, description="softmax temperature (0: greedy)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens with this much probability")
-    max_new_tokens: int = Field(48, ge=1, description="longest completion, in tokens")
+    temperature: NonNegativeFloat = Field(1.0, description="softmax temperature (0: greedy)")
+    top_p: PositiveFloat = Field(1.0, le=1, description="nucleus sampling: keep the smallest set of tokens with this much probability")
+    max_new_tokens: PositiveInt = Field(48, description="longest completion, in tokens")
 
 
 class GRPOConfig(OptimizerConfig):
     """Stage 1 (R1-Zero): GRPO from the base with rule rewards only."""
 
-    steps: int = Field(20, ge=1, description="optimizer steps (one batch of rollouts each)")
-    prompts_per_step: int = Field(16, ge=1, description="prompts per step (all workers)")
+    steps: PositiveInt = Field(20, description="optimizer steps (one batch of rollouts each)")
+    prompts_per_step: PositiveInt = Field(16, description="prompts per step (all workers)")
     group_size: int = Field(8, ge=2, description="completions sampled per prompt (G)")
-    inner_epochs: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts (mu). With 1, "
+    inner_epochs: PositiveInt = Field(1, description="optimisation passes over each batch of rollouts (mu). With 1, "
                               "the policy is the sampling policy at its only pass: the importance ratio is 1 and "
                               "the clip never acts (plain policy gradient); clip_low/clip_high and clip_fraction "
                               "matter only from 2 on")
-    lr: float = Field(1e-4, gt=0, description="learning rate (AdamW, constant)")
-    clip_low: float = Field(0.2, ge=0, description="epsilon below 1 of the importance-ratio clip (acts only "
+    lr: PositiveFloat = Field(1e-4, description="learning rate (AdamW, constant)")
+    clip_low: NonNegativeFloat = Field(0.2, description="epsilon below 1 of the importance-ratio clip (acts only "
                             "when inner_epochs > 1)")
-    clip_high: float = Field(0.28, ge=0, description="epsilon above 1 (clip-higher, DAPO; acts only when "
+    clip_high: NonNegativeFloat = Field(0.28, description="epsilon above 1 (clip-higher, DAPO; acts only when "
                              "inner_epochs > 1)")
-    beta: float = Field(0.02, ge=0, description="KL coefficient to the frozen reference")
+    beta: NonNegativeFloat = Field(0.02, description="KL coefficient to the frozen reference")
     kl_estimator: Literal["k1", "k3"] = Field("k3", description="estimator of KL(policy || reference) per token: k1 = log ratio, k3 = ratio - log ratio - 1 (unbiased, never negative)")
     loss_aggregation: Literal["token", "sequence"] = Field("token", description="token: every completion token of the batch weighs the same (DAPO); sequence: mean over each completion's tokens, then over completions (the paper)")
     scale_rewards: bool = Field(True, description="divide advantages by the group std")
@@ -265,9 +275,9 @@ class GRPOConfig(OptimizerConfig):
         description="reward name -> weight (code_* rewards score code rows only)"
     )
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8), description="how rollouts are sampled")
-    adam_beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2 (decay of the squared gradient's running mean)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
+    adam_beta2: NonNegativeFloat = Field(0.99, lt=1, description="AdamW beta2 (decay of the squared gradient's running mean)")
+    weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay")
+    checkpoint_every: PositiveInt = Field(10, description="steps between checkpoints (a re-run resumes from the latest)")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
 
 
@@ -275,10 +285,10 @@ class ReasoningRLConfig(GRPOConfig):
     """Stage 4: reasoning-oriented GRPO from the cold-start model. The language-consistency
     reward (share of CoT words in the prompt's language) is added to the accuracy reward."""
 
-    steps: int = Field(16, ge=1, description="optimizer steps (one batch of rollouts each)")
+    steps: PositiveInt = Field(16, description="optimizer steps (one batch of rollouts each)")
     # RL after SFT: at R1-Zero's 1e-4 with std-scaled advantages the tiny models lost held-out
     # accuracy (0.201 -> 0.133); a smaller step without std scaling (Dr. GRPO) kept or gained it
-    lr: float = Field(3e-5, gt=0, description="learning rate (AdamW, constant)")
+    lr: PositiveFloat = Field(3e-5, description="learning rate (AdamW, constant)")
     scale_rewards: bool = Field(False, description="divide advantages by the group std")
     rewards: RewardWeights = Field(
         default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0,
@@ -292,8 +302,8 @@ class ReviewConfig(Strict):
     """The optional human review of cold-start examples in the Prefect UI."""
 
     enabled: bool = Field(False, description="pause the flow for a human review in the Prefect UI")
-    sample_size: int = Field(8, ge=1, description="examples shown for approval or rejection")
-    timeout_s: int = Field(3600, ge=1, description="unreviewed after this long: keep the examples and go on")
+    sample_size: PositiveInt = Field(8, description="examples shown for approval or rejection")
+    timeout_s: PositiveInt = Field(3600, description="unreviewed after this long: keep the examples and go on")
 
 
 class ColdStartConfig(Strict):
@@ -304,11 +314,11 @@ class ColdStartConfig(Strict):
         description="route -> train prompts it is run on (few_shot, direct, rewrite_r1_zero); "
         "leave a route out to switch it off",
     )
-    samples_per_prompt: int = Field(2, ge=1, description="completions sampled per prompt and route")
-    shots: int = Field(2, ge=1, description="long-CoT exemplars in a few-shot prompt")
+    samples_per_prompt: PositiveInt = Field(2, description="completions sampled per prompt and route")
+    shots: PositiveInt = Field(2, description="long-CoT exemplars in a few-shot prompt")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64), description="how candidates are sampled")
-    max_words: int = Field(60, ge=1, description="longest kept completion, in words")
-    per_problem: int = Field(1, ge=1, description="most examples kept per problem")
+    max_words: PositiveInt = Field(60, description="longest kept completion, in words")
+    per_problem: PositiveInt = Field(1, description="most examples kept per problem")
     seed_file: SeedFile = Field(
         None, description="your own candidate examples {prompt, completion, answer, task, language} "
         "(jsonl/parquet), verified and filtered like the generated ones")
@@ -320,7 +330,7 @@ class ColdStartConfig(Strict):
 class SFTConfig(LMTrainConfig):
     """Supervised fine-tuning (loss on response tokens, packed sequences)."""
 
-    epochs: int = Field(3, ge=1, description="passes over the packed examples")
+    epochs: PositiveInt = Field(3, description="passes over the packed examples")
 
 
 class JudgeConfig(Strict):
@@ -333,9 +343,9 @@ class JudgeConfig(Strict):
     base_url: str | None = Field(None, description="openai: the endpoint, e.g. http://host:8000/v1")
     judged_tasks: list[str] = Field(default_factory=list,
                                     description="tasks verified by the judge even though a rule could")
-    audit_rows: int = Field(256, ge=0, description="rule-verified rows also shown to the judge, to measure "
+    audit_rows: NonNegativeInt = Field(256, description="rule-verified rows also shown to the judge, to measure "
                             "its agreement with the rules (its verdict is not used for them)")
-    batch_size: int = Field(64, ge=1, description="judged rows per generate call")
+    batch_size: PositiveInt = Field(64, description="judged rows per generate call")
 
     @model_validator(mode="after")
     def _endpoint(self) -> JudgeConfig:
@@ -353,8 +363,8 @@ class RejectionSamplingConfig(Strict):
         None, description="your own prompt rows {prompt, answer, task} (jsonl); default: the train split. "
         "Malformed rows go to a quarantine file")
     error_budget: float = Field(0.01, ge=0, le=1, description="largest share of malformed prompt rows tolerated")
-    num_prompts: int = Field(1200, ge=1, description="prompts sampled from (the first N by id)")
-    samples_per_prompt: int = Field(4, ge=1, description="completions sampled per prompt (k)")
+    num_prompts: PositiveInt = Field(1200, description="prompts sampled from (the first N by id)")
+    samples_per_prompt: PositiveInt = Field(4, description="completions sampled per prompt (k)")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=64), description="how candidates are sampled")
     engine: Literal["torch", "openai"] = Field(
@@ -362,21 +372,21 @@ class RejectionSamplingConfig(Strict):
         "(vLLM) serving it at base_url")
     base_url: str | None = Field(None, description="openai engine: the endpoint, e.g. http://host:8000/v1")
     served_model: str | None = Field(None, description="openai engine: the model name the server knows")
-    prompts_per_shard: int = Field(128, ge=1, description="unit of generation work and of resumption")
-    reasoning_examples: int = Field(1000, ge=0, description="quota of reasoning examples (paper: ~600k)")
-    non_reasoning_examples: int = Field(150, ge=0, description="quota of non-reasoning examples (paper: ~200k)")
-    non_reasoning_candidates: int = Field(1000, ge=0, description="synthesised non-reasoning candidates, "
+    prompts_per_shard: PositiveInt = Field(128, description="unit of generation work and of resumption")
+    reasoning_examples: NonNegativeInt = Field(1000, description="quota of reasoning examples (paper: ~600k)")
+    non_reasoning_examples: NonNegativeInt = Field(150, description="quota of non-reasoning examples (paper: ~200k)")
+    non_reasoning_candidates: NonNegativeInt = Field(1000, description="synthesised non-reasoning candidates, "
                                           "before deduplication and the quota")
     non_reasoning_mix: GeneralKindShares = Field(
         default_factory=_general_mix,
         description="kind -> share of the synthesised non-reasoning candidates (r1core.general_prompts)")
-    per_problem: int = Field(1, ge=1, description="most examples kept per problem")
-    max_words: int = Field(80, ge=1, description="longest kept response, in words")
-    max_paragraph_words: int = Field(60, ge=1, description="longest paragraph, in words")
-    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard estimate")
+    per_problem: PositiveInt = Field(1, description="most examples kept per problem")
+    max_words: PositiveInt = Field(80, description="longest kept response, in words")
+    max_paragraph_words: PositiveInt = Field(60, description="longest paragraph, in words")
+    near_duplicate_threshold: PositiveFloat = Field(0.8, le=1, description="MinHash Jaccard estimate")
     eval_files: list[str] = Field(default_factory=list,
                                   description="more evaluation sets to decontaminate against (jsonl)")
-    rows_per_output_shard: int = Field(1000, ge=1, description="rows per parquet part of the written SFT set")
+    rows_per_output_shard: PositiveInt = Field(1000, description="rows per parquet part of the written SFT set")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="the model judge of rows no rule verifier scores")
     compute: ComputeConfig = Field(
         default_factory=lambda: ComputeConfig(num_workers=2, cpus_per_worker=1),
@@ -395,17 +405,17 @@ class RewardModelConfig(LMTrainConfig):
     whole response (reasoning included). The tiny profile synthesises pairs whose preference is
     checkable (r1core.reward_model)."""
 
-    train_pairs: int = Field(800, ge=1, description="preference pairs per reward model")
-    heldout_pairs: int = Field(400, ge=1, description="held-out pairs for pairwise accuracy")
+    train_pairs: PositiveInt = Field(800, description="preference pairs per reward model")
+    heldout_pairs: PositiveInt = Field(400, description="held-out pairs for pairwise accuracy")
     unsafe_patterns: list[str] = Field(
         default_factory=lambda: ["you are an idiot", "steal the password", "build a bomb", "hurt them",
                                  "ты идиот", "укради пароль", "сделай бомбу", "сделай им больно"],
         description="phrases a harmless response never contains; a response with one is dispreferred")
-    epochs: int = Field(1, ge=1, description="passes over the training pairs")
+    epochs: PositiveInt = Field(1, description="passes over the training pairs")
     seq_len: int = Field(160, ge=16, description="longest scored text, in tokens")  # a response, not packed rows
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
-    warmup_steps: int = Field(10, ge=0, description="steps of linear learning-rate warmup")
-    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (a re-run resumes from the latest)")
+    lr: PositiveFloat = Field(1e-3, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    warmup_steps: NonNegativeInt = Field(10, description="steps of linear learning-rate warmup")
+    checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints (a re-run resumes from the latest)")
     compute: ComputeConfig = Field(default_factory=lambda: ComputeConfig(cpus_per_worker=1),
                                    description="each reward model is its own Ray Train job; both run at once")
 
@@ -422,7 +432,7 @@ class GeneralRLConfig(ReasoningRLConfig):
     rule rewards (`rewards`), general prompts by the reward models (`model_rewards`): helpfulness
     on the final summary and answer, harmlessness on the whole response."""
 
-    steps: int = Field(16, ge=1, description="optimizer steps (one batch of rollouts each)")
+    steps: PositiveInt = Field(16, description="optimizer steps (one batch of rollouts each)")
     model_rewards: ModelRewardWeights = Field(
         default_factory=lambda: {"helpfulness": 1.0, "harmlessness": 1.0},
         description="reward model -> weight, for general prompts")
@@ -431,13 +441,13 @@ class GeneralRLConfig(ReasoningRLConfig):
         description="share of each step's prompts that are reasoning / general")
     general_mix: GeneralKindShares = Field(
         default_factory=_general_mix, description="kind -> share of the general prompts (r1core.general_prompts)")
-    general_prompts: int = Field(1000, ge=1, description="general prompts synthesised to draw from")
+    general_prompts: PositiveInt = Field(1000, description="general prompts synthesised to draw from")
 
 class PromotionConfig(Strict):
     """The gate on the final model's `champion` alias: a new `r1` version takes it only when it
     beats the current champion on pass@1 and on cons@k by `margin`; otherwise it is `challenger`."""
 
-    margin: float = Field(0.01, ge=0, description="absolute improvement needed on both metrics")
+    margin: NonNegativeFloat = Field(0.01, description="absolute improvement needed on both metrics")
 
 
 class StudentConfig(Strict):
@@ -447,7 +457,7 @@ class StudentConfig(Strict):
     name: str = Field("small", pattern=r"^[a-z0-9][a-z0-9-]*$", description="registered as r1-distill-<name>")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden_size=128, num_layers=2, num_heads=4,
                                                                    num_kv_heads=4, intermediate_size=384), description="the student's architecture (smaller than the base), or its local HF model")
-    pretrain_steps: int = Field(200, ge=1, description="pretraining steps of the student's own base")
+    pretrain_steps: PositiveInt = Field(200, description="pretraining steps of the student's own base")
 
 
 class DistillConfig(Strict):
@@ -472,8 +482,8 @@ class DistillConfig(Strict):
 class EvalConfig(Strict):
     """Held-out evaluation after every stage: pass@1 over k samples and cons@k."""
 
-    k: int = Field(4, ge=1, description="samples per prompt: pass@1 is their mean accuracy, cons@k their majority vote's")
-    num_prompts: int = Field(200, ge=1, description="held-out prompts evaluated (first N)")
+    k: PositiveInt = Field(4, description="samples per prompt: pass@1 is their mean accuracy, cons@k their majority vote's")
+    num_prompts: PositiveInt = Field(200, description="held-out prompts evaluated (first N)")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64), description="how evaluation samples are drawn")
 
@@ -482,7 +492,7 @@ class RolloutConfig(Strict):
     """In-pipeline rollouts use the in-process torch engine on the checkpoint being trained or
     evaluated. An OpenAI-compatible server (vLLM) is used by pointing `r1 eval` at it."""
 
-    batch_size: int = Field(256, ge=1, description="sequences per generate call (torch engine)")
+    batch_size: PositiveInt = Field(256, description="sequences per generate call (torch engine)")
 
 
 class RetrainConfig(Strict):

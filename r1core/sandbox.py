@@ -56,7 +56,7 @@ Not isolated in either mode: CPU time is limited but not shared fairly with the 
 program can use its CPU seconds on any core); it runs the same Python as the trainer (without
 site-packages or the project on its path; `ctypes` works), contained by the limits above, not by
 a language-level jail; inside its own process it can patch the harness (see "What an in-process
-harness cannot prevent" in the README: a program that knows the expected values can return them).
+harness cannot prevent" in docs/design.md: a program that knows the expected values can return them).
 
 This file is also the worker program: `python -I -S sandbox.py --serve CONFIG_JSON` (standard
 library only, on purpose).

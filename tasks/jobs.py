@@ -6,8 +6,6 @@ loop validates its own job type (`tasks.ray_jobs`), never the whole pipeline con
 """
 from __future__ import annotations
 
-from pydantic import Field
-
 from r1core.config import (
     CodeRewardConfig,
     ComputeConfig,
@@ -25,27 +23,27 @@ from r1core.schema import Strict
 class TrainJob(Strict):
     """What every training job carries."""
 
-    stage: str = Field(description="the stage (or sub-stage) this job trains, e.g. r1_zero, distill/small/sft")
-    tracking_uri: str = Field(description="the MLflow tracking URI the workers log to")
-    run_id: str = Field(description="the stage's MLflow run")
-    checkpoint_dir: str = Field(description="where rank 0 writes step checkpoints")
-    output_dir: str = Field(description="where rank 0 writes the final HF model directory")
-    compute: ComputeConfig = Field(description="workers and their resources")
-    seed: int = Field(description="runtime.seed: data order, sampling and initialisation")
+    stage: str  # the stage (or sub-stage) it trains, e.g. r1_zero, distill/small/sft
+    tracking_uri: str  # the MLflow tracking URI the workers log to
+    run_id: str  # the stage's MLflow run
+    checkpoint_dir: str  # where rank 0 writes step checkpoints
+    output_dir: str  # where rank 0 writes the final HF model directory
+    compute: ComputeConfig  # workers and their resources
+    seed: int  # runtime.seed: data order, sampling and initialisation
 
 
 class PretrainJob(TrainJob):
     recipe: PretrainConfig
-    model: ModelConfig = Field(description="the architecture built from scratch")
-    prepared_dir: str = Field(description="the tokenizer and packed blocks (`prepared_corpus`)")
+    model: ModelConfig  # the architecture built from scratch
+    prepared_dir: str  # the tokenizer and packed blocks (`prepared_corpus`)
 
 
 class FineTuneJob(TrainJob):
-    """A job that trains an existing model on a file of rows."""
+    """A job that trains an existing model (`init_model`, an HF directory) on `train_file`: SFT
+    examples, preference pairs or prompts (a rows file or a parquet directory)."""
 
-    init_model: str = Field(description="the HF model directory training starts from")
-    train_file: str = Field(description="its rows: SFT examples, preference pairs or prompts (a rows file or "
-                                        "a parquet directory)")
+    init_model: str
+    train_file: str
 
 
 class SFTJob(FineTuneJob):
@@ -54,20 +52,19 @@ class SFTJob(FineTuneJob):
 
 class RewardModelJob(FineTuneJob):
     recipe: RewardModelConfig
-    reward_model: str = Field(description="helpfulness or harmlessness")
-    heldout_file: str = Field(description="preference pairs for the held-out pairwise accuracy (jsonl)")
+    reward_model: str  # helpfulness or harmlessness
+    heldout_file: str  # preference pairs for the held-out pairwise accuracy (jsonl)
 
 
 class GRPOJob(FineTuneJob):
     """The policy and its frozen reference both start from `init_model`."""
 
     recipe: GRPOConfig
-    rollout: RolloutConfig = Field(description="how rollouts are generated")
-    code: CodeRewardConfig = Field(description="the sandbox limits of code rewards")
+    rollout: RolloutConfig  # how rollouts are generated
+    code: CodeRewardConfig  # the sandbox limits of code rewards
 
 
 class GeneralRLJob(GRPOJob):
     recipe: GeneralRLConfig
-    reward_models: dict[str, str] = Field(description="reward model -> its HF directory (general prompts)")
-    languages: dict[str, float] = Field(description="data.languages: the languages of the synthesised general "
-                                                    "prompts")
+    reward_models: dict[str, str]  # reward model -> its HF directory (scores the general prompts)
+    languages: dict[str, float]  # data.languages: the languages of the synthesised general prompts

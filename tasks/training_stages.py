@@ -158,7 +158,7 @@ def log_dataset(cfg: PipelineConfig, run_id: str, path: str, context: str, tags:
 def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, parent_run_id: str | None,
                        make_job) -> StageResult:
     """The shape every training stage shares: return the earlier result if the stage is complete;
-    otherwise open its MLflow run, build its typed job with `make_job(run_id, stage_dir, **common)`
+    otherwise open its MLflow run, build its typed job with `make_job(run_id, stage_dir, common)`
     (the fields every job carries in `common`), run the Ray Train job and record the result."""
     logger = get_run_logger()
     cache = StageCache(cfg, stage)
@@ -170,7 +170,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, 
         common = {"stage": stage, "tracking_uri": tracking.tracking_uri(cfg.runtime), "run_id": run_id,
                   "checkpoint_dir": str(cache.dir / "checkpoints"), "output_dir": str(cache.output),
                   "seed": cfg.runtime.seed}
-        job = make_job(run_id, cache.dir, **common)
+        job = make_job(run_id, cache.dir, common)
         logger.info("%s: Ray Train job on %d worker(s)", stage, job.compute.num_workers)
         ray_jobs.fit(loop, job, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{stage}")
         result = StageResult(stage=stage, model_dir=job.output_dir, mlflow_run_id=run_id,
@@ -210,7 +210,7 @@ def pretrain(cfg: PipelineConfig, data: DataPaths, stage: str, description: str,
     if student is not None:
         model, recipe = student.model, recipe.model_copy(update={"steps": student.pretrain_steps})
 
-    def make_job(run_id: str, stage_dir: Path, **common) -> PretrainJob:
+    def make_job(run_id: str, stage_dir: Path, common: dict) -> PretrainJob:
         log_dataset(cfg, run_id, data.train_file, "train")
         prepared = prepared_corpus(cfg, data)
         rows, seq_len = torch.load(prepared / "blocks.pt").shape
@@ -234,7 +234,7 @@ def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_m
         tags["model_rewards"] = json.dumps({k: f"{_registered_of(reward_model_dirs[k])} x{w:g}"
                                             for k, w in recipe.model_rewards.items()})
 
-    def make_job(run_id: str, stage_dir: Path, **common) -> GRPOJob:
+    def make_job(run_id: str, stage_dir: Path, common: dict) -> GRPOJob:
         _log_training_inputs(cfg, run_id, init_model, data.train_file, tags)
         common.update(recipe=recipe, compute=recipe.compute, init_model=init_model, train_file=data.train_file,
                       rollout=cfg.rollout, code=cfg.code)
@@ -254,7 +254,7 @@ def sft(cfg: PipelineConfig, stage: str, section: str, description: str, init_mo
     `init_model` on `dataset` (a rows file or a parquet directory), as a Ray Train job."""
     recipe = cfg.section(section)
 
-    def make_job(run_id: str, stage_dir: Path, **common) -> SFTJob:
+    def make_job(run_id: str, stage_dir: Path, common: dict) -> SFTJob:
         _log_training_inputs(cfg, run_id, init_model, dataset)
         return SFTJob(**common, recipe=recipe, compute=recipe.compute, init_model=init_model, train_file=dataset)
 
@@ -270,7 +270,7 @@ def reward_model(cfg: PipelineConfig, model: str, description: str, init_model: 
 
     recipe = cfg.reward_models
 
-    def make_job(run_id: str, stage_dir: Path, **common) -> RewardModelJob:
+    def make_job(run_id: str, stage_dir: Path, common: dict) -> RewardModelJob:
         languages = list(cfg.data.languages)
         reasoning = read_rows(data.train_file)
         files = {}

@@ -1,10 +1,13 @@
 """The stage catalog: a stage declared here, in a test module, with its flow, appears in the CLI,
 the deployments and the report without any other module being touched."""
+from __future__ import annotations  # as in flows/stage_flows.py: the flow's annotations are strings
+
 import pytest
 
 from flows import catalog
 from flows.catalog import Stage, declare, stage_flow
 from r1core.config import CONFIG_DIR, DEFAULT_CONFIG, PipelineConfig, load_config
+from tasks.training_stages import DataPaths, StageResult
 
 CHECK = Stage("heldout_check", "eval", "eval", "Held-out evaluation of a model alone, nothing trained (a test stage).",
               starts_from="pretrain_base")
@@ -15,7 +18,6 @@ def eval_only_stage():
     """The catalog entry and its flow: all that adding a stage takes (besides its recipe)."""
     from r1core.problems import read_rows
     from tasks.evaluate import evaluate_locally
-    from tasks.training_stages import DataPaths, StageResult
 
     declare(CHECK)
 
