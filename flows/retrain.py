@@ -1,6 +1,7 @@
 """`retrain`: the scheduled deployment's flow. New prompt files in the watched folder ->
 general RL from the current `r1@champion` (rule rewards, the registered reward models) ->
-a new `r1` version, which the promotion gate makes champion only if it is better."""
+a new `r1` version, which the promotion gate makes champion only if it is better.
+(`tasks/retrain.py` is the same concept one layer down: the ledger of which files are new.)"""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger

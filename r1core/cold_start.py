@@ -1,4 +1,5 @@
 """Cold-start data (DeepSeek-R1, section 2.3.1): a small set of long, readable chains of thought.
+(`tasks/cold_start.py` is the same stage one layer down: it runs these functions on Ray Data.)
 
 Three routes, as the paper names them, each producing candidate completions for train prompts:
 

@@ -192,14 +192,16 @@ class OptimizerConfig(Strict):
 
 class LMTrainConfig(OptimizerConfig):
     """What the supervised stages share (pretraining, SFT, reward models): AdamW with linear
-    warmup then cosine decay to 10% of the peak, checkpoints and logging every few steps."""
+    warmup then cosine decay to `min_lr_ratio` of the peak, checkpoints and logging every few steps."""
 
     batch_size: PositiveInt = Field(16, description="sequences (packed rows; for reward models, preference pairs) "
                                                   "per optimizer step, all workers together")
     seq_len: int = Field(256, ge=16, description="tokens per packed training sequence (reward models: the longest "
                                                  "scored text)")
-    lr: PositiveFloat = Field(5e-4, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    lr: PositiveFloat = Field(5e-4, description="peak learning rate (AdamW; linear warmup, then cosine to min_lr_ratio)")
     warmup_steps: NonNegativeInt = Field(5, description="steps of linear learning-rate warmup")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine decay ends at this share of the peak "
+                                                              "learning rate")
     weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay")
     checkpoint_every: PositiveInt = Field(50, description="steps between checkpoints (a re-run resumes from the latest)")
     log_every: PositiveInt = Field(10, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
@@ -229,7 +231,7 @@ class PretrainConfig(LMTrainConfig):
     )
     steps: PositiveInt = Field(340, description="optimizer steps")
     # the base learns from scratch: a larger step, longer warmup and weight decay than fine-tuning
-    lr: PositiveFloat = Field(2e-3, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    lr: PositiveFloat = Field(2e-3, description="peak learning rate (AdamW; linear warmup, then cosine to min_lr_ratio)")
     warmup_steps: NonNegativeInt = Field(30, description="steps of linear learning-rate warmup")
     weight_decay: NonNegativeFloat = Field(0.1, description="AdamW weight decay")
     checkpoint_every: PositiveInt = Field(200, description="steps between checkpoints (a re-run resumes from the latest)")
@@ -413,7 +415,7 @@ class RewardModelConfig(LMTrainConfig):
         description="phrases a harmless response never contains; a response with one is dispreferred")
     epochs: PositiveInt = Field(1, description="passes over the training pairs")
     seq_len: int = Field(160, ge=16, description="longest scored text, in tokens")  # a response, not packed rows
-    lr: PositiveFloat = Field(1e-3, description="peak learning rate (AdamW; linear warmup, then cosine to 10%)")
+    lr: PositiveFloat = Field(1e-3, description="peak learning rate (AdamW; linear warmup, then cosine to min_lr_ratio)")
     warmup_steps: NonNegativeInt = Field(10, description="steps of linear learning-rate warmup")
     checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints (a re-run resumes from the latest)")
     compute: ComputeConfig = Field(default_factory=lambda: ComputeConfig(cpus_per_worker=1),

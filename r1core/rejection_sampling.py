@@ -1,5 +1,6 @@
 """Rejection sampling (DeepSeek-R1, section 2.3.3): from the reasoning-RL checkpoint, many samples
 per prompt; keep only the verified, readable ones; add non-reasoning data; that is the SFT set.
+(`tasks/rejection_sampling.py` is the same stage one layer down: it runs these on Ray Data.)
 
     candidate ─► check_candidate (per row, in parallel)
                    truncated · malformed · mixed_language · long_paragraph · code_block

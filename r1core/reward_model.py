@@ -192,12 +192,15 @@ def pairwise_accuracy(model, encoded: dict[str, torch.Tensor], batch_size: int =
     return wins / max(1, n)
 
 
-def init_reward_model(base_dir: str | Path):
-    """The base causal LM with a fresh scalar head (transformers' sequence classifier)."""
+def init_reward_model(base_dir: str | Path, *, seed: int):
+    """The base causal LM with a fresh scalar head (transformers' sequence classifier), the head
+    initialised from `seed` (from the process's unseeded generator, two runs would differ)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, local_files_only=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, local_files_only=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

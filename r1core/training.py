@@ -115,7 +115,7 @@ def pack(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
+def warmup_cosine(warmup: int, total: int, floor: float):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -220,7 +220,7 @@ def lm_train(cfg, steps: int, model, tokenizer, data: dict[str, torch.Tensor], b
     model = ctx.wrap(model)
     log_every = cfg.log_every
     optimizer = adamw(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, steps, cfg.min_lr_ratio))
     start = resume(ctx, model, optimizer, scheduler)
     model.train()
     metrics: dict = {}

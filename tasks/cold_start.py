@@ -1,4 +1,6 @@
 """Prefect tasks of stage 2, cold-start data: candidates by Ray Data, then the reviewed dataset.
+The same concept as `r1core/cold_start.py` one layer down: that module holds the routes,
+rewriting and filters; this one runs them on Ray Data and records them in MLflow.
 
 Outputs under `<run_dir>/cold_start_data/`: `candidates/` (every candidate with its verdict,
 written before any human review so that a pause or crash loses no generation) and `dataset/`

@@ -235,7 +235,7 @@ def reward_model_loop(config: dict) -> None:
     from r1core.training import reward_model_train
 
     job, ctx = worker_setup(config, RewardModelJob)
-    model, tokenizer = init_reward_model(job.init_model)
+    model, tokenizer = init_reward_model(job.init_model, seed=job.seed)
 
     def pairs(path: str) -> dict:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines()]

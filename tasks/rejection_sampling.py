@@ -1,6 +1,8 @@
-"""Prefect tasks of stage 5, rejection sampling: Ray Data generates, checks and judges candidates;
-the driver deduplicates and applies the quotas on compact rows, then joins the kept ones back
-to their texts (Arrow, by `sample_id`) and writes the SFT set.
+"""Prefect tasks of stage 5, rejection sampling (the same concept as `r1core/rejection_sampling.py`,
+one layer down: that module checks and selects rows, this one runs it on Ray Data): Ray Data
+generates, checks and judges candidates; the driver deduplicates and applies the quotas on
+compact rows, then joins the kept ones back to their texts (Arrow, by `sample_id`) and writes
+the SFT set.
 
 Outputs under `<run_dir>/rejection_sampling/`:
 - `quarantine.jsonl`: prompt rows that could not be used, with line and reason;
@@ -114,11 +116,11 @@ def annotate_with_ray(files: list[str], rs, eval_texts: list[str], tokenizer_dir
                       max_tokens: int = 0) -> list[dict]:
     """Every candidate of the parquet `files` annotated (reason, hash, MinHash signature), a
     Ray Data task per file; `rs` is the `RejectionSamplingConfig`. Returns the compact rows."""
-    tasks = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    annotated = tasks.map_batches(annotate_files, batch_size=1, num_cpus=1,
-                                  fn_kwargs={"cfg": rs, "eval_texts": tuple(eval_texts),
-                                             "judged_tasks": tuple(rs.judge.judged_tasks),
-                                             "tokenizer_dir": tokenizer_dir, "max_tokens": max_tokens})
+    file_items = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    annotated = file_items.map_batches(annotate_files, batch_size=1, num_cpus=1,
+                                       fn_kwargs={"cfg": rs, "eval_texts": tuple(eval_texts),
+                                                  "judged_tasks": tuple(rs.judge.judged_tasks),
+                                                  "tokenizer_dir": tokenizer_dir, "max_tokens": max_tokens})
     return list(annotated.iter_rows())  # streamed out of the object store
 
 

@@ -1,4 +1,5 @@
-"""Scheduled retraining's bookkeeping: which prompt files in the watched folder are new.
+"""Scheduled retraining's bookkeeping: which prompt files in the watched folder are new (the
+flow of the same name is `flows/retrain.py`, one layer up).
 
 A file is new when its content (sha256) is not in the ledger, so a renamed copy is not
 retrained on twice and an edited file is. The ledger is written atomically, and only after the

@@ -89,7 +89,7 @@ def test_killed_job_resumes_to_the_same_kept_set_without_duplicates(job):
     kept = {name: _parquet_rows(d / "dataset") for name, d in (("ref", reference), ("resumed", resumed))}
     assert kept["resumed"] == kept["ref"] and kept["ref"]
     ids = [r["sample_id"] for r in kept["resumed"]]
-    assert len(ids) == len(set(ids)) == json.loads((resumed / "dataset" / "result.json").read_text())["num_examples"]
+    assert len(ids) == len(set(ids)) == json.loads((resumed / "result.json").read_text())["result"]["num_examples"]
     candidates = {n: _parquet_rows(d / "candidates") for n, d in (("ref", reference), ("resumed", resumed))}
     assert [(c["sample_id"], c["reason"], c["hash"]) for c in candidates["resumed"]] == \
            [(c["sample_id"], c["reason"], c["hash"]) for c in candidates["ref"]]

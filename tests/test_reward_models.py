@@ -67,7 +67,7 @@ def test_helpfulness_sees_only_the_summary_and_answer_harmlessness_everything():
 
 
 def test_bradley_terry_loss_is_the_negative_log_sigmoid_of_the_margin(base_dir, tokenizer):
-    model, tok = init_reward_model(base_dir)
+    model, tok = init_reward_model(base_dir, seed=0)
     pairs = preference_pairs("helpfulness", 6, ["en"], seed=1)
     enc = encode_pairs(tok, "helpfulness", pairs, seq_len=64)
     with torch.no_grad():
@@ -80,9 +80,15 @@ def test_bradley_terry_loss_is_the_negative_log_sigmoid_of_the_margin(base_dir, 
     assert (enc["chosen_attention_mask"].sum(1) <= 64).all()
 
 
+def test_the_scalar_head_starts_from_the_seed(base_dir):
+    """Reward models are reproducible: the fresh head comes from `seed`, not the process's RNG."""
+    heads = [init_reward_model(base_dir, seed=s)[0].score.weight for s in (0, 0, 1)]
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
 def test_a_reward_model_learns_the_harm_in_the_reasoning(base_dir, rows, tmp_path):
     train, _ = rows
-    model, tok = init_reward_model(base_dir)
+    model, tok = init_reward_model(base_dir, seed=0)
     cfg = RewardModelConfig(train_pairs=320, batch_size=16, epochs=3, lr=3e-3, warmup_steps=2, checkpoint_every=1000)
     languages = ["en", "ru"]
     fit = encode_pairs(tok, "harmlessness", preference_pairs("harmlessness", cfg.train_pairs, languages, 0, train, UNSAFE), 128)
@@ -95,7 +101,7 @@ def test_a_reward_model_learns_the_harm_in_the_reasoning(base_dir, rows, tmp_pat
 
 def test_general_rl_reward_routes_rows_to_rules_or_reward_models(base_dir, rows, tmp_path):
     train, _ = rows
-    model, tok = init_reward_model(base_dir)
+    model, tok = init_reward_model(base_dir, seed=0)
     for name, seed in (("helpfulness", 0), ("harmlessness", 1)):
         torch.manual_seed(seed)
         torch.nn.init.normal_(model.score.weight)
