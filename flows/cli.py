@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     result = stage_flow(config=cfg, **kwargs)
     results = result if isinstance(result, dict) else {args.name: result}
     print(json.dumps({k: r.model_dump() for k, r in results.items()}, indent=1))
-    print_summary(cfg, {k: r for k, r in results.items() if hasattr(r, "model_dir")}, title=f"stage {args.name}")
+    models = {k: r for k, r in results.items() if hasattr(r, "model_dir")}  # a data stage has a dataset instead
+    if models:
+        print_summary(cfg, models, title=f"stage {args.name}")
     return 0
 
 

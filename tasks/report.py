@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from r1core.config import PipelineConfig
 from r1core.evaluation import paired_difference
 from tasks import tracking
-from tasks.training_stages import StageResult
+from tasks.training_stages import IDEMPOTENT, StageResult
 
 COLUMNS = ("pass@1", "cons@{k}", "format_rate", "language_consistency", "readability", "mean_length")
 PAIRED = ("pass@1", "readability")  # compared with the parent model prompt by prompt
@@ -116,7 +116,7 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-@task(name="publish-stage-summary", cache_policy=NO_CACHE)
+@task(name="publish-stage-summary", cache_policy=NO_CACHE, **IDEMPOTENT)
 def publish_stage_summary(cfg: PipelineConfig, stage: str, mlflow_run_id: str, metrics: dict[str, float],
                           output: str, registered: str | None = None, seconds: float | None = None) -> None:
     """What the stage did, its key numbers and a link to its MLflow run, as a Prefect markdown

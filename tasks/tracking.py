@@ -130,7 +130,7 @@ def register_model(runtime: RuntimeConfig, run_id: str, model_dir: Path, name: s
     version = existing[0] if existing else client.create_model_version(
         name, source=f"runs:/{run_id}/model", run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()})
     client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
-    return version.version
+    return str(version.version)
 
 
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # what `make ui` starts on a local store by default

@@ -59,3 +59,20 @@ def test_gate_promotes_and_refuses(prefect_harness, tmp_path, monkeypatch):
     assert gate(better, run3, 0.60, 0.58).promoted
     assert str(client.get_model_version_by_alias("r1", CHAMPION).version) == "3"
     assert client.get_run(run3).data.tags["champion_before"] == "1"
+    # registration is idempotent (its task is retried): the same run registers no second version
+    assert tracking.register_model(cfg.runtime, run3, model_dir, "r1") == "3"
+    assert len(client.search_model_versions("name = 'r1'")) == 3
+
+
+def test_only_idempotent_tasks_are_retried():
+    """Retries (with backoff) on the tasks that only read files or write idempotently; none on
+    training, generation or evaluation, which Ray Train restarts and re-runs resume."""
+    from tasks import cold_start, rejection_sampling, report, training_stages
+
+    retried = [training_stages.prepare_data, training_stages.register, rejection_sampling.read_prompts,
+               report.publish_stage_summary]
+    not_retried = [training_stages.pretrain, training_stages.grpo, training_stages.sft, training_stages.reward_model,
+                   training_stages.evaluate_stage, cold_start.build_candidates, rejection_sampling.generate,
+                   report.compare_models]  # MLflow's log_table appends: not idempotent
+    assert all(t.retries == 2 and t.retry_delay_seconds for t in retried), [t.name for t in retried if not t.retries]
+    assert not any(t.retries for t in not_retried), [t.name for t in not_retried if t.retries]
