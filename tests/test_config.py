@@ -110,3 +110,23 @@ def test_every_config_field_has_a_description():
     assert len(fields) > 190  # every nested section was walked
     missing = [f"{m.__name__}.{n}" for m, n, info in fields if not (info.description or "").strip()]
     assert not missing, missing
+
+
+def test_a_partial_section_keeps_the_fields_own_defaults():
+    """A profile that sets a few fields of a section keeps the rest of *that field's* defaults
+    (the pipeline's R1-Zero has 16 steps and samples at 0.8; SFT of stage 6 runs 2 epochs), at
+    every depth; dict-valued fields (reward weights) are replaced whole; typos still fail."""
+    from pydantic import ValidationError
+
+    from r1core.config import DEFAULT_CONFIG, PipelineConfig
+
+    cfg = PipelineConfig.model_validate({"r1_zero": {"lr": 3e-4, "sampling": {"max_new_tokens": 8}},
+                                         "sft": {"lr": 1e-4}, "distill": {"sft": {"batch_size": 4}},
+                                         "reasoning_rl": {"rewards": {"accuracy": 1.0}}})
+    assert (cfg.r1_zero.steps, cfg.r1_zero.lr) == (DEFAULT_CONFIG.r1_zero.steps, 3e-4) == (16, 3e-4)
+    assert cfg.r1_zero.sampling.temperature == 0.8 and cfg.r1_zero.sampling.max_new_tokens == 8
+    assert cfg.sft.epochs == DEFAULT_CONFIG.sft.epochs == 2 and cfg.distill.sft.epochs == 2
+    assert cfg.reasoning_rl.rewards == {"accuracy": 1.0}
+    assert cfg.rejection_sampling.sampling == DEFAULT_CONFIG.rejection_sampling.sampling
+    with pytest.raises(ValidationError, match="r1_zero.sampling.temprature"):
+        PipelineConfig.model_validate({"r1_zero": {"sampling": {"temprature": 1.0}}})
