@@ -15,7 +15,6 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -37,9 +36,9 @@ class Stage:
     def registered_name(self, substage: str | None = None) -> str:
         """The registry name of this stage's model, or of a sub-stage's (`reward_models/helpfulness`,
         `distill/small/sft`)."""
-        if isinstance(self.registers, str) or self.registers is None:
-            if self.registers is None:
-                raise KeyError(f"stage {self.name} registers no model")
+        if self.registers is None:
+            raise KeyError(f"stage {self.name} registers no model")
+        if isinstance(self.registers, str):
             return self.registers
         parts = (substage or "").split("/")
         return self.registers[parts[-1]].format(student=parts[1] if len(parts) == 3 else "")
@@ -109,7 +108,9 @@ def registered_name(substage: str) -> str:
 
 def model_dir(config: PipelineConfig, name: str) -> str:
     """Where this configuration's stage (or sub-stage) `name` writes its model."""
-    return str(Path(config.run_dir()) / name / "model")
+    from tasks.training_stages import StageCache
+
+    return str(StageCache(config, name).output)
 
 
 def stage_flow(name: str):
@@ -121,7 +122,9 @@ def stage_flow(name: str):
     def bind(fn):
         from prefect import flow
 
-        signature = inspect.signature(fn)
+        # the annotations resolved in `fn`'s module: Prefect reads them from the wrapper, whose
+        # module (this one) does not import the types a flow's signature names
+        signature = inspect.signature(fn, eval_str=True)
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -136,10 +139,8 @@ def stage_flow(name: str):
                 params["init_model"] = model_dir(params["config"], entry.starts_from)
             return fn(**params)
 
-        # the annotations resolved in `fn`'s module: Prefect reads them from this wrapper, whose
-        # module (this one) does not import the types a flow's signature names
         run.__annotations__ = typing.get_type_hints(fn)
-        run.__signature__ = inspect.signature(fn, eval_str=True)
+        run.__signature__ = signature
         stage_flow_ = flow(name=name, description=entry.description, log_prints=True)(run)
         _FLOWS[name] = stage_flow_
         return stage_flow_

@@ -39,10 +39,8 @@ def evaluate_and_register(config: PipelineConfig, result: StageResult, data: Dat
         return result
     metrics, per_prompt = evaluate_stage(config, result, data.heldout_file)
     registered = register(config, result, metrics, registered_name(result.stage)) if register_model else None
-    final = result.model_copy(update={"metrics": metrics, "per_prompt": per_prompt, "registered": registered})
-    StageCache(config, result.stage).save(final)
-    publish(config, final)
-    return final
+    return record(config, result.model_copy(update={"metrics": metrics, "per_prompt": per_prompt,
+                                                     "registered": registered}))
 
 
 def run_data_stage(config: PipelineConfig, name: str, parent_run_id: str | None, build) -> DatasetResult:
@@ -60,9 +58,13 @@ def run_data_stage(config: PipelineConfig, name: str, parent_run_id: str | None,
     return written
 
 
-def publish(config: PipelineConfig, result: StageResult) -> None:
+def record(config: PipelineConfig, result: StageResult) -> StageResult:
+    """A model stage's final result: saved next to its model (a re-run returns it) and
+    summarised in the Prefect UI."""
+    StageCache(config, result.stage).save(result)
     publish_stage_summary(config, result.stage, result.mlflow_run_id, result.metrics, result.model_dir,
                           result.registered, result.seconds)
+    return result
 
 
 @stage_flow("pretrain_base")
@@ -181,10 +183,8 @@ def reward_models_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str 
     for m, future in futures.items():
         result = future.result()
         if not (result.skipped and result.registered):
-            result = result.model_copy(update={"registered": register(config, result, result.metrics,
-                                                                      registered_name(result.stage))})
-            StageCache(config, result.stage).save(result)
-            publish(config, result)
+            result = record(config, result.model_copy(update={"registered": register(
+                config, result, result.metrics, registered_name(result.stage))}))
         results[m] = result
     return results
 

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import io
 import json
 import os
@@ -393,17 +394,13 @@ def _clean_env(home: str, tmp: str | None = None) -> dict[str, str]:
             "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-_LIBC = []
-
-
+@functools.cache
 def _libc():
     """libc, loaded once per process (`find_library` runs `ldconfig` in a subprocess each time)."""
-    if not _LIBC:
-        import ctypes
-        import ctypes.util
+    import ctypes
+    import ctypes.util
 
-        _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
-    return _LIBC[0]
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18

@@ -189,43 +189,40 @@ def pretrain_loop(config: dict) -> None:
     write_final_model(ctx, model, tokenizer, job.output_dir)
 
 
-def grpo_loop(config: dict) -> None:
-    """R1-Zero, reasoning RL, a student's RL: rule rewards on the train rows."""
+def train_policy(job: GRPOJob, ctx: RayContext, rows: list[dict], **routing) -> None:
+    """GRPO of the policy from `job.init_model` (its frozen reference too) on `rows`."""
     from r1core import code_rewards
     from r1core.modeling import load_pretrained
-    from r1core.problems import read_rows
     from r1core.training import grpo_train
 
-    job, ctx = worker_setup(config, GRPOJob)
     code_rewards.configure(job.code)  # the sandbox limits for code rewards in this worker
     policy, tokenizer = load_pretrained(job.init_model)
     reference, _ = load_pretrained(job.init_model)
-    grpo_train(job.recipe, policy, reference, tokenizer, read_rows(job.train_file), ctx, seed=job.seed,
-               batch_size=job.rollout.batch_size)
+    grpo_train(job.recipe, policy, reference, tokenizer, rows, ctx, seed=job.seed,
+               batch_size=job.rollout.batch_size, **routing)
     write_final_model(ctx, policy, tokenizer, job.output_dir)
+
+
+def grpo_loop(config: dict) -> None:
+    """R1-Zero, reasoning RL, a student's RL: rule rewards on the train rows."""
+    from r1core.problems import read_rows
+
+    job, ctx = worker_setup(config, GRPOJob)
+    train_policy(job, ctx, read_rows(job.train_file))
 
 
 def general_rl_loop(config: dict) -> None:
     """General RL: reasoning rows scored by the rule rewards, general prompts by the reward models."""
-    from r1core import code_rewards
-    from r1core.modeling import load_pretrained
     from r1core.problems import read_rows
     from r1core.reward_model import RewardModel, general_prompts, prompt_sampler, routed_rewards
-    from r1core.training import grpo_train
 
     job, ctx = worker_setup(config, GeneralRLJob)
-    code_rewards.configure(job.code)
     recipe = job.recipe
-    policy, tokenizer = load_pretrained(job.init_model)
-    reference, _ = load_pretrained(job.init_model)
     rows = read_rows(job.train_file)
     general = general_prompts(recipe.general_prompts, recipe.general_mix, job.languages, seed=job.seed)
     scorers = {name: RewardModel(name, path, ctx.device) for name, path in job.reward_models.items()}
-    grpo_train(recipe, policy, reference, tokenizer, rows + general, ctx, seed=job.seed,
-               batch_size=job.rollout.batch_size,
-               reward_fn=routed_rewards(recipe.rewards, recipe.model_rewards, scorers),
-               sample_rows=prompt_sampler(len(rows), len(general), recipe.prompt_mix))
-    write_final_model(ctx, policy, tokenizer, job.output_dir)
+    train_policy(job, ctx, rows + general, reward_fn=routed_rewards(recipe.rewards, recipe.model_rewards, scorers),
+                 sample_rows=prompt_sampler(len(rows), len(general), recipe.prompt_mix))
 
 
 def reward_model_loop(config: dict) -> None:

@@ -156,10 +156,11 @@ def log_dataset(cfg: PipelineConfig, run_id: str, path: str, context: str, tags:
 
 
 def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, parent_run_id: str | None,
-                       make_job) -> StageResult:
+                       recipe, make_job) -> StageResult:
     """The shape every training stage shares: return the earlier result if the stage is complete;
     otherwise open its MLflow run, build its typed job with `make_job(run_id, stage_dir, common)`
-    (the fields every job carries in `common`), run the Ray Train job and record the result."""
+    (`common`: the fields every job carries, `recipe` and its compute among them), run the Ray
+    Train job and record the result."""
     logger = get_run_logger()
     cache = StageCache(cfg, stage)
     if (cached := cache.load(StageResult)) is not None:
@@ -169,7 +170,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, 
     with stage_run(cfg, stage, parent_run_id, description) as run_id:
         common = {"stage": stage, "tracking_uri": tracking.tracking_uri(cfg.runtime), "run_id": run_id,
                   "checkpoint_dir": str(cache.dir / "checkpoints"), "output_dir": str(cache.output),
-                  "seed": cfg.runtime.seed}
+                  "seed": cfg.runtime.seed, "recipe": recipe, "compute": recipe.compute}
         job = make_job(run_id, cache.dir, common)
         logger.info("%s: Ray Train job on %d worker(s)", stage, job.compute.num_workers)
         ray_jobs.fit(loop, job, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{stage}")
@@ -217,9 +218,9 @@ def pretrain(cfg: PipelineConfig, data: DataPaths, stage: str, description: str,
         tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"corpus_tokens": rows * seq_len})
         if student is not None:
             tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"student": student.name})
-        return PretrainJob(**common, recipe=recipe, compute=recipe.compute, model=model, prepared_dir=str(prepared))
+        return PretrainJob(**common, model=model, prepared_dir=str(prepared))
 
-    return run_training_stage(cfg, stage, description, ray_jobs.pretrain_loop, parent_run_id, make_job)
+    return run_training_stage(cfg, stage, description, ray_jobs.pretrain_loop, parent_run_id, recipe, make_job)
 
 
 @task(name="grpo", task_run_name="grpo-{stage}", cache_policy=NO_CACHE)
@@ -236,15 +237,14 @@ def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_m
 
     def make_job(run_id: str, stage_dir: Path, common: dict) -> GRPOJob:
         _log_training_inputs(cfg, run_id, init_model, data.train_file, tags)
-        common.update(recipe=recipe, compute=recipe.compute, init_model=init_model, train_file=data.train_file,
-                      rollout=cfg.rollout, code=cfg.code)
+        common.update(init_model=init_model, train_file=data.train_file, rollout=cfg.rollout, code=cfg.code)
         if reward_model_dirs:
             return GeneralRLJob(**common, reward_models={k: reward_model_dirs[k] for k in recipe.model_rewards},
                                 languages=cfg.data.languages)
         return GRPOJob(**common)
 
     loop = ray_jobs.general_rl_loop if reward_model_dirs else ray_jobs.grpo_loop
-    return run_training_stage(cfg, stage, description, loop, parent_run_id, make_job)
+    return run_training_stage(cfg, stage, description, loop, parent_run_id, recipe, make_job)
 
 
 @task(name="sft", task_run_name="sft-{stage}", cache_policy=NO_CACHE)
@@ -256,9 +256,9 @@ def sft(cfg: PipelineConfig, stage: str, section: str, description: str, init_mo
 
     def make_job(run_id: str, stage_dir: Path, common: dict) -> SFTJob:
         _log_training_inputs(cfg, run_id, init_model, dataset)
-        return SFTJob(**common, recipe=recipe, compute=recipe.compute, init_model=init_model, train_file=dataset)
+        return SFTJob(**common, init_model=init_model, train_file=dataset)
 
-    return run_training_stage(cfg, stage, description, ray_jobs.sft_loop, parent_run_id, make_job)
+    return run_training_stage(cfg, stage, description, ray_jobs.sft_loop, parent_run_id, recipe, make_job)
 
 
 @task(name="reward-model", task_run_name="reward-model-{model}", cache_policy=NO_CACHE)
@@ -279,11 +279,10 @@ def reward_model(cfg: PipelineConfig, model: str, description: str, init_model: 
             pairs = preference_pairs(model, n, languages, seed, reasoning, recipe.unsafe_patterns)
             files[f"{split}_file"] = str(write_rows(pairs, stage_dir / "pairs" / f"{split}.jsonl"))
         _log_training_inputs(cfg, run_id, init_model, files["train_file"], {"reward_model": model})
-        return RewardModelJob(**common, recipe=recipe, compute=recipe.compute, init_model=init_model,
-                              reward_model=model, **files)
+        return RewardModelJob(**common, init_model=init_model, reward_model=model, **files)
 
     result = run_training_stage(cfg, f"reward_models/{model}", description, ray_jobs.reward_model_loop,
-                                parent_run_id, make_job)
+                                parent_run_id, recipe, make_job)
     if result.skipped:
         return result
     run = tracking.client_for(cfg.runtime).get_run(result.mlflow_run_id)
