@@ -174,12 +174,34 @@ def _general_mix() -> dict[str, float]:
 
 
 class ComputeConfig(Strict):
-    """How a Ray Train job is scaled."""
+    """How a Ray job is scaled (Ray Data actors, Ray Train workers)."""
 
-    num_workers: PositiveInt = Field(1, description="Ray Train workers (DDP ranks)")
+    num_workers: PositiveInt = Field(1, description="Ray workers (Ray Train: data-parallel ranks)")
     cpus_per_worker: PositiveInt = Field(2, description="CPUs each worker reserves (and torch threads it uses)")
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL instead of gloo)")
-    bf16: bool = Field(False, description="autocast to bfloat16 (GPU)")
+    bf16: bool = Field(False, description="bfloat16 compute on GPU (FSDP: fp32 master weights and reductions; "
+                                          "DDP: autocast); CPU stays fp32")
+
+
+class TrainComputeConfig(ComputeConfig):
+    """How a Ray Train stage is scaled and fits in memory (`r1 plan` estimates each term)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a full replica of model, gradients and optimizer state per worker; fsdp: "
+        "FSDP2 (fully_shard per decoder layer and the root), each worker holds 1/num_workers of them")
+    max_tokens_per_microbatch: PositiveInt | None = Field(
+        None, description="tokens one forward/backward pass may hold per worker (padded rows x width; packed: "
+        "tokens); a step is split into micro-batches with gradient accumulation, exactly normalised. "
+        "None: the worker's whole share of the step at once")
+    logits_chunk_tokens: NonNegativeInt = Field(
+        1024, description="positions whose full-vocabulary logits are computed at a time for log-probs and "
+                          "cross-entropy (recomputed in backward); 0: all at once (the [tokens, vocab] tensor)")
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in "
+                                                            "backward instead of keeping them")
+    pack_rollouts: bool = Field(False, description="GRPO: pack rollouts into rows without padding (position "
+                                "ids per sequence); pays with flash-attention's varlen kernels on GPU")
+    memory_gb: PositiveFloat | None = Field(None, description="memory each worker may use (GiB): `r1 plan` and "
+                                            "the pipeline refuse a stage whose estimate exceeds it")
 
 
 class OptimizerConfig(Strict):
@@ -205,7 +227,8 @@ class LMTrainConfig(OptimizerConfig):
     weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay")
     checkpoint_every: PositiveInt = Field(50, description="steps between checkpoints (a re-run resumes from the latest)")
     log_every: PositiveInt = Field(10, description="steps between logged metrics (loss, grad norm, lr, tokens/s)")
-    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
+    compute: TrainComputeConfig = Field(default_factory=TrainComputeConfig,
+                                        description="Ray Train workers, sharding and memory")
 
 
 class PretrainConfig(LMTrainConfig):
@@ -280,7 +303,8 @@ class GRPOConfig(OptimizerConfig):
     adam_beta2: NonNegativeFloat = Field(0.99, lt=1, description="AdamW beta2 (decay of the squared gradient's running mean)")
     weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay")
     checkpoint_every: PositiveInt = Field(10, description="steps between checkpoints (a re-run resumes from the latest)")
-    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Ray Train workers and their resources")
+    compute: TrainComputeConfig = Field(default_factory=TrainComputeConfig,
+                                        description="Ray Train workers, sharding and memory")
 
 
 class ReasoningRLConfig(GRPOConfig):
@@ -418,7 +442,7 @@ class RewardModelConfig(LMTrainConfig):
     lr: PositiveFloat = Field(1e-3, description="peak learning rate (AdamW; linear warmup, then cosine to min_lr_ratio)")
     warmup_steps: NonNegativeInt = Field(10, description="steps of linear learning-rate warmup")
     checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints (a re-run resumes from the latest)")
-    compute: ComputeConfig = Field(default_factory=lambda: ComputeConfig(cpus_per_worker=1),
+    compute: TrainComputeConfig = Field(default_factory=lambda: TrainComputeConfig(cpus_per_worker=1),
                                    description="each reward model is its own Ray Train job; both run at once")
 
     @field_validator("unsafe_patterns")

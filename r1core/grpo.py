@@ -19,14 +19,14 @@ and the objective is the plain policy gradient A_i ∇log π_θ (plus the KL ter
 matters from the second pass on (`inner_epochs > 1`), and `clip_fraction` is measured there.
 
 The settings (ε, β, estimator, aggregation) are keyword arguments without defaults: the only
-defaults are the config's (`r1core.config.GRPOConfig`).
+defaults are the config's (`r1core.config.GRPOConfig`). The log-probs come from
+`r1core.logprobs` (chunked, never the [B, T, V] tensor) on batches laid out by `r1core.batching`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool, eps: float = 1e-6):
@@ -55,10 +55,29 @@ def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) 
 
 @dataclass
 class GRPOLoss:
-    loss: torch.Tensor
-    policy_loss: float
-    kl: float
-    clip_fraction: float
+    total: torch.Tensor  # Σ over tokens ("token") or over outputs of their token mean ("sequence")
+    count: float  # what `total` summed: tokens or outputs; the loss is total / count over the step
+    policy_loss_sum: float  # Σ over tokens of the clipped surrogate (diagnostics, per token)
+    kl_sum: float
+    clipped_tokens: float
+    tokens: float
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The loss when this batch is the whole step."""
+        return self.total / max(self.count, 1.0)
+
+    @property
+    def policy_loss(self) -> float:
+        return self.policy_loss_sum / max(self.tokens, 1.0)
+
+    @property
+    def kl(self) -> float:
+        return self.kl_sum / max(self.tokens, 1.0)
+
+    @property
+    def clip_fraction(self) -> float:
+        return self.clipped_tokens / max(self.tokens, 1.0)
 
 
 def grpo_loss(
@@ -74,6 +93,9 @@ def grpo_loss(
     kl_estimator: str,  # "k1" or "k3"
     aggregation: str,  # "token" or "sequence"
 ) -> GRPOLoss:
+    """The negated objective as a sum and what it sums: a step split into micro-batches (and
+    workers) divides the sum of its parts by the sum of their counts, which is the one-batch
+    loss exactly (`r1core.training.accumulate`)."""
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     A = advantages.unsqueeze(1)
@@ -84,34 +106,15 @@ def grpo_loss(
     if beta:
         per_token = per_token + beta * kl
 
-    if aggregation == "token":  # every completion token of the batch weighs the same
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if aggregation == "token":  # every completion token of the step weighs the same
+        total, count = (per_token * mask).sum(), float(mask.sum())
     elif aggregation == "sequence":  # the paper: mean over each output's tokens, then over outputs
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        total, count = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum(), float(mask.shape[0])
     else:
         raise ValueError(f"unknown loss aggregation '{aggregation}' (token or sequence)")
 
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
         was_clipped = (unclipped != clipped).to(mask.dtype)
-        stats = ((-torch.min(unclipped, clipped) * mask).sum() / n, (kl * mask).sum() / n,
-                 (was_clipped * mask).sum() / n)
-    return GRPOLoss(loss, *(float(s) for s in stats))
-
-
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
-                   return_entropy: bool = False):
-    """log π(token_t | tokens_<t) for the completion part (positions >= completion_start).
-
-    Sequences are laid out [left-padded prompt | completion | right padding]; logits at t-1
-    predict token t."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits = logits[:, completion_start - 1 : -1].float()
-    targets = input_ids[:, completion_start:]
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not return_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+        stats = ((-torch.min(unclipped, clipped) * mask).sum(), (kl * mask).sum(), (was_clipped * mask).sum(),
+                 mask.sum())
+    return GRPOLoss(total, count, *(float(s) for s in stats))

@@ -169,13 +169,14 @@ def rewards_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
 
-def bradley_terry_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """-log σ(r_chosen - r_rejected), both sides in one forward pass."""
+def bradley_terry_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Σ over pairs of -log σ(r_chosen - r_rejected), both sides in one forward pass, and the
+    number of pairs (`r1core.training.accumulate` divides by the step's total)."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     width = int(mask.sum(1).max())  # right-padded: columns past the batch's longest text are all padding
     chosen, rejected = rewards_of(model, ids[:, :width], mask[:, :width]).chunk(2)
-    return -F.logsigmoid(chosen - rejected).mean()
+    return -F.logsigmoid(chosen - rejected).sum(), len(chosen)
 
 
 @torch.no_grad()

@@ -8,26 +8,31 @@ Train context; the base `TrainContext` runs a recipe in-process (tests, benchmar
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from r1core import checkpoint as ckpt
-from r1core import code_rewards
+from r1core import code_rewards, parallel
+from r1core.batching import collate_rollouts, pad_groups, split_by_tokens
 from r1core.engine import Sampling, TorchEngine
-from r1core.grpo import group_advantages, grpo_loss, token_logprobs
+from r1core.grpo import group_advantages, grpo_loss
+from r1core.logprobs import TokenScorer, next_token_targets
 from r1core.problems import GENERATORS
 from r1core.rewards import format_reward, mixes_languages, score, unscored_counts
 
 
 class TrainContext:
-    """Single-process defaults; a distributed runner overrides what differs."""
+    """One worker of a training job. Rank, world size and the process group come from
+    `torch.distributed` when it is initialised (a Ray Train worker, a benchmark's processes),
+    else this is the only worker; a runner overrides what differs (device, logging, reporting)."""
 
-    rank: int = 0
-    world_size: int = 1
     device: torch.device = torch.device("cpu")
     bf16: bool = False
 
@@ -36,6 +41,9 @@ class TrainContext:
         self.history: list[tuple[int, dict]] = []
         self._log_fn = log_fn
         self.progress: tuple[int, int, float] | None = None  # (first step, total steps, start time)
+        distributed = parallel.is_distributed()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.world_size = torch.distributed.get_world_size() if distributed else 1
 
     def begin(self, start: int, total: int) -> None:
         """The loop runs steps start..total-1 from now on: what progress lines (rate, ETA) count."""
@@ -51,11 +59,27 @@ class TrainContext:
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta != float("inf") else "?"
         return f"step {step}/{total}, {rate:.3g} steps/s, ETA {eta_text}"
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
+    def wrap(self, model: torch.nn.Module, compute, *, trainable: bool = True) -> torch.nn.Module:
+        """DDP or FSDP2 over the workers (`r1core.parallel`), on this worker's device."""
+        return parallel.wrap(model, compute, self.device, trainable=trainable)
 
     def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
-        return metrics
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], device=self.device)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def sum(self, value: float) -> float:
+        return parallel.all_reduce(value, "sum", self.device)
+
+    def max(self, value: float) -> float:
+        return parallel.all_reduce(value, "max", self.device)
+
+    def barrier(self) -> None:
+        if parallel.is_distributed():
+            torch.distributed.barrier()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.history.append((step, metrics))
@@ -66,7 +90,7 @@ class TrainContext:
         return ckpt.latest_complete(self.checkpoint_dir)
 
     def on_checkpoint(self, path: Path | None, step: int, metrics: dict) -> None:
-        """Called on every rank after rank 0 wrote a checkpoint (path is None elsewhere)."""
+        """Called on every rank after the checkpoint was committed (path is None but on rank 0)."""
 
     def autocast(self):
         if self.bf16 and self.device.type == "cuda":
@@ -74,27 +98,55 @@ class TrainContext:
         return contextlib.nullcontext()
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def save_checkpoint(ctx: TrainContext, model, tokenizer, optimizer, scheduler, step: int, metrics: dict):
-    """Rank 0 writes the checkpoint atomically; every rank then calls `on_checkpoint`
-    (distributed runners need all ranks to take part in reporting it)."""
-    path = None
+def save_checkpoint(ctx: TrainContext, model, optimizer, scheduler, step: int, metrics: dict):
+    """Every worker writes its shard of the training state (`torch.distributed.checkpoint`) into
+    one temporary directory; rank 0 then marks it complete and renames it, so a kill mid-save
+    leaves the previous checkpoint the latest. Every rank then calls `on_checkpoint`."""
+    final = ctx.checkpoint_dir / f"step_{step:06d}"
+    tmp = final.with_name(f"{final.name}.tmp")  # one name for all workers; resume ignores it
     if ctx.rank == 0:
-        path = ckpt.write_atomically(
-            ctx.checkpoint_dir / f"step_{step:06d}",
-            lambda d: ckpt.save_training_state(d, unwrap(model), tokenizer, optimizer, scheduler, step),
-            meta={"step": step},
-        )
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    ckpt.save_training_state(tmp, model, optimizer, scheduler, step, rank=ctx.rank)
+    ctx.barrier()
+    path = ckpt.commit(tmp, final, {"step": step, "workers": ctx.world_size}) if ctx.rank == 0 else None
     ctx.on_checkpoint(path, step, metrics)
 
 
 def resume(ctx: TrainContext, model, optimizer, scheduler) -> int:
-    """Step to start from: 0, or the step of the latest complete checkpoint (weights loaded)."""
+    """Step to start from: 0, or the step of the latest complete checkpoint (state loaded)."""
     path = ctx.latest_checkpoint()
-    return ckpt.load_training_state(path, unwrap(model), optimizer, scheduler) if path else 0
+    return ckpt.load_training_state(path, model, optimizer, scheduler) if path else 0
+
+
+def accumulate(model, micro_batches: list, loss_fn, ctx: TrainContext) -> float:
+    """Gradients of one optimizer step over its micro-batches, exactly those of one big batch.
+
+    `loss_fn(model, micro_batch) -> (loss_sum, count)` returns a sum (over tokens, sequences or
+    pairs) and how many it summed. Each micro-batch's sum is back-propagated as it is, with
+    gradients reduced over workers only after the last one; the accumulated gradient is then
+    divided by the step's global count (all micro-batches, all workers; DDP and FSDP average over
+    workers, hence the world size). Returns the step's loss, Σ sums / Σ counts."""
+    loss_sum = count = 0.0
+    for i, batch in enumerate(micro_batches):
+        with parallel.no_sync(model, last=i == len(micro_batches) - 1):
+            with ctx.autocast():
+                total, n = loss_fn(model, batch)
+            total.backward()
+        loss_sum, count = loss_sum + float(total.detach()), count + float(n)
+    count = ctx.sum(count)
+    scale = ctx.world_size / max(count, 1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return ctx.sum(loss_sum) / max(count, 1.0)
+
+
+def clip_and_step(cfg, model, optimizer) -> float:
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    return parallel.grad_norm_value(grad_norm)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -125,13 +177,14 @@ def warmup_cosine(warmup: int, total: int, floor: float):
     return f
 
 
-def pretrain(cfg, model, tokenizer, blocks: torch.Tensor, ctx: TrainContext, *, seed: int) -> dict:
+def pretrain(cfg, model, blocks: torch.Tensor, ctx: TrainContext, *, seed: int) -> dict:
     """Next-token prediction on packed blocks drawn at random; `cfg` is a `PretrainConfig`."""
 
     def batch(step: int) -> torch.Tensor:
         return torch.randint(len(blocks), (cfg.batch_size,), generator=step_generator(seed, step))
 
-    return lm_train(cfg, cfg.steps, model, tokenizer, {"input_ids": blocks, "labels": blocks}, batch, ctx)
+    return lm_train(cfg, cfg.steps, TokenScorer(model, cfg.compute.logits_chunk_tokens),
+                    {"input_ids": blocks, "labels": blocks}, batch, ctx)
 
 
 # --------------------------------------------------------------------------- SFT
@@ -169,7 +222,7 @@ def pack_examples(tokenizer, examples: list[dict], seq_len: int) -> dict[str, to
     return out
 
 
-def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: TrainContext, *, seed: int) -> dict:
+def sft_train(cfg, model, packed: dict[str, torch.Tensor], ctx: TrainContext, *, seed: int) -> dict:
     """Supervised fine-tuning on packed examples for `cfg.epochs` epochs (`cfg` is an
     `SFTConfig`); each epoch visits every packed row once, in an order fixed by (seed, epoch)."""
     n = len(packed["input_ids"])
@@ -180,11 +233,12 @@ def sft_train(cfg, model, tokenizer, packed: dict[str, torch.Tensor], ctx: Train
         order = torch.randperm(n, generator=step_generator(seed, epoch))
         return order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
 
-    return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, packed, batch, ctx)
+    return lm_train(cfg, cfg.epochs * per_epoch, TokenScorer(model, cfg.compute.logits_chunk_tokens), packed,
+                    batch, ctx)
 
 
 # --------------------------------------------------------------------------- reward models
-def reward_model_train(cfg, model, tokenizer, pairs: dict[str, torch.Tensor], ctx: TrainContext, *,
+def reward_model_train(cfg, model, pairs: dict[str, torch.Tensor], ctx: TrainContext, *,
                        seed: int) -> dict:
     """Bradley-Terry training of a reward model on encoded preference pairs
     (`r1core.reward_model.encode_pairs`) for `cfg.epochs` epochs; `cfg` is a `RewardModelConfig`."""
@@ -197,13 +251,16 @@ def reward_model_train(cfg, model, tokenizer, pairs: dict[str, torch.Tensor], ct
         epoch, i = divmod(step, per_epoch)
         return torch.randperm(n, generator=step_generator(seed, epoch))[i * cfg.batch_size : (i + 1) * cfg.batch_size]
 
-    return lm_train(cfg, cfg.epochs * per_epoch, model, tokenizer, pairs, batch, ctx, loss_fn=bradley_terry_loss)
+    return lm_train(cfg, cfg.epochs * per_epoch, model, pairs, batch, ctx, loss_fn=bradley_terry_loss)
 
 
 # --------------------------------------------------------------------------- the shared loop
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of next-token prediction (labels -100 are ignored)."""
-    return model(**batch, use_cache=False).loss
+def causal_lm_loss(scorer: TokenScorer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of next-token prediction (labels -100 are not scored) and the number
+    of scored tokens; `position_ids` restarting at 0 mark packed examples."""
+    positions, targets = next_token_targets(batch["input_ids"], batch["labels"])
+    logp, _ = scorer(batch["input_ids"], batch.get("position_ids"), None, positions, targets)
+    return -logp.sum(), len(targets)
 
 
 def adamw(cfg, model) -> torch.optim.AdamW:
@@ -212,63 +269,61 @@ def adamw(cfg, model) -> torch.optim.AdamW:
                              weight_decay=cfg.weight_decay)
 
 
-def lm_train(cfg, steps: int, model, tokenizer, data: dict[str, torch.Tensor], batch_indices, ctx: TrainContext,
+def row_groups(rows: torch.Tensor, tokens_per_row: int, max_tokens: int | None, ctx: TrainContext) -> list:
+    """This worker's rows of a step in micro-batches of at most `max_tokens` tokens, as many on
+    every worker (an empty one holds a row of data with weight 0; `lm_train`)."""
+    per_micro = len(rows) if max_tokens is None else max(1, max_tokens // tokens_per_row)
+    groups = [rows[i : i + per_micro] for i in range(0, len(rows), per_micro)]
+    return pad_groups(groups, int(ctx.max(len(groups))))
+
+
+def lm_train(cfg, steps: int, model, data: dict[str, torch.Tensor], batch_indices, ctx: TrainContext,
              loss_fn=causal_lm_loss) -> dict:
     """`loss_fn` (default: cross-entropy on `input_ids`/`labels`/optional `position_ids`) on
-    `data` rows, the rows of each step given by `batch_indices(step)` and split across ranks;
-    AdamW, warmup + cosine, metrics every `cfg.log_every` steps."""
-    model = ctx.wrap(model)
+    `data` rows, the rows of each step given by `batch_indices(step)` and split across ranks,
+    then into micro-batches of `cfg.compute.max_tokens_per_microbatch` tokens; AdamW, warmup +
+    cosine, metrics every `cfg.log_every` steps."""
+    compute = cfg.compute
+    model = ctx.wrap(model, compute)
     log_every = cfg.log_every
     optimizer = adamw(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, steps, cfg.min_lr_ratio))
     start = resume(ctx, model, optimizer, scheduler)
     model.train()
+    row_tokens = sum(v.shape[1] for k, v in data.items() if k.endswith("input_ids"))
     metrics: dict = {}
     t0, window, tokens = time.perf_counter(), 0.0, 0
     ctx.begin(start, steps)
     for step in range(start, steps):
         idx = batch_indices(step)[ctx.rank :: ctx.world_size]
-        inputs = {k: v[idx].to(ctx.device) for k, v in data.items()}
-        with ctx.autocast():
-            loss = loss_fn(model, inputs)
+        micro = [({k: v[g if len(g) else idx[:1]].to(ctx.device) for k, v in data.items()}, len(g) > 0)
+                 for g in row_groups(idx, row_tokens, compute.max_tokens_per_microbatch, ctx)]
+
+        def micro_loss(m, item):
+            batch, real = item
+            total, n = loss_fn(m, batch)
+            return (total, n) if real else (total * 0, 0)  # an empty micro-batch: same collectives, no gradient
+
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        loss = accumulate(model, micro, micro_loss, ctx)
+        grad_norm = clip_and_step(cfg, model, optimizer)
         scheduler.step()
-        window += loss.item()
-        tokens += sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids")) * ctx.world_size
+        window += loss
+        tokens += len(idx) * row_tokens * ctx.world_size
         done = step + 1
         if done % log_every == 0 or done == steps:
             n = (done - start) % log_every or log_every
             elapsed = time.perf_counter() - t0
-            metrics = ctx.all_reduce_mean({"loss": window / n, "grad_norm": float(grad_norm)})
-            metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed)
+            metrics = {"loss": window / n, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": tokens / elapsed}
             ctx.log(metrics, done)
             t0, window, tokens = time.perf_counter(), 0.0, 0
         if done % cfg.checkpoint_every == 0 or done == steps:
-            save_checkpoint(ctx, model, tokenizer, optimizer, scheduler, done, metrics)
+            save_checkpoint(ctx, model, optimizer, scheduler, done, metrics)
     return metrics
 
 
 # --------------------------------------------------------------------------- GRPO (R1-Zero)
-def collate(tokenizer, prompts: list[str], rollouts, device) -> tuple[torch.Tensor, ...]:
-    """[left-padded prompt | completion | right padding] with masks; returns
-    (input_ids, attention_mask, completion_mask, completion_start)."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
-    width = max(1, *(len(r.completion_ids) for r in rollouts))
-    comp = torch.full((len(rollouts), width), tokenizer.pad_token_id, dtype=torch.long)
-    comp_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
-    for j, r in enumerate(rollouts):
-        comp[j, : len(r.completion_ids)] = torch.tensor(r.completion_ids, dtype=torch.long)
-        comp_mask[j, : len(r.completion_ids)] = 1
-    rows = torch.tensor([r.prompt_index for r in rollouts])
-    input_ids = torch.cat([prompt_ids[rows], comp], dim=1).to(device)
-    attention_mask = torch.cat([prompt_mask[rows], comp_mask], dim=1).to(device)
-    return input_ids, attention_mask, comp_mask.to(device), prompt_ids.shape[1]
-
-
 def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainContext, *,
                seed: int, batch_size: int, reward_fn=None, sample_rows=None) -> dict:
     """GRPO (`cfg` is a `GRPOConfig`). Rewards: the rule rewards of `cfg.rewards`, unless
@@ -277,9 +332,18 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
     uniformly, unless `sample_rows(rng, n) -> indices` says otherwise (a mix of prompt kinds)."""
     reward_fn = reward_fn or (lambda texts, batch_rows: score(texts, batch_rows, cfg.rewards))
     sample_rows = sample_rows or (lambda rng, n: rng.sample(range(len(rows)), n))
-    model = ctx.wrap(policy)
-    reference = reference.to(ctx.device).eval().requires_grad_(False) if cfg.beta > 0 else None
-    engine = TorchEngine(unwrap(model), tokenizer, batch_size)
+    compute = cfg.compute
+    sharded = compute.strategy == "fsdp" and parallel.is_distributed()
+    # a sharded policy cannot generate (each decode step would gather parameters collectively,
+    # and workers decode different lengths): it samples from a full copy, refreshed every step
+    sampler = copy.deepcopy(policy).to(ctx.device) if sharded else policy
+    model = ctx.wrap(TokenScorer(policy, compute.logits_chunk_tokens), compute)
+    if cfg.beta > 0:
+        reference = ctx.wrap(TokenScorer(reference.eval().requires_grad_(False), compute.logits_chunk_tokens),
+                             compute, trainable=False)
+    else:
+        reference = None
+    engine = TorchEngine(sampler, tokenizer, batch_size)
     optimizer = adamw(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     start = resume(ctx, model, optimizer, scheduler)
@@ -289,6 +353,8 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
     ctx.begin(start, cfg.steps)
     for step in range(start, cfg.steps):
         # 1. sample a group of G outputs for each question from the current (old) policy
+        if sharded:
+            sampler.load_state_dict(parallel.full_state_dict(policy, everywhere=True))
         picked = sample_rows(random.Random(seed * 1_000_003 + step), cfg.prompts_per_step)
         batch = [rows[i] for i in picked[ctx.rank :: ctx.world_size]]
         t0 = time.perf_counter()
@@ -311,32 +377,16 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
         # output is always kept (with DDP every rank takes part in the backward pass)
         kept = [j for j in range(len(rollouts))
                 if not (cfg.skip_flat_groups and (zero_variance[j] or unscorable[j]))] or [0]
-        advantages = advantages[kept].to(ctx.device)
 
         # 3. policy update on the sampled tokens
         t1 = time.perf_counter()
-        input_ids, attn, mask, start_col = collate(tokenizer, [r["prompt"] for r in batch],
-                                                   [rollouts[j] for j in kept], ctx.device)
-        with torch.no_grad(), ctx.autocast():
-            ref_logp = token_logprobs(reference, input_ids, attn, start_col) if reference is not None else None
-            # π_θold: the policy that sampled, i.e. the weights before this step's first pass; with a
-            # single pass it equals π_θ there, so ρ = 1 and the clip cannot act (r1core.grpo)
-            old_logp = token_logprobs(model, input_ids, attn, start_col) if cfg.inner_epochs > 1 else None
-        clip_fractions = []  # of the passes after the first, where ρ can leave 1
-        for inner in range(cfg.inner_epochs):
-            with ctx.autocast():
-                logp, entropy = token_logprobs(model, input_ids, attn, start_col, return_entropy=True)
-                out = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, advantages,
-                                mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
-                                kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            if inner > 0:
-                clip_fractions.append(out.clip_fraction)
+        prompt_ids = tokenizer([r["prompt"] for r in batch], add_special_tokens=False)["input_ids"]
+        seqs = [(prompt_ids[rollouts[j].prompt_index], rollouts[j].completion_ids, float(advantages[j]))
+                for j in kept]
+        update = policy_update(cfg, model, reference, optimizer, seqs, tokenizer.pad_token_id, ctx)
         scheduler.step()
         train_s = time.perf_counter() - t1
+        trained_tokens = sum(len(p) + len(c) for p, c, _ in seqs)
 
         # 4. what the paper plots: reward, accuracy and response length per step
         n_tokens = float(sum(len(r.completion_ids) for r in rollouts))
@@ -353,13 +403,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
                                                                                              strict=True)),
             "response_length": n_tokens / len(rollouts),
             "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-            "loss": out.loss.item(),
-            "policy_loss": out.policy_loss,
-            "kl": out.kl,
-            # logged only where clipping can act (inner_epochs > 1): a constant 0 would say nothing
-            **({"clip_fraction": _mean(clip_fractions)} if clip_fractions else {}),
-            "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
-            "grad_norm": float(grad_norm),
+            **update,
             "zero_variance_frac": float(zero_variance.float().mean()),
             "trained_frac": len(kept) / len(rollouts),
             "unscorable_frac": float(unscorable.float().mean()),
@@ -368,13 +412,61 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             # reward scores that were None so far, by reason (reference, timeout, error, sandbox)
             **{f"reward_none/{reason}": float(n) for reason, n in unscored_counts().items()},
             "gen_tokens_per_s": n_tokens / gen_s,
-            "train_tokens_per_s": float(attn.sum()) * cfg.inner_epochs / train_s,
+            "train_tokens_per_s": trained_tokens * cfg.inner_epochs / train_s,
         }
         metrics = ctx.all_reduce_mean(metrics)
         ctx.log(metrics, step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ctx, model, tokenizer, optimizer, scheduler, step + 1, metrics)
+            save_checkpoint(ctx, model, optimizer, scheduler, step + 1, metrics)
     return metrics
+
+
+def policy_update(cfg, model, reference, optimizer, seqs: list[tuple[list[int], list[int], float]], pad_id: int,
+                  ctx: TrainContext) -> dict[str, float]:
+    """GRPO's update on this worker's rollouts `seqs` (prompt ids, completion ids, advantage):
+    `cfg.inner_epochs` optimizer steps, each over micro-batches of at most
+    `compute.max_tokens_per_microbatch` tokens (as many on every worker), normalised over the
+    whole step (`accumulate`). Returns the step's loss and diagnostics, the same on every worker."""
+    compute = cfg.compute
+    groups = split_by_tokens([len(p) + len(c) for p, c, _ in seqs], compute.max_tokens_per_microbatch,
+                             packed=compute.pack_rollouts)
+    micro = []
+    for g in pad_groups(groups, int(ctx.max(len(groups)))):
+        mb = collate_rollouts([seqs[i][0] for i in g], [seqs[i][1] for i in g], pad_id,
+                              packed=compute.pack_rollouts).to(ctx.device)
+        micro.append([mb, torch.tensor([seqs[i][2] for i in g], device=ctx.device), None, None])
+    with torch.no_grad(), ctx.autocast():
+        for m in micro:
+            m[2] = m[0].scored(reference)[0] if reference is not None else None
+            # π_θold: the policy that sampled, i.e. the weights before this step's first pass; with
+            # a single pass it equals π_θ there, so ρ = 1 and the clip cannot act (r1core.grpo)
+            m[3] = m[0].scored(model)[0] if cfg.inner_epochs > 1 else None
+    clip_fractions = []  # of the passes after the first, where ρ can leave 1
+    for inner in range(cfg.inner_epochs):
+        stats = []  # per micro-batch: (policy-loss sum, KL sum, clipped tokens, entropy sum, tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss = accumulate(model, micro, functools.partial(_grpo_micro_loss, cfg, stats), ctx)
+        grad_norm = clip_and_step(cfg, model, optimizer)
+        policy_sum, kl_sum, clipped, entropy_sum, n_scored = (ctx.sum(sum(x)) for x in zip(*stats, strict=True))
+        if inner > 0:
+            clip_fractions.append(clipped / max(n_scored, 1.0))
+    n_scored = max(n_scored, 1.0)
+    return {"loss": loss, "policy_loss": policy_sum / n_scored, "kl": kl_sum / n_scored,
+            # logged only where clipping can act (inner_epochs > 1): a constant 0 would say nothing
+            **({"clip_fraction": _mean(clip_fractions)} if clip_fractions else {}),
+            "entropy": entropy_sum / n_scored, "grad_norm": grad_norm}
+
+
+def _grpo_micro_loss(cfg, stats: list, model, micro) -> tuple[torch.Tensor, float]:
+    """GRPO's loss sum on one micro-batch (`accumulate`); its diagnostics go to `stats`."""
+    mb, adv, ref_logp, old_logp = micro
+    logp, entropy = mb.scored(model, with_entropy=True)
+    mask = mb.completion_mask()
+    out = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask,
+                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
+                    kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation)
+    stats.append((out.policy_loss_sum, out.kl_sum, out.clipped_tokens, float((entropy * mask).sum()), out.tokens))
+    return out.total, out.count
 
 
 def _mean(xs) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from r1core.config import (
     CodeRewardConfig,
-    ComputeConfig,
     GeneralRLConfig,
     GRPOConfig,
     ModelConfig,
@@ -16,6 +15,7 @@ from r1core.config import (
     RewardModelConfig,
     RolloutConfig,
     SFTConfig,
+    TrainComputeConfig,
 )
 from r1core.schema import Strict
 
@@ -28,7 +28,7 @@ class TrainJob(Strict):
     run_id: str  # the stage's MLflow run
     checkpoint_dir: str  # where rank 0 writes step checkpoints
     output_dir: str  # where rank 0 writes the final HF model directory
-    compute: ComputeConfig  # workers and their resources
+    compute: TrainComputeConfig  # workers, sharding and memory
     seed: int  # runtime.seed: data order, sampling and initialisation
 
 

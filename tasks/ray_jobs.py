@@ -20,8 +20,9 @@ import torch
 
 import r1core
 from r1core import checkpoint as ckpt
+from r1core import parallel
 from r1core.config import RuntimeConfig
-from r1core.training import TrainContext, unwrap
+from r1core.training import TrainContext
 from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob, TrainJob
 
 # Ray Train routes worker logging to the driver; print() there is both logged and teed (twice).
@@ -63,8 +64,9 @@ def _init_ray(runtime: RuntimeConfig) -> None:
 
 
 class RayContext(TrainContext):
-    """A Ray Train worker: rank and device from Ray, DDP wrapping, metrics to MLflow (rank 0),
-    checkpoints reported to Ray Train and logged to MLflow."""
+    """A Ray Train worker: Ray's process group and device (DDP or FSDP2 wrapping is the base's,
+    `r1core.parallel`), metrics to MLflow (rank 0), checkpoints reported to Ray Train and logged
+    to MLflow."""
 
     def __init__(self, job: TrainJob):
         super().__init__(job.checkpoint_dir)
@@ -83,19 +85,6 @@ class RayContext(TrainContext):
 
             self.client = MlflowClient(job.tracking_uri)
         self.started = time.time()
-
-    def wrap(self, model):
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
-    def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self.world_size == 1:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([float(metrics[k]) for k in keys], device=self.device)
-        torch.distributed.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=False)}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         super().log(metrics, step)
@@ -163,12 +152,14 @@ def worker_setup(config: dict, job_type: type[TrainJob]):
 
 
 def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str) -> None:
-    """Rank 0 saves the trained model as an HF directory, atomically."""
+    """The trained model as a plain HF directory (loadable by transformers and vLLM), written
+    atomically by rank 0; a sharded model's weights are gathered first (every rank takes part)."""
+    weights = parallel.full_state_dict(model, everywhere=False)
     if ctx.rank != 0:
         return
 
     def save(d: Path):
-        unwrap(model).save_pretrained(d)
+        model.save_pretrained(d, state_dict=weights)
         tokenizer.save_pretrained(d)
 
     ckpt.write_atomically(Path(output_dir), save, meta={"stage": getattr(ctx, "stage", "")})
@@ -185,7 +176,7 @@ def pretrain_loop(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(job.prepared_dir)
     blocks = torch.load(Path(job.prepared_dir) / "blocks.pt")
     model = build_model(job.model, tokenizer, seed=job.seed)
-    pretrain(job.recipe, model, tokenizer, blocks, ctx, seed=job.seed)
+    pretrain(job.recipe, model, blocks, ctx, seed=job.seed)
     write_final_model(ctx, model, tokenizer, job.output_dir)
 
 
@@ -238,9 +229,9 @@ def reward_model_loop(config: dict) -> None:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
         return encode_pairs(tokenizer, job.reward_model, rows, job.recipe.seq_len)
 
-    reward_model_train(job.recipe, model, tokenizer, pairs(job.train_file), ctx, seed=job.seed)
+    reward_model_train(job.recipe, model, pairs(job.train_file), ctx, seed=job.seed)
     if ctx.rank == 0:
-        ctx.log({"eval/pairwise_accuracy": pairwise_accuracy(unwrap(model), pairs(job.heldout_file))}, 0)
+        ctx.log({"eval/pairwise_accuracy": pairwise_accuracy(model, pairs(job.heldout_file))}, 0)
     write_final_model(ctx, model, tokenizer, job.output_dir)
 
 
@@ -252,5 +243,5 @@ def sft_loop(config: dict) -> None:
     job, ctx = worker_setup(config, SFTJob)
     model, tokenizer = load_pretrained(job.init_model)
     packed = pack_examples(tokenizer, read_rows(job.train_file), job.recipe.seq_len)
-    sft_train(job.recipe, model, tokenizer, packed, ctx, seed=job.seed)
+    sft_train(job.recipe, model, packed, ctx, seed=job.seed)
     write_final_model(ctx, model, tokenizer, job.output_dir)

@@ -115,7 +115,7 @@ def test_sft_learns_the_readable_format(tokenizer, rows, tmp_path):
     packed = pack_examples(tokenizer, examples, seq_len=256)
     cfg = SFTConfig(epochs=8, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=1000)
     ctx = TrainContext(tmp_path)
-    sft_train(cfg.model_copy(update={"log_every": 2}), build_model(MICRO, tokenizer), tokenizer, packed, ctx, seed=0)
+    sft_train(cfg.model_copy(update={"log_every": 2}), build_model(MICRO, tokenizer), packed, ctx, seed=0)
     losses = [m["loss"] for _, m in ctx.history]
     assert len(ctx.history) and ctx.history[-1][0] == cfg.epochs * -(-len(packed["input_ids"]) // cfg.batch_size)
     assert losses[-1] < 0.6 * losses[0]

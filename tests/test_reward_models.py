@@ -73,8 +73,9 @@ def test_bradley_terry_loss_is_the_negative_log_sigmoid_of_the_margin(base_dir, 
     with torch.no_grad():
         chosen = model(input_ids=enc["chosen_input_ids"], attention_mask=enc["chosen_attention_mask"]).logits[:, 0]
         rejected = model(input_ids=enc["rejected_input_ids"], attention_mask=enc["rejected_attention_mask"]).logits[:, 0]
-        expected = -F.logsigmoid(chosen - rejected).mean()
-        assert torch.allclose(bradley_terry_loss(model, enc), expected, atol=1e-5)
+        expected = -F.logsigmoid(chosen - rejected).sum()
+        total, pairs_counted = bradley_terry_loss(model, enc)
+        assert torch.allclose(total, expected, atol=1e-5) and pairs_counted == 6
     assert pairwise_accuracy(model, enc) == pytest.approx(float((chosen > rejected).float().mean()))
     # a text longer than seq_len keeps its end, where the score is read
     assert (enc["chosen_attention_mask"].sum(1) <= 64).all()
@@ -94,7 +95,7 @@ def test_a_reward_model_learns_the_harm_in_the_reasoning(base_dir, rows, tmp_pat
     fit = encode_pairs(tok, "harmlessness", preference_pairs("harmlessness", cfg.train_pairs, languages, 0, train, UNSAFE), 128)
     held = encode_pairs(tok, "harmlessness", preference_pairs("harmlessness", 200, languages, 1, train, UNSAFE), 128)
     before = pairwise_accuracy(model, held)
-    reward_model_train(cfg, model, tok, fit, TrainContext(tmp_path / "ckpt"), seed=0)
+    reward_model_train(cfg, model, fit, TrainContext(tmp_path / "ckpt"), seed=0)
     after = pairwise_accuracy(model, held)
     assert after >= 0.9 and after > before + 0.2, (before, after)
 

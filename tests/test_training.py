@@ -43,7 +43,7 @@ def test_pretraining_lowers_the_loss(tokenizer, blocks, tmp_path):
     cfg = PretrainConfig(steps=60, batch_size=8, lr=1e-2, warmup_steps=5, checkpoint_every=100, seq_len=64,
                          log_every=5)
     ctx = TrainContext(tmp_path)
-    pretrain(cfg, build_model(MICRO, tokenizer), tokenizer, blocks, ctx, seed=0)
+    pretrain(cfg, build_model(MICRO, tokenizer), blocks, ctx, seed=0)
     losses = [m["loss"] for _, m in ctx.history]
     assert losses[-1] < 0.7 * losses[0]
     assert ckpt.latest_complete(tmp_path).name == "step_000060"
@@ -53,16 +53,16 @@ def test_pretraining_resumes_exactly_after_a_kill(tokenizer, blocks, tmp_path):
     cfg = PretrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=2, seq_len=64,
                          log_every=1)
     straight = build_model(MICRO, tokenizer, seed=1)
-    pretrain(cfg, straight, tokenizer, blocks, TrainContext(tmp_path / "a"), seed=0)
+    pretrain(cfg, straight, blocks, TrainContext(tmp_path / "a"), seed=0)
 
     killed = build_model(MICRO, tokenizer, seed=1)
     with pytest.raises(Killed):
-        pretrain(cfg, killed, tokenizer, blocks, KillAt(tmp_path / "b", at=5), seed=0)
+        pretrain(cfg, killed, blocks, KillAt(tmp_path / "b", at=5), seed=0)
     assert ckpt.latest_complete(tmp_path / "b").name == "step_000004"
     (tmp_path / "b" / "step_000006.tmp-999").mkdir()  # debris of a kill mid-write is ignored
     resumed = build_model(MICRO, tokenizer, seed=2)  # different init: everything must come from the checkpoint
     ctx = TrainContext(tmp_path / "b")
-    pretrain(cfg, resumed, tokenizer, blocks, ctx, seed=0)
+    pretrain(cfg, resumed, blocks, ctx, seed=0)
     assert [s for s, _ in ctx.history] == [5, 6]  # resumed at step 5, not from scratch
     for k, v in _weights(straight).items():
         torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)
