@@ -6,6 +6,7 @@
     r1 eval --model PATH_OR_MODELS_URI --data FILE [--k K] [--base-url URL --served-model NAME]
     r1 eval --model A --model B [--model C ...] --data FILE [--k K]   B - A, C - A on the same prompts
     r1 config [--config FILE] [--set key=value ...]
+    r1 plan [--config FILE] [--set key=value ...] [--json]   memory per stage and worker, before a run
     r1 serve [--config FILE] [--set key=value ...]      the Prefect deployments, served until stopped
     r1 ui [--prefect-port P] [--mlflow-port M] [--artifacts-destination DIR] [--stop]
 """
@@ -86,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("stages", help="the stage catalog: each stage, its kind, config section, starting model and "
                                   "registered name")
     _config_args(sub.add_parser("config", help="print the resolved configuration"))
+    plan = sub.add_parser("plan", help="per stage and worker: estimated memory (parameters, gradients, optimizer, "
+                                       "activations, logits, reference, generation) and tokens per step")
+    plan.add_argument("--json", action="store_true", help="the plans as JSON")
+    _config_args(plan)
     _config_args(sub.add_parser("serve", help="register the deployments (pipeline, every stage, scheduled "
                                               "retrain) with the Prefect API and run their flow runs"))
     ui = sub.add_parser("ui", help="Prefect server + MLflow server + `r1 serve` on 127.0.0.1 (Ctrl-C stops all)")
@@ -118,6 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1: {e}", file=sys.stderr)
         return 2
 
+    if args.command == "plan":
+        from flows.plan import plan_all
+        from r1core.memory_plan import plans_as_json, render
+
+        plans = plan_all(cfg)
+        print(plans_as_json(plans) if args.json else render(plans))
+        for p in plans:
+            if not p.fits():
+                print(f"r1 plan: {p.refusal()}", file=sys.stderr)
+        return 0 if all(p.fits() for p in plans) else 1
+    if args.command == "run":
+        from flows.plan import PlanError, check
+
+        try:  # before Prefect, Ray or any worker starts
+            check(cfg, None if args.what == "pipeline" else [args.name])
+        except PlanError as e:
+            print(f"r1: {e}", file=sys.stderr)
+            return 2
     if args.command == "config":
         import yaml
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.plan import check as check_memory_plan
 from flows.stage_flows import (
     cold_start_data_flow,
     cold_start_sft_flow,
@@ -53,6 +54,7 @@ from tasks.training_stages import StageResult, prepare_data
 def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResult]:
     """Run the R1 recipe end to end on one profile; returns each stage's result."""
     logger = get_run_logger()
+    check_memory_plan(config)  # a job that cannot fit fails here, before any stage runs
     parent = tracking.start_run(
         config.runtime, f"r1_pipeline/{config.resolved_run_name()}",
         params=config.model_dump(mode="json", exclude={"runtime"}),

@@ -519,6 +519,8 @@ class RolloutConfig(Strict):
     evaluated. An OpenAI-compatible server (vLLM) is used by pointing `r1 eval` at it."""
 
     batch_size: PositiveInt = Field(256, description="sequences per generate call (torch engine)")
+    max_prompt_tokens: PositiveInt = Field(256, description="the longest prompt `r1 plan` budgets for (GRPO "
+                                           "update and generation), in tokens")
 
 
 class RetrainConfig(Strict):

@@ -27,27 +27,32 @@ def _deepseek_v3_fields(moe) -> dict:
             "n_group": 1, "topk_group": 1, "num_mtp_layers": 0}
 
 
-def build_model(cfg, tokenizer, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised causal LM of the size given by a `ModelConfig`."""
+def hf_config(cfg, vocab_size: int, bos: int | None = None, eos: int | None = None, pad: int | None = None):
+    """The transformers config of a `ModelConfig` for a tokenizer of `vocab_size` tokens."""
     extra = _deepseek_v3_fields(cfg.moe) if cfg.architecture == "deepseek_v3" else {}
-    hf_config = ARCHITECTURES[cfg.architecture](
+    return ARCHITECTURES[cfg.architecture](
         **extra,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
         tie_word_embeddings=True,
     )
+
+
+def build_model(cfg, tokenizer, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised causal LM of the size given by a `ModelConfig`."""
+    config = hf_config(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     if cfg.architecture == "deepseek_v3":  # the eager expert loop is the fastest on CPU
-        return AutoModelForCausalLM.from_config(hf_config, experts_implementation="eager")
-    return AutoModelForCausalLM.from_config(hf_config)
+        return AutoModelForCausalLM.from_config(config, experts_implementation="eager")
+    return AutoModelForCausalLM.from_config(config)
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32):

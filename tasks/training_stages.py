@@ -166,6 +166,9 @@ def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, 
     if (cached := cache.load(StageResult)) is not None:
         logger.info("%s: complete model found at %s, not training again", stage, cached.model_dir)
         return cached
+    from flows.plan import check as check_memory_plan
+
+    check_memory_plan(cfg, stage=stage)  # before the run opens and any worker starts
     t0 = time.time()
     with stage_run(cfg, stage, parent_run_id, description) as run_id:
         common = {"stage": stage, "tracking_uri": tracking.tracking_uri(cfg.runtime), "run_id": run_id,
