@@ -43,8 +43,8 @@ from r1core.training import TrainContext, adamw, policy_update  # noqa: E402
 
 VOCAB = 32768
 PROMPT = 64
-CPU_MODEL = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=172,
-                        max_positions=2048, vocab_size=VOCAB)
+CPU_MODEL = ModelConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=344,
+                        max_positions=2048, vocab_size=VOCAB)  # 4.9M parameters, 4.2M of them the embeddings
 GPU_MODEL = ModelConfig(hidden_size=2048, num_layers=18, num_heads=16, num_kv_heads=8, intermediate_size=5632,
                         max_positions=8192, vocab_size=VOCAB)  # ~1.0B parameters
 H200_BF16_FLOPS = 989e12  # dense bf16 peak of one H200 (SXM)
@@ -106,7 +106,7 @@ def configure(case: dict, gpu: bool) -> GRPOConfig:
     compute = TrainComputeConfig(num_workers=case["workers"], strategy=case["strategy"],
                                  max_tokens_per_microbatch=case["micro"], logits_chunk_tokens=case["chunk"],
                                  use_gpu=gpu, bf16=gpu, gradient_checkpointing=case.get("checkpointing", False))
-    return GRPOConfig(prompts_per_step=case["completions"], group_size=1, beta=0.04, compute=compute)
+    return GRPOConfig(prompts_per_step=case["completions"] // 2, group_size=2, beta=0.04, compute=compute)
 
 
 def worker(rank: int, case: dict, out: str, gpu: bool) -> None:
@@ -185,14 +185,14 @@ def estimate(case: dict, gpu: bool) -> float:
 
 
 NAIVE = {"micro": None, "chunk": 0, "strategy": "ddp", "workers": 1}
-BUDGETED = {"micro": 4096, "chunk": 1024, "strategy": "ddp", "workers": 1}
+BUDGETED = {"micro": 4096, "chunk": 256, "strategy": "ddp", "workers": 1}
 CPU_CASES = (
     [{"sweep": "completions", "label": f"{name}", "completions": c, "length": 256, **knobs}
      for c in (16, 32, 64, 128) for name, knobs in (("naive", NAIVE), ("micro+chunk", BUDGETED))
      if not (name == "naive" and c == 128)]  # naive at 128 x 256: ~13 GiB of logits, past this machine
     + [{"sweep": "length", "label": name, "completions": 16, "length": n, **knobs}
        for n in (128, 512, 1024) for name, knobs in (("naive", NAIVE), ("micro+chunk", BUDGETED))]
-    + [{"sweep": "knobs", "label": "chunk only", "completions": 32, "length": 256, **{**NAIVE, "chunk": 1024}},
+    + [{"sweep": "knobs", "label": "chunk only", "completions": 32, "length": 256, **{**NAIVE, "chunk": 256}},
        {"sweep": "knobs", "label": "micro only", "completions": 32, "length": 256, **{**BUDGETED, "chunk": 0}}]
     + [{"sweep": "workers", "label": f"2 x {s}", "completions": 64, "length": 256, **{**BUDGETED, "strategy": s,
                                                                                     "workers": 2}}

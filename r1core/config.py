@@ -131,6 +131,9 @@ class ModelConfig(Strict):
         None, description="local HF causal-LM directory used as the base instead of pretraining"
     )
     moe: MoEConfig = Field(default_factory=MoEConfig, description="deepseek_v3 only")
+    prompt_format: Literal["r1_zero", "chat_template"] = Field(
+        "r1_zero", description="r1_zero: the paper's plain-text R1-Zero template; chat_template: the pretrained "
+        "model's own chat template (the R1 instructions as the system message; needs pretrained_path)")
 
     @field_validator("pretrained_path")
     @classmethod
@@ -138,6 +141,12 @@ class ModelConfig(Strict):
         if v is not None and not (Path(v) / "config.json").is_file():
             raise ValueError(f"no HF model directory (config.json) at '{v}'")
         return v
+
+    @model_validator(mode="after")
+    def _chat_template_needs_a_model(self) -> ModelConfig:
+        if self.prompt_format == "chat_template" and self.pretrained_path is None:
+            raise ValueError("prompt_format chat_template needs pretrained_path (a tokenizer with a chat template)")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:

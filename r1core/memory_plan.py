@@ -13,8 +13,8 @@ weight is read. Each term is what the training loop allocates (`r1core.training`
   worker's whole share of a step): per token and layer, the tensors a transformers decoder layer
   saves (`ACTIVATIONS_PER_TOKEN`); with gradient checkpointing, each layer's input plus one
   layer's worth;
-- logits: `logits_chunk_tokens` × vocabulary fp32 values, three copies live (logits, softmax,
-  their gradient); with chunking off, that for every scored token of the micro-batch;
+- logits: `logits_chunk_tokens` × vocabulary fp32 values, `LOGIT_COPIES` of them live; with
+  chunking off, that for every scored token of the micro-batch;
 - GRPO's frozen reference (sharded like the policy) and, for sampling, the KV cache of one
   generation batch (plus under FSDP the full copy the policy samples from).
 
@@ -33,7 +33,9 @@ GIB = 2**30
 # (hidden, key/value width, intermediate): two RMSNorms (input and normalised), q/k/v and their
 # rotary copies, attention output and o_proj input, gate, up, SiLU and their product (bench/memory.py)
 ACTIVATIONS_PER_TOKEN = {"hidden": 10, "kv": 4, "intermediate": 4}
-LOGIT_COPIES = 3  # logits, softmax (backward of logsumexp), gradient of the logits
+# logits, logsumexp's exponentials, the softmax and its product with the logits (entropy), the
+# logits' gradient in backward: five [chunk, vocab] fp32 tensors at the peak (bench/memory.py)
+LOGIT_COPIES = 5
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,24 @@ def r1_zero_prompt(question: str) -> str:
     return R1_ZERO_TEMPLATE.format(question=question)
 
 
+# With a model's own chat template (`model.prompt_format: chat_template`) the template's
+# instructions become the system message and the question the user's turn.
+R1_SYSTEM_PROMPT = R1_ZERO_TEMPLATE.split(" User:")[0].replace("A conversation between User and Assistant. ", "")
+
+
+def chat_prompts(rows: list[dict], tokenizer) -> list[dict]:
+    """`rows` with each prompt rendered by the tokenizer's own chat template: the R1 instructions as
+    the system message, the question (or, for rows of one's own without one, the prompt) as the user's
+    turn, and the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("model.prompt_format is chat_template but the tokenizer has no chat template")
+    for row in rows:
+        messages = [{"role": "system", "content": R1_SYSTEM_PROMPT},
+                    {"role": "user", "content": row.get("question") or row["prompt"]}]
+        row["prompt"] = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return rows
+
+
 def formatted_response(solution: str, answer: str) -> str:
     """A completion in the R1 format: reasoning in think, the final answer in answer."""
     return f" <think> {solution} </think> <answer> {answer} </answer>"

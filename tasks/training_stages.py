@@ -125,12 +125,20 @@ def prepare_data(cfg: PipelineConfig) -> DataPaths:
     """Train/held-out task rows: the user's files when configured, else synthetic by seed."""
     out = cfg.run_dir() / "data"
     train_file, heldout_file = out / "train.jsonl", out / "heldout.jsonl"
+    prepared = False
     if cfg.data.train_file and cfg.data.heldout_file:
         train, heldout = read_rows(cfg.data.train_file), read_rows(cfg.data.heldout_file)
     elif train_file.is_file() and heldout_file.is_file():
-        train, heldout = read_rows(train_file), read_rows(heldout_file)
+        train, heldout, prepared = read_rows(train_file), read_rows(heldout_file), True
     else:
         train, heldout = generate_split(cfg.data)
+    if cfg.model.prompt_format == "chat_template" and not prepared:  # prepared rows are rendered already
+        from transformers import AutoTokenizer
+
+        from r1core.problems import chat_prompts
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained_path, local_files_only=True)
+        train, heldout = chat_prompts(train, tokenizer), chat_prompts(heldout, tokenizer)
     overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
     if overlap:
         raise ValueError(f"data: {len(overlap)} held-out prompts also appear in train (e.g. {next(iter(overlap))!r})")
