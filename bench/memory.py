@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -170,7 +171,9 @@ def worker(rank: int, case: dict, out: str, gpu: bool) -> None:
 
 def run_case(case: dict, gpu: bool) -> dict:
     out = tempfile.mktemp(suffix=".json")
-    case = {**case, "port": 29600 + hash(json.dumps(case, sort_keys=True)) % 300}
+    with socket.socket() as s:  # a free port for this case's process group
+        s.bind(("127.0.0.1", 0))
+        case = {**case, "port": s.getsockname()[1]}
     mp.spawn(worker, args=(case, out, gpu), nprocs=case["workers"], join=True)
     return json.loads(Path(out).read_text())
 
@@ -185,14 +188,14 @@ def estimate(case: dict, gpu: bool) -> float:
 
 
 NAIVE = {"micro": None, "chunk": 0, "strategy": "ddp", "workers": 1}
-BUDGETED = {"micro": 4096, "chunk": 256, "strategy": "ddp", "workers": 1}
+BUDGETED = {"micro": 4096, "chunk": 128, "strategy": "ddp", "workers": 1}
 CPU_CASES = (
     [{"sweep": "completions", "label": f"{name}", "completions": c, "length": 256, **knobs}
      for c in (16, 32, 64, 128) for name, knobs in (("naive", NAIVE), ("micro+chunk", BUDGETED))
      if not (name == "naive" and c == 128)]  # naive at 128 x 256: ~13 GiB of logits, past this machine
     + [{"sweep": "length", "label": name, "completions": 16, "length": n, **knobs}
        for n in (128, 512, 1024) for name, knobs in (("naive", NAIVE), ("micro+chunk", BUDGETED))]
-    + [{"sweep": "knobs", "label": "chunk only", "completions": 32, "length": 256, **{**NAIVE, "chunk": 256}},
+    + [{"sweep": "knobs", "label": "chunk only", "completions": 32, "length": 256, **{**NAIVE, "chunk": 128}},
        {"sweep": "knobs", "label": "micro only", "completions": 32, "length": 256, **{**BUDGETED, "chunk": 0}}]
     + [{"sweep": "workers", "label": f"2 x {s}", "completions": 64, "length": 256, **{**BUDGETED, "strategy": s,
                                                                                     "workers": 2}}

@@ -185,8 +185,9 @@ def pairwise_accuracy(model, encoded: dict[str, torch.Tensor], batch_size: int =
     model.eval()
     wins = 0
     n = len(encoded["chosen_input_ids"])
+    device = next(model.parameters()).device
     for i in range(0, n, batch_size):
-        b = {k: v[i : i + batch_size] for k, v in encoded.items()}
+        b = {k: v[i : i + batch_size].to(device) for k, v in encoded.items()}
         chosen = rewards_of(model, b["chosen_input_ids"], b["chosen_attention_mask"])
         rejected = rewards_of(model, b["rejected_input_ids"], b["rejected_attention_mask"])
         wins += int((chosen > rejected).sum())

@@ -343,6 +343,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
                              compute, trainable=False)
     else:
         reference = None
+    model.train()  # a loaded model starts in eval mode; activation checkpointing acts in training mode only
     engine = TorchEngine(sampler, tokenizer, batch_size)
     optimizer = adamw(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

@@ -230,8 +230,8 @@ def reward_model_loop(config: dict) -> None:
         return encode_pairs(tokenizer, job.reward_model, rows, job.recipe.seq_len)
 
     reward_model_train(job.recipe, model, pairs(job.train_file), ctx, seed=job.seed)
-    if ctx.rank == 0:
-        ctx.log({"eval/pairwise_accuracy": pairwise_accuracy(model, pairs(job.heldout_file))}, 0)
+    # every worker scores the held-out pairs (under FSDP each forward gathers shards collectively)
+    ctx.log({"eval/pairwise_accuracy": pairwise_accuracy(model, pairs(job.heldout_file))}, 0)
     write_final_model(ctx, model, tokenizer, job.output_dir)
 
 

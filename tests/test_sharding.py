@@ -368,3 +368,61 @@ def test_a_sharded_checkpoint_resumes_on_two_and_on_one_worker(strategy_runs):
     assert len(list((d / "w2-fsdp" / "sft" / "step_000002").glob("*.distcp"))) == 2  # one shard per worker
     assert two["resume_fsdp"] == pytest.approx(two["fsdp"]["sft"][2:], rel=1e-4)
     assert one["resume_fsdp"] == pytest.approx(two["fsdp"]["sft"][2:], rel=1e-4)
+
+
+def test_activation_checkpointing_keeps_the_gradients_and_frees_the_activations(tokenizer, rows):
+    """`gradient_checkpointing: true`: the same gradients; fewer tensors kept for backward."""
+    from r1core import parallel
+
+    ex = [{"prompt": r["prompt"], "completion": f" <answer>{r['answer']}</answer>"} for r in rows[0][:4]]
+    packed = pack_examples(tokenizer, ex, 192)
+    grads, saved = {}, {}
+    for checkpointing in (False, True):
+        compute = TrainComputeConfig(gradient_checkpointing=checkpointing)
+        model = parallel.wrap(TokenScorer(build_model(MICRO, tokenizer, seed=0), 64), compute, torch.device("cpu"))
+        model.train()
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=sizes: s.append(t.numel()) or t, lambda t: t):
+            total, n = causal_lm_loss(model, packed)
+        (total / n).backward()
+        grads[checkpointing], saved[checkpointing] = _grads(model), sum(sizes)
+    for k, g in grads[False].items():
+        torch.testing.assert_close(grads[True][k], g, **TOL, msg=k)
+    assert saved[True] < 0.5 * saved[False]
+
+
+@pytest.mark.slow
+def test_a_reward_model_trains_sharded_through_its_ray_train_loop(tokenizer, tmp_path):
+    """The production path under FSDP on 2 workers (`RayContext`, the stage's worker loop): metrics
+    reach the stage's MLflow run, every worker scores the held-out pairs (each forward gathers
+    shards), and the model written is a plain HF sequence classifier."""
+    from mlflow import MlflowClient
+    from transformers import AutoModelForSequenceClassification
+
+    from r1core.config import RewardModelConfig, RuntimeConfig
+    from tasks import ray_jobs
+    from tasks.jobs import RewardModelJob
+
+    base = tmp_path / "base"
+    build_model(MICRO, tokenizer, seed=0).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    for name, n, seed in (("train", 24, 1), ("heldout", 8, 2)):
+        pairs = preference_pairs("helpfulness", n, ["en"], seed=seed)
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("sharded")).info.run_id
+    compute = TrainComputeConfig(num_workers=2, cpus_per_worker=1, strategy="fsdp", max_tokens_per_microbatch=400)
+    job = RewardModelJob(stage="reward_models/helpfulness", tracking_uri=uri, run_id=run_id,
+                         checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "model"), compute=compute,
+                         seed=0, recipe=RewardModelConfig(batch_size=8, seq_len=96, log_every=1, checkpoint_every=2,
+                                                          compute=compute),
+                         init_model=str(base), train_file=str(tmp_path / "train.jsonl"), reward_model="helpfulness",
+                         heldout_file=str(tmp_path / "heldout.jsonl"))
+    ray_jobs.fit(ray_jobs.reward_model_loop, job, RuntimeConfig(workdir=str(tmp_path), num_cpus=2), run_name="rm-fsdp")
+    losses = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3]
+    assert 0.0 <= client.get_metric_history(run_id, "eval/pairwise_accuracy")[0].value <= 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert model.score.weight.shape == (1, MICRO.hidden_size)
+    assert len(list((tmp_path / "ckpt" / "step_000002").glob("*.distcp"))) == 2
