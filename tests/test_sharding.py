@@ -279,6 +279,28 @@ def _resume_sft(d: Path, strategy: str, ckpt_dir: Path) -> list[float]:
     return [m["loss"] for _, m in ctx.history]
 
 
+def _ddp_reductions(d: Path, tok) -> dict[int, int]:
+    """How often DDP all-reduces gradient buckets in one step of 1 and of 3 micro-batches."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    packed = pack_examples(tok, json.loads((d / "sft.json").read_text())[:6], 192)
+    counts = {}
+    for n in (1, 3):
+        model = DistributedDataParallel(TokenScorer(build_model(MICRO, tok, seed=0), 64))
+        calls = []
+
+        def count(state, bucket, calls=calls):
+            calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, count)
+        rows = torch.arange(len(packed["input_ids"])).chunk(n)
+        accumulate(model, [{k: v[r] for k, v in packed.items()} for r in rows], causal_lm_loss, TrainContext(d))
+        counts[n] = len(calls)
+    return counts
+
+
 def _two_worker_loop(config: dict) -> None:
     import torch.distributed as dist
 
@@ -293,6 +315,7 @@ def _two_worker_loop(config: dict) -> None:
     grpo_train(_configs("fsdp", 300)[1], build_model(MICRO, tok, seed=0), build_model(MICRO, tok, seed=0), tok,
                json.loads((d / "rows.json").read_text()), ctx, seed=0, batch_size=64)
     results["grpo_stage_steps"] = [s for s, _ in ctx.history]
+    results["ddp_reductions"] = _ddp_reductions(d, tok)
     # resume on 2 workers from the FSDP run's step-2 checkpoint
     resume_dir = d / "w2-resume"
     if dist.get_rank() == 0:
@@ -361,6 +384,12 @@ def test_the_final_model_is_a_plain_hf_directory_with_the_same_weights(strategy_
 
 
 @pytest.mark.slow
+def test_gradients_are_reduced_once_per_step_not_per_micro_batch(strategy_runs):
+    _, _, two = strategy_runs
+    assert two["ddp_reductions"]["3"] == two["ddp_reductions"]["1"] >= 1  # 3 micro-batches, one reduction
+
+
+@pytest.mark.slow
 def test_a_sharded_checkpoint_resumes_on_two_and_on_one_worker(strategy_runs):
     """Written by 2 FSDP workers at step 2; resumed on 2 (FSDP) and on 1 worker: steps 3-4's losses
     equal the uninterrupted run's within 1e-4 relative."""
@@ -411,7 +440,7 @@ def test_a_reward_model_trains_sharded_through_its_ray_train_loop(tokenizer, tmp
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("sharded")).info.run_id
+    run_id = client.create_run(client.create_experiment("sharded", artifact_location=(tmp_path / "art").as_uri())).info.run_id
     compute = TrainComputeConfig(num_workers=2, cpus_per_worker=1, strategy="fsdp", max_tokens_per_microbatch=400)
     job = RewardModelJob(stage="reward_models/helpfulness", tracking_uri=uri, run_id=run_id,
                          checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "model"), compute=compute,
@@ -426,3 +455,32 @@ def test_a_reward_model_trains_sharded_through_its_ray_train_loop(tokenizer, tmp
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
     assert model.score.weight.shape == (1, MICRO.hidden_size)
     assert len(list((tmp_path / "ckpt" / "step_000002").glob("*.distcp"))) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: FSDP2's bf16 mixed precision (fp32 "
+                    "master weights and reductions) runs on GPU only; `python bench/memory.py --gpu` measures it")
+def test_fsdp_on_gpu_computes_in_bf16_and_keeps_fp32_master_weights(tokenizer):
+    import socket
+
+    import torch.distributed as dist
+
+    from r1core import parallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        compute = TrainComputeConfig(use_gpu=True, bf16=True, strategy="fsdp", logits_chunk_tokens=16)
+        model = parallel.wrap(TokenScorer(build_model(MICRO, tokenizer, seed=0), 16), compute, torch.device("cuda"))
+        prompts, completions = _rollouts(n=4)
+        mb = collate_rollouts(prompts, completions, 0, packed=False).to("cuda")
+        seen = []
+        handle = model.lm.get_decoder().layers[0].register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
+        logp, _ = mb.scored(model)
+        (-logp.sum()).backward()
+        handle.remove()
+        assert seen == [torch.bfloat16] and logp.dtype == torch.float32
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
