@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl clean
+.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,11 @@ bench-rewards: setup
 # GRPO after SFT: accuracy on the problems it trains on vs unseen ones (needs a `make demo` run)
 bench-rl: setup
 	$(BIN)/python bench/rl_generalisation.py $(ARGS)
+
+# peak memory per worker of one GRPO update: micro-batches, chunked log-probs, DDP vs FSDP, vs `r1 plan`
+# (`ARGS=--gpu` on a GPU machine: a ~1B model in bf16, with MFU)
+bench-memory: setup
+	$(BIN)/python bench/memory.py $(ARGS)
 
 clean:
 	rm -rf $(WORKDIR)
