@@ -85,10 +85,6 @@ class TokenBatch:
                                self.targets, with_entropy)
         return self.unflatten(logp), (self.unflatten(entropy) if with_entropy else None)
 
-    @property
-    def is_empty(self) -> bool:
-        return self.num_seqs == 0
-
 
 def collate_rollouts(prompts: list[list[int]], completions: list[list[int]], pad_id: int, *,
                      packed: bool) -> TokenBatch:

@@ -431,17 +431,16 @@ def policy_update(cfg, model, reference, optimizer, seqs: list[tuple[list[int], 
     compute = cfg.compute
     groups = split_by_tokens([len(p) + len(c) for p, c, _ in seqs], compute.max_tokens_per_microbatch,
                              packed=compute.pack_rollouts)
-    micro = []
+    micro = []  # (batch, advantages, log π_ref, log π_θold) per micro-batch
     for g in pad_groups(groups, int(ctx.max(len(groups)))):
         mb = collate_rollouts([seqs[i][0] for i in g], [seqs[i][1] for i in g], pad_id,
                               packed=compute.pack_rollouts).to(ctx.device)
-        micro.append([mb, torch.tensor([seqs[i][2] for i in g], device=ctx.device), None, None])
-    with torch.no_grad(), ctx.autocast():
-        for m in micro:
-            m[2] = m[0].scored(reference)[0] if reference is not None else None
+        with torch.no_grad(), ctx.autocast():
+            ref_logp = mb.scored(reference)[0] if reference is not None else None
             # π_θold: the policy that sampled, i.e. the weights before this step's first pass; with
             # a single pass it equals π_θ there, so ρ = 1 and the clip cannot act (r1core.grpo)
-            m[3] = m[0].scored(model)[0] if cfg.inner_epochs > 1 else None
+            old_logp = mb.scored(model)[0] if cfg.inner_epochs > 1 else None
+        micro.append((mb, torch.tensor([seqs[i][2] for i in g], device=ctx.device), ref_logp, old_logp))
     clip_fractions = []  # of the passes after the first, where ρ can leave 1
     for inner in range(cfg.inner_epochs):
         stats = []  # per micro-batch: (policy-loss sum, KL sum, clipped tokens, entropy sum, tokens)
