@@ -40,7 +40,7 @@ from r1core.config import GRPOConfig, ModelConfig, TrainComputeConfig  # noqa: E
 from r1core.logprobs import TokenScorer  # noqa: E402
 from r1core.memory_plan import GIB, Architecture, Workload, plan  # noqa: E402
 from r1core.modeling import hf_config  # noqa: E402
-from r1core.training import TrainContext, adamw, policy_update  # noqa: E402
+from r1core.training import TrainContext, TrainSequence, adamw, policy_update  # noqa: E402
 
 VOCAB = 32768
 PROMPT = 64
@@ -96,9 +96,9 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def rollouts(n: int, length: int, seed: int) -> list[tuple[list[int], list[int], float]]:
+def rollouts(n: int, length: int, seed: int) -> list[TrainSequence]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(3, VOCAB, (PROMPT,), generator=g).tolist(),
+    return [TrainSequence(torch.randint(3, VOCAB, (PROMPT,), generator=g).tolist(),
              torch.randint(3, VOCAB, (length,), generator=g).tolist(),
              float(torch.randn(1, generator=g))) for _ in range(n)]
 

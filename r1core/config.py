@@ -275,6 +275,74 @@ class PretrainConfig(LMTrainConfig):
         return self
 
 
+class RolloutOverrides(Strict):
+    """A GRPO stage's own choice of rollout backend and staleness (unset fields: the pipeline's `rollout`)."""
+
+    backend: Literal["in_process", "workers"] | None = Field(None, description="this stage's rollout "
+                                                                     "backend (default: rollout.backend)")
+    max_staleness: NonNegativeInt | None = Field(None, description="this stage's staleness bound (default: "
+                                                 "rollout.max_staleness)")
+    sync_every: PositiveInt | None = Field(None, description="this stage's optimizer steps between weight "
+                                           "syncs (default: rollout.sync_every)")
+
+
+class RolloutConfig(Strict):
+    """How GRPO stages generate rollouts. `in_process`: the trainer's workers sample from the policy
+    they train, between updates. `workers`: a pool of Ray actors hold a copy of the policy and sample
+    with the torch engine; the trainer publishes its weights to them after each step (versioned,
+    chunked, through Ray's object store). With `max_staleness` k >= 1 (workers) generation for step t+1 runs while step t trains,
+    and the update corrects for the behaviour policy by truncated importance sampling."""
+
+    backend: Literal["in_process", "workers"] = Field(
+        "in_process", description="in_process (sample in the trainer) or workers (Ray actors with the torch "
+        "engine)")
+    max_staleness: NonNegativeInt = Field(0, description="k: a step may train on rollouts sampled up to k "
+                                          "weight versions ago (0: synchronous, on-policy GRPO)")
+    sync_every: PositiveInt = Field(1, description="optimizer steps between weight syncs to the rollout "
+                                    "engines (needs max_staleness >= sync_every - 1)")
+    num_workers: PositiveInt = Field(1, description="rollout workers (backend: workers)")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs each rollout worker reserves (torch threads: "
+                                           "at least 1)")
+    use_gpu: bool = Field(False, description="one GPU per rollout worker")
+    tis_cap: PositiveFloat = Field(2.0, description="truncated importance sampling: the per-token weight "
+                                   "pi_trainer / pi_behaviour is capped at this (workers)")
+    mismatch_warn_kl: PositiveFloat = Field(0.01, description="a step whose KL(behaviour || trainer) on "
+                                            "its sampled tokens exceeds this is a warning (log and artifact)")
+    mismatch_fail: bool = Field(False, description="stop the stage, naming the step, when the mismatch "
+                                "exceeds mismatch_warn_kl")
+    generate_timeout_s: PositiveFloat = Field(600.0, description="deadline of one generation call on a "
+                                              "rollout worker")
+    sync_timeout_s: PositiveFloat = Field(300.0, description="deadline of one weight sync on a rollout worker")
+    start_timeout_s: PositiveFloat = Field(300.0, description="deadline for a rollout worker to start and "
+                                           "answer its health check")
+    max_restarts: NonNegativeInt = Field(2, description="rollout workers replaced (after a timeout or a "
+                                         "crash) before the stage fails")
+    chunk_mb: PositiveInt = Field(256, description="weights are published in chunks of about this many MiB")
+    batch_size: PositiveInt = Field(256, description="sequences per generate call (torch engine)")
+    max_prompt_tokens: PositiveInt = Field(256, description="the longest prompt `r1 plan` budgets for (GRPO "
+                                           "update and generation), in tokens")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RolloutConfig:
+        check_rollout(self)
+        return self
+
+    def for_stage(self, overrides: RolloutOverrides | None) -> RolloutConfig:
+        """This section with a stage's overrides applied (validated again)."""
+        if overrides is None:
+            return self
+        return RolloutConfig.model_validate({**self.model_dump(), **overrides.model_dump(exclude_none=True)})
+
+
+def check_rollout(cfg: RolloutConfig) -> None:
+    if cfg.backend == "in_process" and cfg.max_staleness:
+        raise ValueError("backend in_process samples from the policy it trains: max_staleness must be 0 "
+                         "(use workers for k >= 1)")
+    if cfg.max_staleness < cfg.sync_every - 1:
+        raise ValueError(f"sync_every {cfg.sync_every} leaves rollouts {cfg.sync_every - 1} versions old: "
+                         f"max_staleness must be at least that (is {cfg.max_staleness})")
+
+
 class SamplingConfig(Strict):
     temperature: NonNegativeFloat = Field(1.0, description="softmax temperature (0: greedy)")
     top_p: PositiveFloat = Field(1.0, le=1, description="nucleus sampling: keep the smallest set of tokens with this much probability")
@@ -314,6 +382,8 @@ class GRPOConfig(OptimizerConfig):
     checkpoint_every: PositiveInt = Field(10, description="steps between checkpoints (a re-run resumes from the latest)")
     compute: TrainComputeConfig = Field(default_factory=TrainComputeConfig,
                                         description="Ray Train workers, sharding and memory")
+    rollout: RolloutOverrides | None = Field(None, description="this stage's rollout backend and staleness "
+                                             "(default: the pipeline's rollout section)")
 
 
 class ReasoningRLConfig(GRPOConfig):
@@ -521,15 +591,6 @@ class EvalConfig(Strict):
     num_prompts: PositiveInt = Field(200, description="held-out prompts evaluated (first N)")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64), description="how evaluation samples are drawn")
-
-
-class RolloutConfig(Strict):
-    """In-pipeline rollouts use the in-process torch engine on the checkpoint being trained or
-    evaluated. An OpenAI-compatible server (vLLM) is used by pointing `r1 eval` at it."""
-
-    batch_size: PositiveInt = Field(256, description="sequences per generate call (torch engine)")
-    max_prompt_tokens: PositiveInt = Field(256, description="the longest prompt `r1 plan` budgets for (GRPO "
-                                           "update and generation), in tokens")
 
 
 class RetrainConfig(Strict):

@@ -29,6 +29,8 @@ class Rollout:
     text: str
     completion_ids: list[int]
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    logprobs: list[float] | None = None  # the sampler's log-probs of completion_ids (remote engines)
+    version: int | None = None  # the weight version that sampled it (GRPO's rollout sources)
 
 
 @dataclass

@@ -18,12 +18,23 @@ of the batch weighs the same (DAPO); "sequence" is the paper's 1/|o_i| per-outpu
 and the objective is the plain policy gradient A_i ∇log π_θ (plus the KL term); the clip range
 matters from the second pass on (`inner_epochs > 1`), and `clip_fraction` is measured there.
 
+Rollouts from another engine or an older policy (`rollout.backend: workers | vllm`,
+`max_staleness` k >= 1) were sampled by a behaviour policy μ, not by π_θold: its log-probs come
+with the rollout. The update then weighs each token by the truncated importance weight (TIS)
+
+    w_t = min( π_θold(o_t) / μ(o_t), C )                            (detached; C = rollout.tis_cap)
+
+so the surrogate's expectation is over π_θold again, with bounded variance. μ vs π_θold on the
+same tokens is also the mismatch a training run must watch: mean |Δ log p| and the k3 estimate of
+KL(μ || π_θold), which under staleness includes the policy's lag.
+
 The settings (ε, β, estimator, aggregation) are keyword arguments without defaults: the only
 defaults are the config's (`r1core.config.GRPOConfig`). The log-probs come from
 `r1core.logprobs` (chunked, never the [B, T, V] tensor) on batches laid out by `r1core.batching`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +72,13 @@ class GRPOLoss:
     kl_sum: float
     clipped_tokens: float
     tokens: float
+    # behaviour policy μ vs π_θold on the same tokens (0 without behaviour log-probs)
+    is_weight_sum: float = 0.0  # Σ w_t
+    is_weight_max: float = 0.0
+    is_truncated_tokens: float = 0.0  # tokens whose weight was capped
+    logp_abs_diff_sum: float = 0.0  # Σ |log π_θold - log μ|
+    mismatch_kl_sum: float = 0.0  # Σ k3 estimate of KL(μ || π_θold)
+    entropy_sum: float = 0.0  # Σ policy entropy over the tokens (filled in by the caller, a diagnostic)
 
     @property
     def loss(self) -> torch.Tensor:
@@ -92,6 +110,8 @@ def grpo_loss(
     beta: float,  # β
     kl_estimator: str,  # "k1" or "k3"
     aggregation: str,  # "token" or "sequence"
+    behaviour_logp: torch.Tensor | None = None,  # [B, T] log μ of the engine that sampled, if not π_θold
+    tis_cap: float | None = None,  # C (needed with behaviour_logp)
 ) -> GRPOLoss:
     """The negated objective as a sum and what it sums: a step split into micro-batches (and
     workers) divides the sum of its parts by the sum of their counts, which is the one-batch
@@ -102,6 +122,10 @@ def grpo_loss(
     unclipped = ratio * A
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * A
     per_token = -torch.min(unclipped, clipped)  # pessimistic bound: gradient ascent on J
+    if behaviour_logp is not None:
+        log_w = (old_logp - behaviour_logp).detach()
+        weight = torch.exp(log_w).clamp(max=tis_cap)
+        per_token = weight * per_token
     kl = torch.zeros_like(logp) if ref_logp is None else kl_to_reference(logp, ref_logp, kl_estimator)
     if beta:
         per_token = per_token + beta * kl
@@ -117,4 +141,9 @@ def grpo_loss(
         was_clipped = (unclipped != clipped).to(mask.dtype)
         stats = ((-torch.min(unclipped, clipped) * mask).sum(), (kl * mask).sum(), (was_clipped * mask).sum(),
                  mask.sum())
+        if behaviour_logp is not None:
+            on = mask > 0
+            stats += ((weight * mask).sum(), weight[on].max() if on.any() else weight.new_zeros(()),
+                      ((log_w > math.log(tis_cap)) & on).sum(), (log_w.abs() * mask).sum(),
+                      ((torch.exp(log_w) - log_w - 1) * mask).sum())
     return GRPOLoss(total, count, *(float(s) for s in stats))

@@ -91,6 +91,15 @@ def full_state_dict(module: torch.nn.Module, *, everywhere: bool) -> dict[str, t
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
 
 
+def full_tensors(module: torch.nn.Module):
+    """(name, full tensor) of `module`'s weights one at a time, so that at most one unsharded
+    parameter exists at once (a collective under FSDP: every worker iterates all of it)."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in module.state_dict().items():
+        yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+
+
 def local_bytes(tensors) -> int:
     """Bytes this worker stores for `tensors` (a sharded tensor counts its local shard)."""
     from torch.distributed.tensor import DTensor

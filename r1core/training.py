@@ -9,23 +9,36 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
+import logging
 import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from r1core import checkpoint as ckpt
 from r1core import code_rewards, parallel
-from r1core.batching import collate_rollouts, pad_groups, split_by_tokens
+from r1core.batching import TokenBatch, collate_rollouts, pad_groups, split_by_tokens
+from r1core.config import RolloutConfig
 from r1core.engine import Sampling, TorchEngine
-from r1core.grpo import group_advantages, grpo_loss
+from r1core.grpo import GRPOLoss, group_advantages, grpo_loss
 from r1core.logprobs import TokenScorer, next_token_targets
 from r1core.problems import GENERATORS
 from r1core.rewards import format_reward, mixes_languages, score, unscored_counts
+from r1core.rollout_sources import (
+    InProcessRollouts,
+    RolloutSource,
+    StepRollouts,
+    check_staleness,
+    submittable_steps,
+)
+
+log = logging.getLogger("r1.train")
 
 
 class TrainContext:
@@ -324,19 +337,40 @@ def lm_train(cfg, steps: int, model, data: dict[str, torch.Tensor], batch_indice
 
 
 # --------------------------------------------------------------------------- GRPO (R1-Zero)
+@dataclass
+class TrainSequence:
+    """One rollout as the update trains on it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+    behaviour_logp: list[float] | None = None  # the sampling engine's log-probs (remote sources)
+
+
 def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainContext, *,
-               seed: int, batch_size: int, reward_fn=None, sample_rows=None) -> dict:
+               seed: int, batch_size: int, rollout: RolloutConfig | None = None,
+               source: RolloutSource | None = None, reward_fn=None, sample_rows=None) -> dict:
     """GRPO (`cfg` is a `GRPOConfig`). Rewards: the rule rewards of `cfg.rewards`, unless
     `reward_fn(completions, rows) -> (total, per_reward)` is given (general RL routes rows to
     rules or reward models); each step's prompts are `cfg.prompts_per_step` rows drawn
-    uniformly, unless `sample_rows(rng, n) -> indices` says otherwise (a mix of prompt kinds)."""
+    uniformly, unless `sample_rows(rng, n) -> indices` says otherwise (a mix of prompt kinds).
+
+    Rollouts come from `rollout.backend` (default in_process: sampled here, from the policy being
+    trained); a remote backend's `source` is given on rank 0 (`tasks.rollout_workers`), which
+    shares each step's rollouts with the other ranks, and is told of every new weight version
+    (`r1core.rollout_sources`: the staleness rule)."""
+    rollout = rollout or RolloutConfig()
+    remote = rollout.backend != "in_process"
+    k = rollout.max_staleness
+    if remote and ctx.rank == 0 and source is None:
+        raise ValueError(f"rollout backend {rollout.backend}: no rollout source was given")
     reward_fn = reward_fn or (lambda texts, batch_rows: score(texts, batch_rows, cfg.rewards))
     sample_rows = sample_rows or (lambda rng, n: rng.sample(range(len(rows)), n))
     compute = cfg.compute
     sharded = compute.strategy == "fsdp" and parallel.is_distributed()
     # a sharded policy cannot generate (each decode step would gather parameters collectively,
-    # and workers decode different lengths): it samples from a full copy, refreshed every step
-    sampler = copy.deepcopy(policy).to(ctx.device) if sharded else policy
+    # and workers decode different lengths): in process, it samples from a full copy, refreshed every step
+    sampler = copy.deepcopy(policy).to(ctx.device) if sharded and not remote else policy
     model = ctx.wrap(TokenScorer(policy, compute.logits_chunk_tokens), compute)
     if cfg.beta > 0:
         reference = ctx.wrap(TokenScorer(reference.eval().requires_grad_(False), compute.logits_chunk_tokens),
@@ -344,24 +378,50 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
     else:
         reference = None
     model.train()  # a loaded model starts in eval mode; activation checkpointing acts in training mode only
-    engine = TorchEngine(sampler, tokenizer, batch_size)
+    if not remote:
+        source = InProcessRollouts(TorchEngine(sampler, tokenizer, batch_size))
     optimizer = adamw(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     start = resume(ctx, model, optimizer, scheduler)
     G = cfg.group_size
     problem_types = sorted({r["task"] for r in rows if r["task"] in GENERATORS})  # the same keys on every rank
+    drives = ctx.rank == 0 or not remote  # this rank talks to the rollout source
+
+    def prompts_of(step: int) -> list[dict]:
+        picked = sample_rows(random.Random(seed * 1_000_003 + step), cfg.prompts_per_step)
+        return [rows[i] for i in (picked if remote else picked[ctx.rank :: ctx.world_size])]
+
+    def publish(version: int) -> float:
+        if not remote:
+            return 0.0
+        if ctx.rank == 0:
+            return source.publish(version, parallel.full_tensors(policy))
+        if sharded:  # gathering a sharded weight is collective: every rank takes part
+            for _ in parallel.full_tensors(policy):
+                pass
+        return 0.0
+
+    sync_s = publish(start)  # a resumed run's engines start from the checkpoint's weights
+    published, next_step = start, start
     metrics: dict = {}
     ctx.begin(start, cfg.steps)
     for step in range(start, cfg.steps):
-        # 1. sample a group of G outputs for each question from the current (old) policy
-        if sharded:
+        # 1. sample a group of G outputs for each question from the old policy (π_θold, or a
+        #    behaviour policy at most k versions older), submitting every step the bound allows
+        if sharded and not remote:
             sampler.load_state_dict(parallel.full_state_dict(policy, everywhere=True))
-        picked = sample_rows(random.Random(seed * 1_000_003 + step), cfg.prompts_per_step)
-        batch = [rows[i] for i in picked[ctx.rank :: ctx.world_size]]
-        t0 = time.perf_counter()
-        rollouts = engine.generate([r["prompt"] for r in batch], G,
-                                   Sampling.from_config(cfg.sampling, seed=seed * 7919 + step * 101 + ctx.rank))
-        gen_s = time.perf_counter() - t0
+        if drives:
+            for s in submittable_steps(published, k, next_step, cfg.steps):
+                seed_s = seed * 7919 + s * 101 + (0 if remote else ctx.rank)
+                source.submit(s, [r["prompt"] for r in prompts_of(s)], G, Sampling.from_config(cfg.sampling, seed=seed_s))
+                next_step = s + 1
+        got = source.collect(step) if drives else None
+        batch = prompts_of(step)
+        if remote:
+            got = _share_rollouts(got, ctx)
+            check_staleness(step, got.rollouts, k)
+            batch = batch[ctx.rank :: ctx.world_size]
+        rollouts = got.rollouts
 
         # 2. rewards and group-relative advantages
         texts = [r.text for r in rollouts]
@@ -382,12 +442,13 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
         # 3. policy update on the sampled tokens
         t1 = time.perf_counter()
         prompt_ids = tokenizer([r["prompt"] for r in batch], add_special_tokens=False)["input_ids"]
-        seqs = [(prompt_ids[rollouts[j].prompt_index], rollouts[j].completion_ids, float(advantages[j]))
-                for j in kept]
-        update = policy_update(cfg, model, reference, optimizer, seqs, tokenizer.pad_token_id, ctx)
+        seqs = [TrainSequence(prompt_ids[rollouts[j].prompt_index], rollouts[j].completion_ids,
+                              float(advantages[j]), rollouts[j].logprobs if remote else None) for j in kept]
+        update = policy_update(cfg, model, reference, optimizer, seqs, tokenizer.pad_token_id, ctx,
+                               tis_cap=rollout.tis_cap)
         scheduler.step()
         train_s = time.perf_counter() - t1
-        trained_tokens = sum(len(p) + len(c) for p, c, _ in seqs)
+        trained_tokens = sum(len(q.prompt_ids) + len(q.completion_ids) for q in seqs)
 
         # 4. what the paper plots: reward, accuracy and response length per step
         n_tokens = float(sum(len(r.completion_ids) for r in rollouts))
@@ -412,60 +473,139 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             **{f"sandbox/{status}": float(n) for status, n in code_rewards.sandbox_counts(all_statuses=True).items()},
             # reward scores that were None so far, by reason (reference, timeout, error, sandbox)
             **{f"reward_none/{reason}": float(n) for reason, n in unscored_counts().items()},
-            "gen_tokens_per_s": n_tokens / gen_s,
+            "gen_tokens_per_s": n_tokens / max(got.gen_s, 1e-9),
             "train_tokens_per_s": trained_tokens * cfg.inner_epochs / train_s,
+            "time/gen_s": got.gen_s,
+            "time/train_s": train_s,
         }
+        if remote:
+            metrics.update({"rollout/staleness": _mean(step - r.version for r in rollouts),
+                            "rollout/max_staleness": float(max(step - r.version for r in rollouts)),
+                            "rollout/restarts": float(got.restarts),
+                            "time/sync_s": sync_s + got.sync_s, **got.extra})
         metrics = ctx.all_reduce_mean(metrics)
+        if remote:
+            _check_mismatch(rollout, metrics, step + 1)
         ctx.log(metrics, step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(ctx, model, optimizer, scheduler, step + 1, metrics)
+        sync_s = 0.0
+        if (step + 1) % rollout.sync_every == 0 and step + 1 < cfg.steps:
+            sync_s = publish(step + 1)
+            published = step + 1
     return metrics
 
 
-def policy_update(cfg, model, reference, optimizer, seqs: list[tuple[list[int], list[int], float]], pad_id: int,
-                  ctx: TrainContext) -> dict[str, float]:
-    """GRPO's update on this worker's rollouts `seqs` (prompt ids, completion ids, advantage):
-    `cfg.inner_epochs` optimizer steps, each over micro-batches of at most
-    `compute.max_tokens_per_microbatch` tokens (as many on every worker), normalised over the
-    whole step (`accumulate`). Returns the step's loss and diagnostics, the same on every worker."""
+def _share_rollouts(got: StepRollouts | None, ctx: TrainContext) -> StepRollouts:
+    """Rank 0's rollouts of the whole step, as this rank's share: the rollouts of prompts
+    rank, rank + W, ... (prompt indices renumbered), as `prompts_of` splits prompts in process."""
+    if ctx.world_size > 1:
+        box = [got]
+        torch.distributed.broadcast_object_list(box, src=0)
+        got = box[0]
+        mine = [r for r in got.rollouts if r.prompt_index % ctx.world_size == ctx.rank]
+        for r in mine:
+            r.prompt_index //= ctx.world_size
+        got = dataclasses.replace(got, rollouts=mine)
+    return got
+
+
+def _check_mismatch(rollout: RolloutConfig, metrics: dict, step: int) -> None:
+    """Warn (and with `mismatch_fail`, stop) when the behaviour policy strays from the trainer's."""
+    kl = metrics.get("rollout/mismatch_kl", 0.0)
+    metrics["rollout/mismatch_warning"] = float(kl > rollout.mismatch_warn_kl)
+    if kl > rollout.mismatch_warn_kl:
+        message = (f"step {step}: rollout-vs-trainer mismatch KL {kl:.3g} exceeds {rollout.mismatch_warn_kl:g} "
+                   f"(mean |d log p| {metrics.get('rollout/logp_abs_diff', 0.0):.3g}, staleness "
+                   f"{metrics.get('rollout/staleness', 0.0):.2g})")
+        if rollout.mismatch_fail:
+            raise RuntimeError(message)
+        log.warning(message)
+
+
+def policy_update(cfg, model, reference, optimizer, seqs: list[TrainSequence], pad_id: int,
+                  ctx: TrainContext, *, tis_cap: float | None = None) -> dict[str, float]:
+    """GRPO's update on this worker's rollouts `seqs`: `cfg.inner_epochs` optimizer steps, each
+    over micro-batches of at most `compute.max_tokens_per_microbatch` tokens (as many on every
+    worker), normalised over the whole step (`accumulate`). Rollouts with behaviour log-probs
+    are weighted by truncated importance sampling (cap `tis_cap`, `r1core.grpo`). Returns the
+    step's loss and diagnostics, the same on every worker."""
     compute = cfg.compute
-    groups = split_by_tokens([len(p) + len(c) for p, c, _ in seqs], compute.max_tokens_per_microbatch,
-                             packed=compute.pack_rollouts)
-    micro = []  # (batch, advantages, log π_ref, log π_θold) per micro-batch
+    groups = split_by_tokens([len(q.prompt_ids) + len(q.completion_ids) for q in seqs],
+                             compute.max_tokens_per_microbatch, packed=compute.pack_rollouts)
+    behaviour = bool(seqs) and seqs[0].behaviour_logp is not None
+    if behaviour and tis_cap is None:
+        raise ValueError("rollouts with behaviour log-probs need a tis_cap")
+    micro = []  # MicroBatch per micro-batch
     for g in pad_groups(groups, int(ctx.max(len(groups)))):
-        mb = collate_rollouts([seqs[i][0] for i in g], [seqs[i][1] for i in g], pad_id,
+        mb = collate_rollouts([seqs[i].prompt_ids for i in g], [seqs[i].completion_ids for i in g], pad_id,
                               packed=compute.pack_rollouts).to(ctx.device)
         with torch.no_grad(), ctx.autocast():
             ref_logp = mb.scored(reference)[0] if reference is not None else None
             # π_θold: the policy that sampled, i.e. the weights before this step's first pass; with
             # a single pass it equals π_θ there, so ρ = 1 and the clip cannot act (r1core.grpo)
             old_logp = mb.scored(model)[0] if cfg.inner_epochs > 1 else None
-        micro.append((mb, torch.tensor([seqs[i][2] for i in g], device=ctx.device), ref_logp, old_logp))
+        behaviour_logp = _padded([seqs[i].behaviour_logp for i in g], mb).to(ctx.device) if behaviour else None
+        micro.append(MicroBatch(mb, torch.tensor([seqs[i].advantage for i in g], device=ctx.device), ref_logp,
+                                old_logp, behaviour_logp))
     clip_fractions = []  # of the passes after the first, where ρ can leave 1
     for inner in range(cfg.inner_epochs):
-        stats = []  # per micro-batch: (policy-loss sum, KL sum, clipped tokens, entropy sum, tokens)
+        stats: list[GRPOLoss] = []
         optimizer.zero_grad(set_to_none=True)
-        loss = accumulate(model, micro, functools.partial(_grpo_micro_loss, cfg, stats), ctx)
+        loss = accumulate(model, micro, functools.partial(_grpo_micro_loss, cfg, tis_cap, stats), ctx)
         grad_norm = clip_and_step(cfg, model, optimizer)
-        policy_sum, kl_sum, clipped, entropy_sum, n_scored = (ctx.sum(sum(x)) for x in zip(*stats, strict=True))
+        total = {f: ctx.sum(sum(getattr(s, f) for s in stats)) for f in _SUMMED}
+        entropy_sum = ctx.sum(sum(s.entropy_sum for s in stats))
         if inner > 0:
-            clip_fractions.append(clipped / max(n_scored, 1.0))
-    n_scored = max(n_scored, 1.0)
-    return {"loss": loss, "policy_loss": policy_sum / n_scored, "kl": kl_sum / n_scored,
-            # logged only where clipping can act (inner_epochs > 1): a constant 0 would say nothing
-            **({"clip_fraction": _mean(clip_fractions)} if clip_fractions else {}),
-            "entropy": entropy_sum / n_scored, "grad_norm": grad_norm}
+            clip_fractions.append(total["clipped_tokens"] / max(total["tokens"], 1.0))
+    n_scored = max(total["tokens"], 1.0)
+    out = {"loss": loss, "policy_loss": total["policy_loss_sum"] / n_scored, "kl": total["kl_sum"] / n_scored,
+           # logged only where clipping can act (inner_epochs > 1): a constant 0 would say nothing
+           **({"clip_fraction": _mean(clip_fractions)} if clip_fractions else {}),
+           "entropy": entropy_sum / n_scored, "grad_norm": grad_norm}
+    if behaviour:  # behaviour policy vs π_θold on the same tokens (the last pass's; π_θold is fixed)
+        out.update({"rollout/logp_abs_diff": total["logp_abs_diff_sum"] / n_scored,
+                    "rollout/mismatch_kl": total["mismatch_kl_sum"] / n_scored,
+                    "rollout/is_weight_mean": total["is_weight_sum"] / n_scored,
+                    "rollout/is_weight_max": ctx.max(max(s.is_weight_max for s in stats)),
+                    "rollout/is_truncated_frac": total["is_truncated_tokens"] / n_scored})
+    return out
 
 
-def _grpo_micro_loss(cfg, stats: list, model, micro) -> tuple[torch.Tensor, float]:
+_SUMMED = ("policy_loss_sum", "kl_sum", "clipped_tokens", "tokens", "is_weight_sum", "is_truncated_tokens",
+           "logp_abs_diff_sum", "mismatch_kl_sum")
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of GRPO's update and what stays fixed over its passes."""
+
+    batch: TokenBatch
+    advantages: torch.Tensor  # [B]
+    ref_logp: torch.Tensor | None  # log π_ref, when β > 0
+    old_logp: torch.Tensor | None  # log π_θold, when inner_epochs > 1 (else the first pass's, detached)
+    behaviour_logp: torch.Tensor | None  # log μ, from a remote rollout source
+
+
+def _padded(rows: list[list[float]], mb: TokenBatch) -> torch.Tensor:
+    """Per-token values of each rollout as [num_seqs, width] (0 past a completion's end)."""
+    out = torch.zeros(mb.num_seqs, mb.width)
+    for i, values in enumerate(rows):
+        out[i, : len(values)] = torch.tensor(values)
+    return out
+
+
+def _grpo_micro_loss(cfg, tis_cap: float, stats: list, model, micro: MicroBatch) -> tuple[torch.Tensor, float]:
     """GRPO's loss sum on one micro-batch (`accumulate`); its diagnostics go to `stats`."""
-    mb, adv, ref_logp, old_logp = micro
-    logp, entropy = mb.scored(model, with_entropy=True)
-    mask = mb.completion_mask()
-    out = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask,
+    logp, entropy = micro.batch.scored(model, with_entropy=True)
+    mask = micro.batch.completion_mask()
+    old = logp.detach() if micro.old_logp is None else micro.old_logp
+    out = grpo_loss(logp, old, micro.ref_logp, micro.advantages, mask,
                     clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
-                    kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation)
-    stats.append((out.policy_loss_sum, out.kl_sum, out.clipped_tokens, float((entropy * mask).sum()), out.tokens))
+                    kl_estimator=cfg.kl_estimator, aggregation=cfg.loss_aggregation,
+                    behaviour_logp=micro.behaviour_logp, tis_cap=tis_cap)
+    out.entropy_sum = float((entropy * mask).sum())
+    stats.append(out)
     return out.total, out.count
 
 

@@ -60,7 +60,7 @@ class GRPOJob(FineTuneJob):
     """The policy and its frozen reference both start from `init_model`."""
 
     recipe: GRPOConfig
-    rollout: RolloutConfig  # how rollouts are generated
+    rollout: RolloutConfig  # how rollouts are generated (the stage's overrides applied)
     code: CodeRewardConfig  # the sandbox limits of code rewards
 
 

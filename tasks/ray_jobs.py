@@ -189,8 +189,18 @@ def train_policy(job: GRPOJob, ctx: RayContext, rows: list[dict], **routing) -> 
     code_rewards.configure(job.code)  # the sandbox limits for code rewards in this worker
     policy, tokenizer = load_pretrained(job.init_model)
     reference, _ = load_pretrained(job.init_model)
-    grpo_train(job.recipe, policy, reference, tokenizer, rows, ctx, seed=job.seed,
-               batch_size=job.rollout.batch_size, **routing)
+    source = None
+    if job.rollout.backend == "workers" and ctx.rank == 0:  # rank 0 drives the pool for the whole job
+        from tasks.rollout_workers import RolloutPool
+
+        source = RolloutPool(job.rollout, job.init_model, logits_chunk_tokens=job.recipe.compute.logits_chunk_tokens,
+                             name=f"{job.stage} rollout")
+    try:
+        grpo_train(job.recipe, policy, reference, tokenizer, rows, ctx, seed=job.seed,
+                   batch_size=job.rollout.batch_size, rollout=job.rollout, source=source, **routing)
+    finally:
+        if source is not None:
+            source.close()
     write_final_model(ctx, policy, tokenizer, job.output_dir)
 
 

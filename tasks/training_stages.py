@@ -248,7 +248,8 @@ def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_m
 
     def make_job(run_id: str, stage_dir: Path, common: dict) -> GRPOJob:
         _log_training_inputs(cfg, run_id, init_model, data.train_file, tags)
-        common.update(init_model=init_model, train_file=data.train_file, rollout=cfg.rollout, code=cfg.code)
+        common.update(init_model=init_model, train_file=data.train_file, rollout=cfg.rollout.for_stage(recipe.rollout),
+                      code=cfg.code)
         if reward_model_dirs:
             return GeneralRLJob(**common, reward_models={k: reward_model_dirs[k] for k in recipe.model_rewards},
                                 languages=cfg.data.languages)

@@ -233,7 +233,7 @@ def _grpo_updates(cfg, tok, ctx: TrainContext, steps: int = 3) -> dict:
     """GRPO updates (two passes each, a KL to the reference) on fixed rollouts, the same whatever
     the number of workers (each takes every world_size-th): the update path alone, since sampled
     rollouts differ with the workers' batches."""
-    from r1core.training import adamw, policy_update
+    from r1core.training import TrainSequence, adamw, policy_update
 
     model = ctx.wrap(TokenScorer(build_model(MICRO, tok, seed=0), cfg.compute.logits_chunk_tokens), cfg.compute)
     reference = ctx.wrap(TokenScorer(build_model(MICRO, tok, seed=1).requires_grad_(False), 64), cfg.compute,
@@ -243,7 +243,7 @@ def _grpo_updates(cfg, tok, ctx: TrainContext, steps: int = 3) -> dict:
     for step in range(steps):
         prompts, completions = _rollouts(n=8, seed=step)
         advantages = torch.randn(8, generator=torch.Generator().manual_seed(100 + step)).tolist()
-        seqs = list(zip(prompts, completions, advantages, strict=True))[ctx.rank :: ctx.world_size]
+        seqs = [TrainSequence(*s) for s in zip(prompts, completions, advantages, strict=True)][ctx.rank :: ctx.world_size]
         out = policy_update(cfg, model, reference, optimizer, seqs, tok.pad_token_id, ctx)
         curves["grpo"].append(out["loss"])
         curves["grpo_kl"].append(out["kl"])

@@ -1,0 +1,192 @@
+"""Rollout workers (`rollout.backend: workers`), with real Ray actors on the local Ray: weight sync,
+the staleness bound, equivalence with in-process sampling, and workers that hang or are killed."""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import sys
+import time
+
+import pytest
+import ray
+import torch
+
+from r1core.batching import collate_rollouts
+from r1core.config import GRPOConfig, ModelConfig, RolloutConfig, RuntimeConfig
+from r1core.logprobs import TokenScorer
+from r1core.modeling import build_model
+from r1core.training import TrainContext, grpo_train
+from tasks.ray_jobs import ensure_ray
+from tasks.rollout_workers import RolloutPool, RolloutWorker, RolloutWorkerError
+
+MICRO = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+# the workers' test subclasses below travel by value: Ray's workers cannot import this test module
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+GRPO = GRPOConfig(steps=4, prompts_per_step=4, group_size=2, beta=0.02, sampling={"max_new_tokens": 6},
+                  checkpoint_every=100)
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    ensure_ray(RuntimeConfig(num_cpus=2))
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A model directory the workers start from (other weights than the trainer's: syncs must overwrite them)."""
+    d = tmp_path / "init"
+    build_model(MICRO, tokenizer, seed=99).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)
+
+
+def _rollout(**kw) -> RolloutConfig:
+    return RolloutConfig(backend="workers", cpus_per_worker=0.5, **kw)
+
+
+def _train(tokenizer, rows, tmp_path, rollout: RolloutConfig, source=None, policy_seed: int = 3):
+    torch.manual_seed(0)
+    policy = build_model(MICRO, tokenizer, seed=policy_seed)
+    ctx = TrainContext(tmp_path / "ckpt")
+    grpo_train(GRPO, policy, copy.deepcopy(policy), tokenizer, rows[0], ctx, seed=0, batch_size=256,
+               rollout=rollout, source=source)
+    return ctx.history
+
+
+class RecordingPool(RolloutPool):
+    """Remembers the weight versions of every step's rollouts."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.versions: dict[int, set[int]] = {}
+
+    def collect(self, step):
+        got = super().collect(step)
+        self.versions[step] = {r.version for r in got.rollouts}
+        return got
+
+
+def test_synced_worker_scores_like_the_trainer(ray_up, tokenizer, model_dir):
+    policy = build_model(MICRO, tokenizer, seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 300, (int(n),), generator=g).tolist() for n in (3, 7, 5, 11)]
+    completions = [torch.randint(5, 300, (int(n),), generator=g).tolist() for n in (4, 1, 9, 6)]
+    with torch.no_grad():
+        logp, _ = collate_rollouts(prompts, completions, tokenizer.pad_token_id, packed=False).scored(
+            TokenScorer(policy, 8))
+    trainer = [row[: len(c)] for row, c in zip(logp.tolist(), completions, strict=True)]
+    pool = RolloutPool(_rollout(num_workers=2, chunk_mb=1), model_dir, logits_chunk_tokens=8)
+    try:
+        before = pool.score(0, prompts, completions)
+        assert max(abs(a - b) for r, s in zip(before, trainer, strict=True) for a, b in zip(r, s, strict=True)) > 1e-3
+        pool.publish(1, policy.state_dict().items())
+        for worker in (0, 1):
+            after = pool.score(worker, prompts, completions)
+            diff = max(abs(a - b) for r, s in zip(after, trainer, strict=True) for a, b in zip(r, s, strict=True))
+            assert diff <= 1e-6, (worker, diff)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_rollouts_are_never_staler_than_the_bound(ray_up, tokenizer, rows, tmp_path, model_dir, k):
+    rollout = _rollout(max_staleness=k)
+    pool = RecordingPool(rollout, model_dir, logits_chunk_tokens=1024)
+    try:
+        history = _train(tokenizer, rows, tmp_path, rollout, pool)
+    finally:
+        pool.close()
+    assert sorted(pool.versions) == [0, 1, 2, 3]
+    for step, versions in pool.versions.items():
+        assert versions <= set(range(step - k, step + 1)), (step, versions)
+    if k == 1:  # generation ran ahead: step t trained on version t-1 (overlap happened)
+        assert all(pool.versions[t] == {t - 1} for t in (1, 2, 3)), pool.versions
+    metrics = dict(history)[4]
+    assert metrics["rollout/max_staleness"] <= k and metrics["rollout/mismatch_kl"] >= 0
+    assert 0 < metrics["rollout/is_weight_mean"] <= rollout.tis_cap
+
+
+def test_workers_without_staleness_sample_what_in_process_samples(ray_up, tokenizer, rows, tmp_path, model_dir):
+    torch.set_num_threads(1)  # the worker's thread count: the same float reductions
+    try:
+        in_process = _train(tokenizer, rows, tmp_path / "a", RolloutConfig())
+        pool = RolloutPool(_rollout(), model_dir, logits_chunk_tokens=1024)
+        try:
+            workers = _train(tokenizer, rows, tmp_path / "b", _rollout(), pool)
+        finally:
+            pool.close()
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert [m["reward"] for _, m in workers] == [m["reward"] for _, m in in_process]
+    assert [m["response_length"] for _, m in workers] == [m["response_length"] for _, m in in_process]
+    assert all(m["rollout/logp_abs_diff"] < 1e-5 for _, m in workers), [m["rollout/logp_abs_diff"] for _, m in workers]
+
+
+def _marked_once(marker: str) -> bool:
+    """True the first time (any process) it is asked about `marker`."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("restarts", [1, 0])
+def test_a_worker_that_hangs_in_a_sync_is_replaced_or_named(ray_up, tokenizer, rows, tmp_path, model_dir, restarts):
+    marker = str(tmp_path / "hung")
+
+    class HangsInSecondSync(RolloutWorker):
+        loads = 0
+
+        def load_weights(self, version, chunk_refs):
+            self.loads += 1
+            if self.loads == 2 and _marked_once(marker):
+                time.sleep(10_000)
+            return super().load_weights(version, chunk_refs)
+
+    rollout = _rollout(sync_timeout_s=3, max_restarts=restarts)
+    pool = RolloutPool(rollout, model_dir, logits_chunk_tokens=1024, worker_cls=HangsInSecondSync)
+    t0 = time.perf_counter()
+    try:
+        if restarts:
+            history = _train(tokenizer, rows, tmp_path, rollout, pool)
+            assert [s for s, _ in history] == [1, 2, 3, 4] and history[-1][1]["rollout/restarts"] == 1
+        else:
+            with pytest.raises(RolloutWorkerError, match=r"worker 0 \(pid \d+\) did not answer "
+                                                         r"load_weights\(version 1\) within 3s"):
+                _train(tokenizer, rows, tmp_path, rollout, pool)
+            assert time.perf_counter() - t0 < 60
+    finally:
+        pool.close()
+
+
+def test_a_sigkilled_worker_is_replaced_and_the_stage_completes(ray_up, tokenizer, rows, tmp_path, model_dir):
+    marker = str(tmp_path / "killed")
+
+    class DiesInThirdGeneration(RolloutWorker):
+        calls = 0
+
+        def generate(self, prompts, n, sampling):
+            self.calls += 1
+            if self.calls == 3 and _marked_once(marker):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().generate(prompts, n, sampling)
+
+    rollout = _rollout(max_staleness=1)
+    pool = RecordingPool(rollout, model_dir, logits_chunk_tokens=1024, worker_cls=DiesInThirdGeneration)
+    try:
+        history = _train(tokenizer, rows, tmp_path, rollout, pool)
+    finally:
+        pool.close()
+    assert os.path.exists(marker) and pool.restarts == 1
+    assert [s for s, _ in history] == [1, 2, 3, 4]
+    for step, versions in pool.versions.items():
+        assert versions <= {step - 1, step}, (step, versions)
+
+
+def test_a_worker_that_cannot_be_placed_fails_with_what_it_needs(ray_up, model_dir):
+    with pytest.raises(RolloutWorkerError, match="did not start within 2s .*64 CPUs"):
+        RolloutPool(_rollout(start_timeout_s=2).model_copy(update={"cpus_per_worker": 64.0}), model_dir,
+                    logits_chunk_tokens=8)
