@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from r1core.config import RolloutConfig
 from r1core.engine import Rollout, Sampling
@@ -147,8 +148,11 @@ class RolloutPool:
     # ------------------------------------------------------------------ calls, deadlines, replacement
     def _start(self, j: int) -> None:
         cfg = self.cfg
+        # outside the trainer's placement group (Ray Train captures its workers' children there,
+        # where the trainer's bundles leave no room): the workers' resources are their own
         actor = self.actor_cls.options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
-                                       max_restarts=0, name=None).remote(*self.worker_args)
+                                       max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(None),
+                                       ).remote(*self.worker_args)
         try:
             self.pids[j] = ray.get(actor.ping.remote(), timeout=cfg.start_timeout_s)
         except GetTimeoutError:

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from r1core.batching import collate_rollouts
-from r1core.config import GRPOConfig, ModelConfig, RolloutConfig, RuntimeConfig
+from r1core.config import CodeRewardConfig, GRPOConfig, ModelConfig, RolloutConfig, RuntimeConfig
 from r1core.logprobs import TokenScorer
 from r1core.modeling import build_model
 from r1core.training import TrainContext, grpo_train
@@ -190,3 +190,36 @@ def test_a_worker_that_cannot_be_placed_fails_with_what_it_needs(ray_up, model_d
     with pytest.raises(RolloutWorkerError, match="did not start within 2s .*64 CPUs"):
         RolloutPool(_rollout(start_timeout_s=2).model_copy(update={"cpus_per_worker": 64.0}), model_dir,
                     logits_chunk_tokens=8)
+
+
+@pytest.mark.slow
+def test_grpo_with_rollout_workers_through_its_ray_train_loop(tokenizer, rows, tmp_path):
+    """The production path: a Ray Train worker (`RayContext`, the stage's worker loop) driving a
+    rollout worker it started, with k = 1 (on 2 CPUs: one for the trainer, one for the worker)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from r1core.config import TrainComputeConfig
+    from tasks import ray_jobs
+    from tasks.jobs import GRPOJob
+
+    base = tmp_path / "base"
+    build_model(MICRO, tokenizer, seed=0).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[0][:40]))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("rollouts", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+    compute = TrainComputeConfig(num_workers=1, cpus_per_worker=1)
+    rollout = RolloutConfig(backend="workers", max_staleness=1, cpus_per_worker=0.5, start_timeout_s=60)
+    job = GRPOJob(stage="r1_zero", tracking_uri=uri, run_id=run_id, checkpoint_dir=str(tmp_path / "ckpt"),
+                  output_dir=str(tmp_path / "model"), compute=compute, seed=0,
+                  recipe=GRPO.model_copy(update={"steps": 3, "compute": compute}), init_model=str(base),
+                  train_file=str(tmp_path / "train.jsonl"), rollout=rollout, code=CodeRewardConfig())
+    ray_jobs.fit(ray_jobs.grpo_loop, job, RuntimeConfig(workdir=str(tmp_path), num_cpus=2), run_name="grpo-workers")
+    assert [m.step for m in client.get_metric_history(run_id, "reward")] == [1, 2, 3]
+    staleness = [m.value for m in client.get_metric_history(run_id, "rollout/max_staleness")]
+    assert staleness == [0.0, 1.0, 1.0], staleness
+    assert all(m.value < 1e-4 for m in client.get_metric_history(run_id, "rollout/logp_abs_diff")[:1])
+    assert (tmp_path / "model" / "config.json").is_file()
