@@ -307,7 +307,7 @@ class RolloutConfig(Strict):
     tis_cap: PositiveFloat = Field(2.0, description="truncated importance sampling: the per-token weight "
                                    "pi_trainer / pi_behaviour is capped at this (workers)")
     mismatch_warn_kl: PositiveFloat = Field(0.01, description="a step whose KL(behaviour || trainer) on "
-                                            "its sampled tokens exceeds this is a warning (log and artifact)")
+                                            "its sampled tokens exceeds this is a warning (the log, and rollout/mismatch_warning in MLflow)")
     mismatch_fail: bool = Field(False, description="stop the stage, naming the step, when the mismatch "
                                 "exceeds mismatch_warn_kl")
     generate_timeout_s: PositiveFloat = Field(600.0, description="deadline of one generation call on a "
