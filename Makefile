@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo ablation-lc test test-fast ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory clean
+.PHONY: setup vllm-env doctor demo ablation-lc test test-fast ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# vLLM's own environment (its pins clash with Prefect's), for rollout.backend vllm and `vllm serve`:
+# the same Python as $(VENV), the pinned set of infra/vllm-requirements.txt (CUDA wheels), then checked
+VLLM_VENV ?= .venv-vllm
+vllm-env: setup
+	test -x $(VLLM_VENV)/bin/python || $(BIN)/python -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -r infra/vllm-requirements.txt
+	$(BIN)/r1 doctor --set rollout.backend=vllm --set rollout.vllm.python=$(abspath $(VLLM_VENV))/bin/python
+
+doctor: setup
+	$(BIN)/r1 doctor $(ARGS)
 
 demo: setup
 	$(BIN)/r1 run pipeline $(ARGS)

@@ -35,6 +35,7 @@ SETTINGS = {
     "in_process": RolloutConfig(),
     "workers, k=0": RolloutConfig(backend="workers", max_staleness=0),
     "workers, k=1": RolloutConfig(backend="workers", max_staleness=1),
+    "workers, k=1, checkpoint sync": RolloutConfig(backend="workers", max_staleness=1, weight_sync="checkpoint"),
 }
 
 
@@ -58,9 +59,10 @@ def base_model(args, cfg, rows) -> str:
 def run(name: str, rollout: RolloutConfig, recipe, model_dir: str, rows: list[dict], batch_size: int) -> dict:
     policy, tokenizer = load_pretrained(model_dir)
     rollout = rollout.model_copy(update={"batch_size": batch_size})
-    pool = (RolloutPool(rollout, model_dir, logits_chunk_tokens=recipe.compute.logits_chunk_tokens)
-            if rollout.backend == "workers" else None)
     ctx = TrainContext(tempfile.mkdtemp(prefix="bench-rollouts-ckpt-"))
+    pool = (RolloutPool(rollout, model_dir, logits_chunk_tokens=recipe.compute.logits_chunk_tokens,
+                        weights_dir=os.path.join(ctx.checkpoint_dir, "rollout-weights"))
+            if rollout.backend == "workers" else None)
     t0 = time.perf_counter()
     try:
         grpo_train(recipe, policy, copy.deepcopy(policy), tokenizer, rows, ctx, seed=0, batch_size=batch_size,
@@ -80,7 +82,8 @@ def run(name: str, rollout: RolloutConfig, recipe, model_dir: str, rows: list[di
             "|d logp|": mean("rollout/logp_abs_diff"), "KL": mean("rollout/mismatch_kl"),
             "IS max": max(m.get("rollout/is_weight_max", 1.0) for m in steps),
             "reward 1st half": statistics.fmean(m["reward"] for m in steps[:half]),
-            "reward 2nd half": statistics.fmean(m["reward"] for m in steps[half:])}
+            "reward 2nd half": statistics.fmean(m["reward"] for m in steps[half:]),
+            "curve": [m["reward"] for m in steps]}
 
 
 def main() -> None:
@@ -98,10 +101,14 @@ def main() -> None:
     print(f"base {model_dir}; {args.steps} GRPO steps of {recipe.prompts_per_step} prompts x {recipe.group_size}, "
           f"{recipe.sampling.max_new_tokens} new tokens")
     results = [run(name, r, recipe, model_dir, rows, cfg.rollout.batch_size) for name, r in SETTINGS.items()]
+    curves = {r["setting"]: r.pop("curve") for r in results}
     keys = list(results[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in results:
         print("| " + " | ".join(v if isinstance(v, str) else f"{v:.3g}" for v in r.values()) + " |")
+    print("\nmean reward per step:")
+    for name, curve in curves.items():
+        print(f"  {name:32s} " + " ".join(f"{x:.2f}" for x in curve))
 
 
 if __name__ == "__main__":

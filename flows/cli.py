@@ -87,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("stages", help="the stage catalog: each stage, its kind, config section, starting model and "
                                   "registered name")
     _config_args(sub.add_parser("config", help="print the resolved configuration"))
+    _config_args(sub.add_parser("doctor", help="check the environments the configuration uses (this one, and "
+                                               "the vLLM environment of rollout.backend vllm) before a run"))
     plan = sub.add_parser("plan", help="per stage and worker: estimated memory (parameters, gradients, optimizer, "
                                        "activations, logits, reference, generation) and tokens per step")
     plan.add_argument("--json", action="store_true", help="the plans as JSON")
@@ -101,6 +103,34 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--stop", action="store_true", help="stop the UI started from this workdir")
     _config_args(ui)
     return ap
+
+
+def doctor(cfg) -> int:
+    """One line per environment check; exit 1 if any fails."""
+    import platform
+    from importlib.metadata import version
+
+    from flows.plan import grpo_rollouts
+    from tasks.environments import EnvironmentMismatch, check_vllm_environment, resolve_python
+
+    print(f"ok    this environment: Python {platform.python_version()}, " +
+          ", ".join(f"{p} {version(p)}" for p in ("torch", "ray", "prefect", "mlflow", "transformers")))
+    uses = {}
+    for stage, rollout in grpo_rollouts(cfg).items():
+        if rollout.backend == "vllm":
+            uses.setdefault(rollout.vllm.python, []).append(stage)
+    failed = False
+    for python, stages in sorted(uses.items()):
+        try:
+            found = check_vllm_environment(python)
+            print(f"ok    vLLM environment '{resolve_python(python)}' ({', '.join(stages)}): vllm {found['vllm']}, "
+                  f"ray {found['ray']}, torch {found['torch']}, Python {found['python']}")
+        except EnvironmentMismatch as e:
+            failed = True
+            print(f"FAIL  {e} (used by {', '.join(stages)})")
+    if not uses:
+        print("ok    no stage uses rollout.backend vllm: no vLLM environment needed")
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,12 +163,17 @@ def main(argv: list[str] | None = None) -> int:
             if not p.fits():
                 print(f"r1 plan: {p.refusal()}", file=sys.stderr)
         return 0 if all(p.fits() for p in plans) else 1
+    if args.command == "doctor":
+        return doctor(cfg)
     if args.command == "run":
-        from flows.plan import PlanError, check
+        from flows.plan import PlanError, check, check_environments
+        from tasks.environments import EnvironmentMismatch
 
+        stages = None if args.what == "pipeline" else [args.name]
         try:  # before Prefect, Ray or any worker starts
-            check(cfg, None if args.what == "pipeline" else [args.name])
-        except PlanError as e:
+            check(cfg, stages)
+            check_environments(cfg, stages)
+        except (PlanError, EnvironmentMismatch) as e:
             print(f"r1: {e}", file=sys.stderr)
             return 2
     if args.command == "config":

@@ -50,6 +50,26 @@ def training_jobs(cfg: PipelineConfig) -> list[tuple[str, Architecture, Workload
     return jobs
 
 
+def grpo_rollouts(cfg: PipelineConfig, stages: list[str] | None = None) -> dict[str, object]:
+    """stage -> its `RolloutConfig` (the stage's overrides applied), for every GRPO job in `stages`."""
+    from flows.catalog import CATALOG
+
+    sections = {e.name: cfg.section(e.section) for e in CATALOG.values() if e.kind == "grpo"}
+    if cfg.distill.rl_only:
+        sections["distill"] = cfg.distill.rl
+    return {name: cfg.rollout.for_stage(recipe.rollout) for name, recipe in sections.items()
+            if stages is None or name in stages}
+
+
+def check_environments(cfg: PipelineConfig, stages: list[str] | None = None) -> None:
+    """Raise `tasks.environments.EnvironmentMismatch` if a stage's vLLM environment is missing or
+    differs from this one (before Prefect, Ray or any worker starts)."""
+    from tasks.environments import check_vllm_environment
+
+    for python in sorted({r.vllm.python for r in grpo_rollouts(cfg, stages).values() if r.backend == "vllm"}):
+        check_vllm_environment(python)
+
+
 def plan_all(cfg: PipelineConfig, stages: list[str] | None = None, stage: str | None = None) -> list[Plan]:
     """The plans of the pipeline's jobs, of the jobs of `stages` (sub-stages included), or of the one
     job `stage` (a sub-stage's job is planned as its stage's: `reward_models/helpfulness`)."""

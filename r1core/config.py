@@ -275,27 +275,54 @@ class PretrainConfig(LMTrainConfig):
         return self
 
 
+RolloutBackend = Literal["in_process", "workers", "vllm"]
+WeightSync = Literal["object_store", "checkpoint", "nccl"]
+
+
 class RolloutOverrides(Strict):
     """A GRPO stage's own choice of rollout backend and staleness (unset fields: the pipeline's `rollout`)."""
 
-    backend: Literal["in_process", "workers"] | None = Field(None, description="this stage's rollout "
-                                                                     "backend (default: rollout.backend)")
+    backend: RolloutBackend | None = Field(None, description="this stage's rollout backend (default: "
+                                           "rollout.backend)")
     max_staleness: NonNegativeInt | None = Field(None, description="this stage's staleness bound (default: "
                                                  "rollout.max_staleness)")
     sync_every: PositiveInt | None = Field(None, description="this stage's optimizer steps between weight "
                                            "syncs (default: rollout.sync_every)")
 
 
+class VLLMRolloutConfig(Strict):
+    """The vLLM engines of `rollout.backend: vllm`: Ray actors running in vLLM's own environment
+    (`make vllm-env`), one engine per rollout worker."""
+
+    python: str = Field(".venv-vllm/bin/python", description="the vLLM environment's Python (relative "
+                        "paths: from the project root); `r1 doctor` checks it")
+    tensor_parallel_size: PositiveInt = Field(1, description="GPUs per engine (tensor parallel)")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="share of each GPU vLLM may take "
+                                          "(weights and KV cache)")
+    colocate: bool = Field(False, description="engines share the trainer's GPUs: they sleep (weights "
+                           "offloaded, KV cache freed) while the trainer updates and wake for the next "
+                           "generation (needs max_staleness 0)")
+    enforce_eager: bool = Field(False, description="no CUDA graphs (faster start, slower decode)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="the engines' "
+                                                                      "weight and compute dtype")
+
+
 class RolloutConfig(Strict):
     """How GRPO stages generate rollouts. `in_process`: the trainer's workers sample from the policy
     they train, between updates. `workers`: a pool of Ray actors hold a copy of the policy and sample
-    with the torch engine; the trainer publishes its weights to them after each step (versioned,
-    chunked, through Ray's object store). With `max_staleness` k >= 1 (workers) generation for step t+1 runs while step t trains,
-    and the update corrects for the behaviour policy by truncated importance sampling."""
+    with the torch engine. `vllm`: the same pool, of vLLM engines in their own environment. After
+    each `sync_every` steps the trainer publishes its weights to them (versioned, in chunks). With
+    `max_staleness` k >= 1 generation for step t+1 runs while step t trains, and the update corrects
+    for the behaviour policy by truncated importance sampling."""
 
-    backend: Literal["in_process", "workers"] = Field(
-        "in_process", description="in_process (sample in the trainer) or workers (Ray actors with the torch "
-        "engine)")
+    backend: RolloutBackend = Field(
+        "in_process", description="in_process (sample in the trainer), workers (Ray actors with the torch "
+        "engine) or vllm (Ray actors with vLLM engines, in vLLM's environment)")
+    weight_sync: WeightSync | None = Field(
+        None, description="how weights reach the rollout engines: object_store (Ray's, in chunks; workers), "
+        "checkpoint (a versioned safetensors directory every engine reloads; both, and the fallback "
+        "that works everywhere), nccl (vLLM's native weight transfer, broadcast GPU to GPU; vllm). "
+        "Default: object_store for workers, checkpoint for vllm")
     max_staleness: NonNegativeInt = Field(0, description="k: a step may train on rollouts sampled up to k "
                                           "weight versions ago (0: synchronous, on-policy GRPO)")
     sync_every: PositiveInt = Field(1, description="optimizer steps between weight syncs to the rollout "
@@ -307,7 +334,7 @@ class RolloutConfig(Strict):
     tis_cap: PositiveFloat = Field(2.0, description="truncated importance sampling: the per-token weight "
                                    "pi_trainer / pi_behaviour is capped at this (workers)")
     mismatch_warn_kl: PositiveFloat = Field(0.01, description="a step whose KL(behaviour || trainer) on "
-                                            "its sampled tokens exceeds this is a warning (the log, and rollout/mismatch_warning in MLflow)")
+                                            "its sampled tokens exceeds this is a warning (the log, rollout/mismatch_warning in MLflow, the stage's Prefect summary artifact)")
     mismatch_fail: bool = Field(False, description="stop the stage, naming the step, when the mismatch "
                                 "exceeds mismatch_warn_kl")
     generate_timeout_s: PositiveFloat = Field(600.0, description="deadline of one generation call on a "
@@ -321,6 +348,13 @@ class RolloutConfig(Strict):
     batch_size: PositiveInt = Field(256, description="sequences per generate call (torch engine)")
     max_prompt_tokens: PositiveInt = Field(256, description="the longest prompt `r1 plan` budgets for (GRPO "
                                            "update and generation), in tokens")
+    vllm: VLLMRolloutConfig = Field(default_factory=VLLMRolloutConfig, description="the vLLM engines "
+                                    "(backend: vllm)")
+
+    @property
+    def sync(self) -> WeightSync:
+        """The weight-sync method in use (`weight_sync`, or the backend's default)."""
+        return self.weight_sync or ("checkpoint" if self.backend == "vllm" else "object_store")
 
     @model_validator(mode="after")
     def _consistent(self) -> RolloutConfig:
@@ -338,6 +372,18 @@ def check_rollout(cfg: RolloutConfig) -> None:
     if cfg.backend == "in_process" and cfg.max_staleness:
         raise ValueError("backend in_process samples from the policy it trains: max_staleness must be 0 "
                          "(use workers for k >= 1)")
+    allowed = {"in_process": set(), "workers": {"object_store", "checkpoint"},
+               "vllm": {"checkpoint", "nccl"}}[cfg.backend]
+    if cfg.weight_sync is not None and cfg.weight_sync not in allowed:
+        raise ValueError(f"weight_sync {cfg.weight_sync} does not apply to backend {cfg.backend} "
+                         f"({'use ' + ' or '.join(sorted(allowed)) if allowed else 'it publishes nothing'})")
+    if cfg.backend == "vllm" and cfg.vllm.colocate:
+        if cfg.max_staleness:
+            raise ValueError("vllm.colocate: the engines sleep while the trainer updates, so nothing overlaps: "
+                             "max_staleness must be 0")
+        if cfg.num_workers != 1 or cfg.vllm.tensor_parallel_size != 1:
+            raise ValueError("vllm.colocate shares the GPU of the trainer's rank 0: one engine "
+                             "(num_workers 1, tensor_parallel_size 1)")
     if cfg.max_staleness < cfg.sync_every - 1:
         raise ValueError(f"sync_every {cfg.sync_every} leaves rollouts {cfg.sync_every - 1} versions old: "
                          f"max_staleness must be at least that (is {cfg.max_staleness})")

@@ -17,17 +17,24 @@ rollout carries the version it was sampled with and the sampler's log-probs of i
 behaviour policy of `r1core.grpo`'s truncated importance sampling).
 
 `PolicySampler` is the body of a rollout worker: a copy of the policy, loaded by versioned
-chunks of named tensors (`weight_chunks`), sampling with the torch engine and scoring its own
-samples by teacher forcing, exactly as the trainer scores them (`r1core.logprobs`).
+chunks of named tensors (`weight_chunks`) or from a weight-version directory (`write_weight_version`:
+safetensors shards that vLLM engines reload as well), sampling with the torch engine and scoring
+its own samples by teacher forcing, exactly as the trainer scores them (`r1core.logprobs`).
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from r1core.batching import collate_rollouts
 from r1core.engine import Rollout, Sampling, TorchEngine
@@ -122,6 +129,74 @@ def weight_chunks(weights: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int)
         yield chunk
 
 
+WEIGHTS_MANIFEST = "weights.json"
+
+
+def weight_version_dir(root: str | Path, version: int) -> Path:
+    return Path(root) / f"v{version:06d}"
+
+
+def write_weight_version(root: str | Path, version: int, weights: Iterable[tuple[str, torch.Tensor]],
+                         chunk_bytes: int) -> Path:
+    """Weight `version` as a directory of safetensors shards (HF names, so vLLM's loader takes them)
+    and a manifest of every tensor, written under a temporary name and renamed whole: an engine
+    never sees half a version."""
+    final = weight_version_dir(root, version)
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    manifest: dict = {"version": version, "shards": {}}
+    for i, chunk in enumerate(weight_chunks(weights, chunk_bytes)):
+        name = f"model-{i:05d}.safetensors"
+        save_file(chunk, str(partial / name), metadata={"version": str(version)})
+        manifest["shards"][name] = {k: [str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in chunk.items()}
+    (partial / WEIGHTS_MANIFEST).write_text(json.dumps(manifest))
+    for f in partial.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return final
+
+
+def read_weight_version(path: str | Path, version: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The chunks of a `write_weight_version` directory, each checked against its manifest; any
+    damage (a missing or truncated shard, another version, a tensor of another shape) is an error
+    naming the file."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / WEIGHTS_MANIFEST).read_text())
+        if not isinstance(manifest, dict) or manifest.get("version") != version:
+            raise ValueError(f"it is not the manifest of version {version}")
+        shards = manifest.get("shards")
+        if not isinstance(shards, dict) or not shards or not all(
+                isinstance(tensors, dict) and all(_tensor_spec(spec) for spec in tensors.values())
+                for tensors in shards.values()):
+            raise ValueError("its shards are not a map of shard -> tensor -> [dtype, shape]")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"weight version {version}: '{path / WEIGHTS_MANIFEST}' is unreadable ({e})") from None
+    for name, expected in shards.items():
+        shard = path / Path(name).name
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                if sorted(f.keys()) != sorted(expected):
+                    raise ValueError(f"holds tensors {sorted(f.keys())[:3]}..., not the manifest's")
+                chunk = {k: f.get_tensor(k) for k in expected}
+        except (OSError, SafetensorError, ValueError) as e:
+            raise ValueError(f"weight version {version}: shard '{shard}' is unreadable ({e})") from None
+        for k, (dtype, shape) in expected.items():
+            t = chunk[k]
+            if str(t.dtype).removeprefix("torch.") != dtype or list(t.shape) != shape:
+                raise ValueError(f"weight version {version}: '{shard}' tensor '{k}' is {t.dtype} "
+                                 f"{list(t.shape)}, the manifest says {dtype} {shape}")
+        yield chunk
+
+
+def _tensor_spec(spec) -> bool:
+    return (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], list)
+            and all(isinstance(d, int) and d >= 0 for d in spec[1]))
+
+
 class PolicySampler:
     """A rollout worker's copy of the policy: loads weight versions, samples, scores."""
 
@@ -143,6 +218,9 @@ class PolicySampler:
             for name, t in chunk.items():
                 if name not in own:
                     raise KeyError(f"weight version {version}: unknown tensor '{name}'")
+                if t.shape != own[name].shape:
+                    raise ValueError(f"weight version {version}: tensor '{name}' has shape {list(t.shape)}, "
+                                     f"the model's is {list(own[name].shape)}")
                 own[name].copy_(t)
                 seen.add(name)
         missing = sorted(set(own) - seen)
@@ -150,6 +228,10 @@ class PolicySampler:
             raise KeyError(f"weight version {version} lacks {len(missing)} tensors, e.g. {missing[:3]}")
         self.version = version
         return time.perf_counter() - t0
+
+    def load_checkpoint(self, version: int, path: str) -> float:
+        """Weight `version` from its `write_weight_version` directory."""
+        return self.load_weights(version, read_weight_version(path, version))
 
     def generate(self, prompts: list[str], n: int, sampling: Sampling) -> list[Rollout]:
         """n samples per prompt from the loaded version, each with its tokens' log-probs."""

@@ -190,10 +190,11 @@ def train_policy(job: GRPOJob, ctx: RayContext, rows: list[dict], **routing) -> 
     policy, tokenizer = load_pretrained(job.init_model)
     reference, _ = load_pretrained(job.init_model)
     source = None
-    if job.rollout.backend == "workers" and ctx.rank == 0:  # rank 0 drives the pool for the whole job
+    if job.rollout.backend != "in_process" and ctx.rank == 0:  # rank 0 drives the pool for the whole job
         from tasks.rollout_workers import RolloutPool
 
         source = RolloutPool(job.rollout, job.init_model, logits_chunk_tokens=job.recipe.compute.logits_chunk_tokens,
+                             weights_dir=str(Path(job.checkpoint_dir) / "rollout-weights"),
                              name=f"{job.stage} rollout")
     try:
         grpo_train(job.recipe, policy, reference, tokenizer, rows, ctx, seed=job.seed,

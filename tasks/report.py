@@ -116,6 +116,26 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
+def mismatch_lines(client, run_id: str, warn_kl: float, shown: int = 20) -> list[str]:
+    """The steps of a GRPO run whose rollout-vs-trainer mismatch was a warning (`rollout/*`
+    metrics), as markdown; nothing for runs without remote rollouts."""
+    flagged = [m.step for m in client.get_metric_history(run_id, "rollout/mismatch_warning") if m.value > 0]
+    kl = {m.step: m.value for m in client.get_metric_history(run_id, "rollout/mismatch_kl")}
+    if not kl:
+        return []
+    if not flagged:
+        return ["", f"Rollout-vs-trainer mismatch: no step above KL {warn_kl:g} (largest {max(kl.values()):.3g})."]
+    diff = {m.step: m.value for m in client.get_metric_history(run_id, "rollout/logp_abs_diff")}
+    stale = {m.step: m.value for m in client.get_metric_history(run_id, "rollout/staleness")}
+    lines = ["", f"### Warning: rollout-vs-trainer mismatch above KL {warn_kl:g} at {len(flagged)} step(s)", "",
+             "| step | KL(behaviour ‖ trainer) | mean \\|Δ log p\\| | staleness |", "|---|---|---|---|"]
+    lines += [f"| {s} | {kl.get(s, float('nan')):.4g} | {diff.get(s, float('nan')):.4g} | {stale.get(s, 0):.0f} |"
+              for s in sorted(flagged)[:shown]]
+    if len(flagged) > shown:
+        lines.append(f"\n… and {len(flagged) - shown} more (MLflow: rollout/mismatch_warning)")
+    return lines
+
+
 @task(name="publish-stage-summary", cache_policy=NO_CACHE, **IDEMPOTENT)
 def publish_stage_summary(cfg: PipelineConfig, stage: str, mlflow_run_id: str, metrics: dict[str, float],
                           output: str, registered: str | None = None, seconds: float | None = None) -> None:
@@ -132,5 +152,6 @@ def publish_stage_summary(cfg: PipelineConfig, stage: str, mlflow_run_id: str, m
     if metrics:
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    lines += mismatch_lines(tracking.client_for(cfg.runtime), mlflow_run_id, cfg.rollout.mismatch_warn_kl)
     create_markdown_artifact("\n".join(lines), key=artifact_key(stage),
                              description=f"{stage}: summary of {cfg.resolved_run_name()}")

@@ -1,11 +1,17 @@
 """Rollout workers: Ray actors that hold a copy of the policy and sample GRPO's rollouts.
 
-    trainer rank 0 ── publish(v): weights in chunks ──► object store ──► every worker loads v
+    trainer rank 0 ── publish(v): weights ──► object store chunks | a version directory | NCCL ──► every worker loads v
                   ── submit(step): prompt shards ─────────────────────► worker j samples shard j
                   ◄─ collect(step): rollouts (tokens, log-probs, version) ─┘
 
-A `RolloutPool` is the `r1core.rollout_sources.RolloutSource` of `rollout.backend: workers`,
-driven by rank 0 of the Ray Train job (its actors die with it). Calls on one actor run in the
+A `RolloutPool` is the `r1core.rollout_sources.RolloutSource` of `rollout.backend: workers`
+(`RolloutWorker`: the torch engine) and `vllm` (`r1core.vllm_engine.VLLMSampler`, started with
+the vLLM environment's Python as the actor's runtime environment), driven by rank 0 of the Ray
+Train job (its actors die with it). Weights go by `rollout.sync`: `object_store` (chunks put in
+Ray's object store), `checkpoint` (a safetensors version directory under `weights_dir`, which
+every worker must be able to read; kept until every worker has loaded a newer one) or `nccl`
+(vLLM's native transfer from an `NCCLWeightSender`; after a worker is replaced the group is
+short of a member, so the stage goes on with `checkpoint`). Calls on one actor run in the
 order they were sent, so a generation submitted after publishing version v samples with v or
 newer: the staleness rule of `r1core.rollout_sources` rests on that. Nothing is waited for
 without a deadline: a call that does not answer in time, or whose actor died, costs that actor
@@ -18,17 +24,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from r1core.config import RolloutConfig
 from r1core.engine import Rollout, Sampling
-from r1core.rollout_sources import StepRollouts, weight_chunks, worker_shards
+from r1core.rollout_sources import (
+    StepRollouts,
+    weight_chunks,
+    worker_shards,
+    write_weight_version,
+)
+from r1core.vllm_engine import chunk_spec
 
 log = logging.getLogger("r1.rollouts")
 
@@ -58,6 +72,9 @@ class RolloutWorker:
         # chunk refs arrive inside a list, so Ray leaves them unresolved: fetched one at a time
         return self.sampler.load_weights(version, (ray.get(ref) for ref in chunk_refs))
 
+    def load_checkpoint(self, version: int, path: str) -> float:
+        return self.sampler.load_checkpoint(version, path)
+
     def generate(self, prompts: list[str], n: int, sampling: Sampling) -> tuple[list[Rollout], float]:
         t0 = time.perf_counter()
         rollouts = self.sampler.generate(prompts, n, sampling)
@@ -65,6 +82,46 @@ class RolloutWorker:
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         return self.sampler.score(prompt_ids, completion_ids)
+
+
+class NCCLWeightSender:
+    """The sending end of vLLM's NCCL weight transfer, in vLLM's environment (the trainer cannot
+    import vllm): takes the trainer's chunks from Ray's object store onto its GPU and broadcasts
+    them to every engine (rank 0 of the transfer group)."""
+
+    def __init__(self):
+        from vllm.utils.network_utils import get_ip, get_open_port
+
+        self.address, self.port = get_ip(), get_open_port()
+        self.group = None
+
+    def endpoint(self) -> tuple[str, int]:
+        return self.address, self.port
+
+    def init(self, world_size: int) -> None:
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+        self.group = NCCLWeightTransferEngine.trainer_init(
+            {"master_address": self.address, "master_port": self.port, "world_size": world_size})
+
+    def send(self, chunks: list) -> float:
+        """Broadcast each chunk (a dict of CPU tensors), in order; one engine `update_weights` each."""
+        import torch
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerSendWeightsArgs,
+            NCCLWeightTransferEngine,
+        )
+
+        t0 = time.perf_counter()
+        for ref in chunks:
+            chunk = {k: t.to("cuda", non_blocking=True) for k, t in ray.get(ref).items()}
+            torch.cuda.synchronize()
+            NCCLWeightTransferEngine.trainer_send_weights(
+                iterator=iter(chunk.items()), trainer_args=NCCLTrainerSendWeightsArgs(group=self.group, packed=True))
+        return time.perf_counter() - t0
+
+    def ping(self) -> int:
+        return os.getpid()
 
 
 @dataclass
@@ -75,20 +132,32 @@ class _Call:
     ref: ray.ObjectRef
     timeout_s: float
     generation: tuple | None = None  # (step, shard, prompts, n, sampling, prompt indices) to re-issue
+    load: int | None = None  # the weight version a load call loads
 
 
 class RolloutPool:
-    """`rollout.num_workers` rollout workers (`RolloutWorker`, or `worker_cls`) for one stage."""
+    """`rollout.num_workers` rollout workers (`RolloutWorker`, `VLLMSampler`, or `worker_cls`) for one stage."""
 
     remote = True
 
     def __init__(self, cfg: RolloutConfig, model_dir: str, *, logits_chunk_tokens: int,
-                 worker_cls: type = RolloutWorker, name: str = "rollout"):
-        self.cfg, self.name = cfg, name
-        self.worker_args = (model_dir, cfg.batch_size, logits_chunk_tokens, max(1, int(cfg.cpus_per_worker)),
-                            cfg.use_gpu)
+                 weights_dir: str | None = None, worker_cls: type | None = None, name: str = "rollout"):
+        self.cfg, self.name, self.sync = cfg, name, cfg.sync
+        if self.sync != "object_store" and weights_dir is None:  # nccl falls back to checkpoint
+            raise ValueError(f"weight_sync {self.sync} needs a weights_dir every rollout worker can read")
+        self.weights_dir = Path(weights_dir) if weights_dir else None
+        if cfg.backend == "vllm":
+            from r1core.vllm_engine import VLLMSampler
+
+            worker_cls = worker_cls or VLLMSampler
+            self.worker_args = (model_dir, cfg.vllm.model_dump(), self.sync)
+        else:
+            worker_cls = worker_cls or RolloutWorker
+            self.worker_args = (model_dir, cfg.batch_size, logits_chunk_tokens, max(1, int(cfg.cpus_per_worker)),
+                                cfg.use_gpu)
         self.actor_cls = ray.remote(worker_cls)
-        self.latest: tuple[int, list] | None = None  # (version, chunk refs) a replacement loads
+        self.latest: tuple | None = None  # (version, chunk refs or version directory) a replacement loads
+        self.loaded: list[int] = [-1] * cfg.num_workers  # the newest version each worker answered
         self.results: dict[tuple[int, int], tuple[list[Rollout], float, list[int]]] = {}
         self.shards: dict[int, list[int]] = {}  # step -> the workers holding its shards
         self.load_seconds: list[float] = []  # weight loads answered since the last collect
@@ -96,14 +165,27 @@ class RolloutPool:
         self.actors: list = [None] * cfg.num_workers
         self.pids: list[int | None] = [None] * cfg.num_workers
         self.queues: list[deque[_Call]] = [deque() for _ in range(cfg.num_workers)]
+        self.sender, self.sender_calls = None, deque()  # nccl: the sending end and its broadcasts
         for j in range(cfg.num_workers):
             self._start(j)
+        if self.sync == "nccl":
+            self._init_nccl()
 
     # ------------------------------------------------------------------ the RolloutSource interface
     def publish(self, version: int, weights) -> float:
         t0 = time.perf_counter()
-        refs = [ray.put(chunk) for chunk in weight_chunks(weights, self.cfg.chunk_mb << 20)]
-        self.latest = (version, refs)
+        if self.sync == "checkpoint":
+            path = write_weight_version(self.weights_dir, version, weights, self.cfg.chunk_mb << 20)
+            self.latest = (version, str(path))
+        else:  # one chunk in this process at a time: a 7B model is never copied whole here
+            refs, self.nccl_specs = [], []
+            for chunk in weight_chunks(weights, self.cfg.chunk_mb << 20):
+                refs.append(ray.put(chunk))
+                self.nccl_specs.append(chunk_spec(chunk))
+            self.latest = (version, refs)
+        if self.sync == "nccl":
+            self.sender_calls.append(_Call(f"NCCL broadcast of version {version}",
+                                           self.sender.send.remote(self.latest[1]), self.cfg.sync_timeout_s))
         for j in range(len(self.actors)):
             self._send_load(j)
         return time.perf_counter() - t0
@@ -128,6 +210,11 @@ class RolloutPool:
                 r.prompt_index = idx[r.prompt_index]
             rollouts += shard_rollouts
         rollouts.sort(key=lambda r: r.prompt_index)  # stable: each group keeps its sample order
+        self._drain_sender()
+        if self.cfg.backend == "vllm" and self.cfg.vllm.colocate:  # the trainer's update needs the GPU
+            for j, actor in enumerate(self.actors):
+                self.queues[j].append(_Call("sleep", actor.sleep.remote(), self.cfg.sync_timeout_s))
+        self._prune_versions()
         loads, self.load_seconds = self.load_seconds, []
         return StepRollouts(rollouts, time.perf_counter() - t0,
                             sync_s=max(loads) if loads else 0.0, restarts=self.restarts,
@@ -140,35 +227,102 @@ class RolloutPool:
                                        self.cfg.generate_timeout_s))
 
     def close(self) -> None:
-        for actor in self.actors:
+        for actor in [*self.actors, self.sender]:
             if actor is not None:
                 ray.kill(actor)
         self.latest = None
+        if self.sync == "checkpoint" and self.weights_dir is not None:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ calls, deadlines, replacement
+    def _actor_options(self) -> dict:
+        """Resources and environment of a worker: outside the trainer's placement group (Ray Train
+        captures its workers' children there, where its bundles leave no room)."""
+        cfg = self.cfg
+        options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.use_gpu else 0, "max_restarts": 0,
+                   "scheduling_strategy": PlacementGroupSchedulingStrategy(None)}
+        if cfg.backend == "vllm":
+            options.update(num_gpus=cfg.vllm.tensor_parallel_size, runtime_env=vllm_runtime_env(cfg))
+            if cfg.vllm.colocate:  # on this process's node and GPU, which the trainer holds in Ray's books
+                options.update(num_gpus=0, scheduling_strategy=_this_node(), runtime_env=vllm_runtime_env(
+                    cfg, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")))
+        return options
+
     def _start(self, j: int) -> None:
         cfg = self.cfg
-        # outside the trainer's placement group (Ray Train captures its workers' children there,
-        # where the trainer's bundles leave no room): the workers' resources are their own
-        actor = self.actor_cls.options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
-                                       max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(None),
-                                       ).remote(*self.worker_args)
+        actor = self.actor_cls.options(**self._actor_options()).remote(*self.worker_args)
         try:
             self.pids[j] = ray.get(actor.ping.remote(), timeout=cfg.start_timeout_s)
         except GetTimeoutError:
             ray.kill(actor)
+            needs = (f"{cfg.vllm.tensor_parallel_size} GPU(s)" if cfg.backend == "vllm" and not cfg.vllm.colocate
+                     else "a GPU" if cfg.use_gpu else "")
             raise RolloutWorkerError(
                 f"{self.name} worker {j} did not start within {cfg.start_timeout_s:g}s (it needs "
-                f"{cfg.cpus_per_worker:g} CPUs{' and a GPU' if cfg.use_gpu else ''}: are they free "
+                f"{cfg.cpus_per_worker:g} CPUs{' and ' + needs if needs else ''}: are they free "
                 f"beside the trainer's workers?)") from None
         except RayActorError as e:
             raise RolloutWorkerError(f"{self.name} worker {j} failed to start: {e}") from e
         self.actors[j] = actor
 
+    def _init_nccl(self) -> None:
+        """vLLM's NCCL weight-transfer group: the sender (rank 0, on this process's GPU) and every
+        worker of every engine (ranks 1..)."""
+        self.sender = ray.remote(NCCLWeightSender).options(
+            num_cpus=0, num_gpus=0, max_restarts=0, scheduling_strategy=_this_node(),
+            runtime_env=vllm_runtime_env(self.cfg, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")),
+        ).remote()
+        timeout = self.cfg.start_timeout_s
+        address, port = ray.get(self.sender.endpoint.remote(), timeout=timeout)
+        sizes = ray.get([a.world_size.remote() for a in self.actors], timeout=timeout)
+        world = 1 + sum(sizes)
+        offsets = [1 + sum(sizes[:j]) for j in range(len(sizes))]
+        ray.get([self.sender.init.remote(world),
+                 *(a.init_nccl.remote(address, port, o, world) for a, o in zip(self.actors, offsets, strict=True))],
+                timeout=timeout)
+
+    def _drain_sender(self) -> None:
+        while self.sender_calls:
+            call = self.sender_calls[0]
+            try:
+                ray.get(call.ref, timeout=call.timeout_s)
+            except (GetTimeoutError, RayActorError, ray.exceptions.RayTaskError) as e:
+                raise RolloutWorkerError(f"{self.name} weight sender failed {call.what}: {e!r}") from e
+            self.sender_calls.popleft()
+
+    def _fall_back_to_checkpoint(self, reason: str) -> None:
+        """A broken NCCL group cannot take a new member: the rest of the stage syncs by directory."""
+        log.warning("%s: %s; weight sync falls back from nccl to checkpoint for the rest of the stage",
+                    self.name, reason)
+        self.sync = "checkpoint"
+        if self.sender is not None:
+            ray.kill(self.sender)
+            self.sender, self.sender_calls = None, deque()
+        if self.latest is not None and not isinstance(self.latest[1], str):
+            version, refs = self.latest
+            weights = ((k, t) for ref in refs for k, t in ray.get(ref).items())
+            self.latest = (version, str(write_weight_version(self.weights_dir, version, weights,
+                                                             self.cfg.chunk_mb << 20)))
+
+    def _prune_versions(self) -> None:
+        """Delete version directories that every worker has loaded past."""
+        if self.sync != "checkpoint" or self.weights_dir is None or not self.weights_dir.is_dir():
+            return
+        oldest_needed = min(self.loaded)
+        for d in self.weights_dir.glob("v*"):
+            if d.name[1:].isdigit() and int(d.name[1:]) < oldest_needed and d != Path(self.latest[1]):
+                shutil.rmtree(d, ignore_errors=True)
+
     def _send_load(self, j: int) -> None:
-        version, refs = self.latest
-        self.queues[j].append(_Call(f"load_weights(version {version})",
-                                    self.actors[j].load_weights.remote(version, refs), self.cfg.sync_timeout_s))
+        version, payload = self.latest
+        actor = self.actors[j]
+        if self.sync == "checkpoint":
+            ref = actor.load_checkpoint.remote(version, payload)
+        elif self.sync == "nccl":
+            ref = actor.load_nccl.remote(version, self.nccl_specs)
+        else:
+            ref = actor.load_weights.remote(version, payload)
+        self.queues[j].append(_Call(f"load_weights(version {version})", ref, self.cfg.sync_timeout_s, load=version))
 
     def _send_generation(self, j: int, generation: tuple) -> None:
         step, _, prompts, n, sampling, _ = generation
@@ -184,8 +338,10 @@ class RolloutPool:
             if result is None:  # the worker was replaced; its queue was sent again
                 continue
             self.queues[j].popleft()
-            if call.generation is None:
+            if call.load is not None:
                 self.load_seconds.append(result)
+                self.loaded[j] = call.load
+            if call.generation is None:
                 continue
             step, shard, _, _, _, idx = call.generation
             self.results[(step, shard)] = (*result, idx)
@@ -214,6 +370,8 @@ class RolloutPool:
         log.warning("%s worker %d (pid %s) %s: replacing it (%d/%d)", self.name, j, self.pids[j], reason,
                     self.restarts, self.cfg.max_restarts)
         ray.kill(self.actors[j], no_restart=True)
+        if self.sync == "nccl":
+            self._fall_back_to_checkpoint(f"worker {j} was replaced")
         unfinished = [c.generation for c in self.queues[j] if c.generation is not None]
         self.queues[j].clear()
         self._start(j)
@@ -221,3 +379,16 @@ class RolloutPool:
             self._send_load(j)
         for generation in unfinished:  # same prompts and seeds, on the newest weights
             self._send_generation(j, generation)
+
+
+def _this_node() -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def vllm_runtime_env(cfg: RolloutConfig, **env_vars: str) -> dict:
+    """The Ray runtime environment of a vLLM actor: the vLLM environment's Python, this project
+    on its path (for `r1core.vllm_engine`), and nothing of Prefect's environment."""
+    root = Path(__file__).resolve().parent.parent
+    python = Path(cfg.vllm.python)
+    return {"py_executable": str(python if python.is_absolute() else root / python),
+            "env_vars": {"PYTHONPATH": str(root), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **env_vars}}

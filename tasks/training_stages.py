@@ -24,6 +24,7 @@ from r1core.config import PipelineConfig, StudentConfig
 from r1core.problems import generate_split, pretraining_corpus, read_rows, write_rows
 from r1core.rewards import REWARD_VERSIONS
 from tasks import ray_jobs, tracking
+from tasks.environments import check_vllm_environment
 from tasks.evaluate import REGISTRY_FILE
 from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob
 
@@ -246,10 +247,13 @@ def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_m
         tags["model_rewards"] = json.dumps({k: f"{_registered_of(reward_model_dirs[k])} x{w:g}"
                                             for k, w in recipe.model_rewards.items()})
 
+    rollout = cfg.rollout.for_stage(recipe.rollout)
+    if rollout.backend == "vllm":  # also when started from a deployment, which skips the CLI's check
+        check_vllm_environment(rollout.vllm.python)
+
     def make_job(run_id: str, stage_dir: Path, common: dict) -> GRPOJob:
         _log_training_inputs(cfg, run_id, init_model, data.train_file, tags)
-        common.update(init_model=init_model, train_file=data.train_file, rollout=cfg.rollout.for_stage(recipe.rollout),
-                      code=cfg.code)
+        common.update(init_model=init_model, train_file=data.train_file, rollout=rollout, code=cfg.code)
         if reward_model_dirs:
             return GeneralRLJob(**common, reward_models={k: reward_model_dirs[k] for k in recipe.model_rewards},
                                 languages=cfg.data.languages)

@@ -67,7 +67,8 @@ class RecordingPool(RolloutPool):
         return got
 
 
-def test_synced_worker_scores_like_the_trainer(ray_up, tokenizer, model_dir):
+@pytest.mark.parametrize("sync", ["object_store", "checkpoint"])
+def test_synced_worker_scores_like_the_trainer(ray_up, tokenizer, model_dir, tmp_path, sync):
     policy = build_model(MICRO, tokenizer, seed=3)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 300, (int(n),), generator=g).tolist() for n in (3, 7, 5, 11)]
@@ -76,7 +77,9 @@ def test_synced_worker_scores_like_the_trainer(ray_up, tokenizer, model_dir):
         logp, _ = collate_rollouts(prompts, completions, tokenizer.pad_token_id, packed=False).scored(
             TokenScorer(policy, 8))
     trainer = [row[: len(c)] for row, c in zip(logp.tolist(), completions, strict=True)]
-    pool = RolloutPool(_rollout(num_workers=2, chunk_mb=1), model_dir, logits_chunk_tokens=8)
+    weights_dir = tmp_path / "weights"
+    pool = RolloutPool(_rollout(num_workers=2, chunk_mb=1, weight_sync=sync), model_dir, logits_chunk_tokens=8,
+                       weights_dir=str(weights_dir))
     try:
         before = pool.score(0, prompts, completions)
         assert max(abs(a - b) for r, s in zip(before, trainer, strict=True) for a, b in zip(r, s, strict=True)) > 1e-3
@@ -85,8 +88,16 @@ def test_synced_worker_scores_like_the_trainer(ray_up, tokenizer, model_dir):
             after = pool.score(worker, prompts, completions)
             diff = max(abs(a - b) for r, s in zip(after, trainer, strict=True) for a, b in zip(r, s, strict=True))
             assert diff <= 1e-6, (worker, diff)
+        if sync == "checkpoint":  # a version directory lives until every worker has loaded a newer one
+            pool.publish(2, policy.state_dict().items())
+            assert sorted(d.name for d in weights_dir.iterdir()) == ["v000001", "v000002"]
+            pool.score(0, prompts, completions)
+            pool.score(1, prompts, completions)
+            pool._prune_versions()
+            assert sorted(d.name for d in weights_dir.iterdir()) == ["v000002"]
     finally:
         pool.close()
+    assert not weights_dir.exists()
 
 
 @pytest.mark.parametrize("k", [0, 1])
