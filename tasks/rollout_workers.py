@@ -45,6 +45,7 @@ from r1core.rollout_sources import (
 from r1core.vllm_engine import chunk_spec
 
 log = logging.getLogger("r1.rollouts")
+REPLACED = object()  # what waiting on a call gives when its worker failed it and was replaced
 
 
 class RolloutWorkerError(RuntimeError):
@@ -211,9 +212,10 @@ class RolloutPool:
             rollouts += shard_rollouts
         rollouts.sort(key=lambda r: r.prompt_index)  # stable: each group keeps its sample order
         self._drain_sender()
-        if self.cfg.backend == "vllm" and self.cfg.vllm.colocate:  # the trainer's update needs the GPU
+        if self.cfg.backend == "vllm" and self.cfg.vllm.colocate:  # the trainer's update needs the GPU: wait
             for j, actor in enumerate(self.actors):
                 self.queues[j].append(_Call("sleep", actor.sleep.remote(), self.cfg.sync_timeout_s))
+                self._drain(j)
         self._prune_versions()
         loads, self.load_seconds = self.load_seconds, []
         return StepRollouts(rollouts, time.perf_counter() - t0,
@@ -222,9 +224,12 @@ class RolloutPool:
 
     def score(self, worker: int, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         """Worker `worker`'s log-probs of fixed sequences (after the weights sent so far)."""
-        self._drain(worker)
-        return self._get(worker, _Call("score", self.actors[worker].score.remote(prompt_ids, completion_ids),
-                                       self.cfg.generate_timeout_s))
+        while True:  # a replaced worker is asked again, once it has loaded the latest version
+            self._drain(worker)
+            scores = self._get(worker, _Call("score", self.actors[worker].score.remote(prompt_ids, completion_ids),
+                                             self.cfg.generate_timeout_s))
+            if scores is not REPLACED:
+                return scores
 
     def close(self) -> None:
         for actor in [*self.actors, self.sender]:
@@ -335,7 +340,7 @@ class RolloutPool:
         while self.queues[j]:
             call = self.queues[j][0]
             result = self._get(j, call)
-            if result is None:  # the worker was replaced; its queue was sent again
+            if result is REPLACED:  # its queue was sent again to the replacement
                 continue
             self.queues[j].popleft()
             if call.load is not None:
@@ -349,7 +354,7 @@ class RolloutPool:
                 return
 
     def _get(self, j: int, call: _Call):
-        """The call's result, or None after replacing worker j (which failed it)."""
+        """The call's result, or `REPLACED` after replacing worker j (which failed it)."""
         try:
             return ray.get(call.ref, timeout=call.timeout_s)
         except GetTimeoutError:
@@ -360,7 +365,7 @@ class RolloutPool:
             raise RolloutWorkerError(f"{self.name} worker {j} (pid {self.pids[j]}) failed {call.what}: "
                                      f"{e.cause!r}") from e
         self._replace(j, reason)
-        return None
+        return REPLACED
 
     def _replace(self, j: int, reason: str) -> None:
         if self.restarts >= self.cfg.max_restarts:
