@@ -110,15 +110,12 @@ def doctor(cfg) -> int:
     import platform
     from importlib.metadata import version
 
-    from flows.plan import grpo_rollouts
+    from flows.plan import vllm_users
     from tasks.environments import EnvironmentMismatch, check_vllm_environment, resolve_python
 
     print(f"ok    this environment: Python {platform.python_version()}, " +
           ", ".join(f"{p} {version(p)}" for p in ("torch", "ray", "prefect", "mlflow", "transformers")))
-    uses = {}
-    for stage, rollout in grpo_rollouts(cfg).items():
-        if rollout.backend == "vllm":
-            uses.setdefault(rollout.vllm.python, []).append(stage)
+    uses = vllm_users(cfg)
     failed = False
     for python, stages in sorted(uses.items()):
         try:
@@ -129,7 +126,7 @@ def doctor(cfg) -> int:
             failed = True
             print(f"FAIL  {e} (used by {', '.join(stages)})")
     if not uses:
-        print("ok    no stage uses rollout.backend vllm: no vLLM environment needed")
+        print("ok    no stage samples with vLLM: no vLLM environment needed")
     return 1 if failed else 0
 
 

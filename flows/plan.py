@@ -61,12 +61,24 @@ def grpo_rollouts(cfg: PipelineConfig, stages: list[str] | None = None) -> dict[
             if stages is None or name in stages}
 
 
+def vllm_users(cfg: PipelineConfig, stages: list[str] | None = None) -> dict[str, list[str]]:
+    """vLLM environment (its Python) -> the stages in `stages` that sample with it."""
+    users: dict[str, list[str]] = {}
+    for stage, rollout in grpo_rollouts(cfg, stages).items():
+        if rollout.backend == "vllm":
+            users.setdefault(rollout.vllm.python, []).append(stage)
+    for stage, engine in (("cold_start_data", cfg.cold_start.engine), ("rejection_sampling", cfg.rejection_sampling.engine)):
+        if engine == "vllm" and (stages is None or stage in stages):
+            users.setdefault(cfg.rollout.vllm.python, []).append(stage)
+    return users
+
+
 def check_environments(cfg: PipelineConfig, stages: list[str] | None = None) -> None:
     """Raise `tasks.environments.EnvironmentMismatch` if a stage's vLLM environment is missing or
     differs from this one (before Prefect, Ray or any worker starts)."""
     from tasks.environments import check_vllm_environment
 
-    for python in sorted({r.vllm.python for r in grpo_rollouts(cfg, stages).values() if r.backend == "vllm"}):
+    for python in sorted(vllm_users(cfg, stages)):
         check_vllm_environment(python)
 
 

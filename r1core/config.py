@@ -276,6 +276,12 @@ class PretrainConfig(LMTrainConfig):
 
 
 RolloutBackend = Literal["in_process", "workers", "vllm"]
+# where the Ray Data stages (cold start, rejection sampling) generate: in their own actors (torch),
+# on a fixed pool of rollout workers or vLLM engines (the `rollout` section's), or a server (openai)
+SamplingEngine = Literal["torch", "workers", "vllm"]
+SAMPLING_ENGINE_HELP = ("torch: the Ray Data actors run the checkpoint in-process; workers / vllm: they hand "
+                        "generation to rollout.num_workers rollout workers (torch engine) / vLLM engines "
+                        "(rollout.vllm, in vLLM's environment) holding the checkpoint")
 WeightSync = Literal["object_store", "checkpoint", "nccl"]
 
 
@@ -474,6 +480,7 @@ class ColdStartConfig(Strict):
         None, description="your own candidate examples {prompt, completion, answer, task, language} "
         "(jsonl/parquet), verified and filtered like the generated ones")
     review: ReviewConfig = Field(default_factory=ReviewConfig, description="the optional human review in the Prefect UI")
+    engine: SamplingEngine = Field("torch", description=SAMPLING_ENGINE_HELP)
     compute: ComputeConfig = Field(
         default_factory=lambda: ComputeConfig(cpus_per_worker=1),
         description="Ray Data generation actors (num_workers) and their resources")
@@ -518,9 +525,8 @@ class RejectionSamplingConfig(Strict):
     samples_per_prompt: PositiveInt = Field(4, description="completions sampled per prompt (k)")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=64), description="how candidates are sampled")
-    engine: Literal["torch", "openai"] = Field(
-        "torch", description="torch: actors run the checkpoint in-process; openai: requests to a server "
-        "(vLLM) serving it at base_url")
+    engine: SamplingEngine | Literal["openai"] = Field(
+        "torch", description=SAMPLING_ENGINE_HELP + "; openai: requests to a server (vLLM) serving it at base_url")
     base_url: str | None = Field(None, description="openai engine: the endpoint, e.g. http://host:8000/v1")
     served_model: str | None = Field(None, description="openai engine: the model name the server knows")
     prompts_per_shard: PositiveInt = Field(128, description="unit of generation work and of resumption")

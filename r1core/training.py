@@ -497,17 +497,21 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
 
 
 def _share_rollouts(got: StepRollouts | None, ctx: TrainContext) -> StepRollouts:
-    """Rank 0's rollouts of the whole step, as this rank's share: the rollouts of prompts
-    rank, rank + W, ... (prompt indices renumbered), as `prompts_of` splits prompts in process."""
-    if ctx.world_size > 1:
-        box = [got]
-        torch.distributed.broadcast_object_list(box, src=0)
-        got = box[0]
-        mine = [r for r in got.rollouts if r.prompt_index % ctx.world_size == ctx.rank]
-        for r in mine:
+    """This rank's share of rank 0's rollouts of the step: those of prompts rank, rank + W, ...
+    (prompt indices renumbered), as `prompts_of` splits prompts in process. Rank 0 sends each
+    rank only its share (a scatter, not the whole step to everyone)."""
+    if ctx.world_size == 1:
+        return got
+    shares = None
+    if ctx.rank == 0:
+        shares = [[] for _ in range(ctx.world_size)]
+        for r in got.rollouts:
+            shares[r.prompt_index % ctx.world_size].append(r)
             r.prompt_index //= ctx.world_size
-        got = dataclasses.replace(got, rollouts=mine)
-    return got
+        shares = [dataclasses.replace(got, rollouts=mine) for mine in shares]
+    box: list = [None]
+    torch.distributed.scatter_object_list(box, shares, src=0)
+    return box[0]
 
 
 def _check_mismatch(rollout: RolloutConfig, metrics: dict, step: int) -> None:

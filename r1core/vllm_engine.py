@@ -39,7 +39,7 @@ class CheckpointReload:
 class VLLMSampler:
     """One vLLM engine (`tensor_parallel_size` GPUs) holding a copy of the policy."""
 
-    def __init__(self, model_dir: str, settings: dict, weight_sync: str):
+    def __init__(self, model_dir: str, settings: dict, weight_sync: str, version: int = -1):
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -53,7 +53,7 @@ class VLLMSampler:
                        enforce_eager=settings["enforce_eager"], enable_sleep_mode=settings["colocate"],
                        worker_extension_cls=f"{__name__}.CheckpointReload", seed=0, **kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.version = -1
+        self.version = version  # -1: samples only once a version is published; 0: model_dir as it is
         self.sleeping: set[str] = set()  # what `sleep` freed and no `wake_up` restored yet
 
     def ping(self) -> int:

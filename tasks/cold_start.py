@@ -23,6 +23,7 @@ from r1core.cold_start import ROUTE_MODEL, finish_candidate, route_counts, route
 from r1core.config import PipelineConfig
 from r1core.problems import read_rows, write_rows
 from tasks import tracking
+from tasks.rollout_workers import sampling_engines
 from tasks.rollouts import sample_and_process
 from tasks.training_stages import DataPaths, DatasetResult, log_dataset
 
@@ -73,9 +74,12 @@ def build_candidates(cfg: PipelineConfig, data: DataPaths, model_dirs: dict[str,
     if cs.seed_file:
         requests += _seed_requests(cs.seed_file)
     t0 = time.time()
-    candidates = sample_and_process(requests, functools.partial(finish_candidate, max_words=cs.max_words),
-                                    cs.sampling, cs.samples_per_prompt, cs.compute, cfg.runtime,
-                                    cfg.rollout.batch_size)
+    models = [r["model_dir"] for r in requests if r["model_dir"]]
+    with sampling_engines(cfg.rollout, cs.engine, models, "cold start") as engines:
+        candidates = sample_and_process(requests, functools.partial(finish_candidate, max_words=cs.max_words),
+                                        cs.sampling, cs.samples_per_prompt, cs.compute, cfg.runtime,
+                                        cfg.rollout.batch_size, engines=engines,
+                                        timeout_s=cfg.rollout.generate_timeout_s)
     if Path(model_dirs["base"]).is_dir():
         _reject_over_sft_length(candidates, model_dirs["base"], cfg.cold_start_sft.seq_len)
     else:  # e.g. a seed file alone, before any base exists: the SFT checks lengths when it packs

@@ -43,6 +43,7 @@ from r1core.rejection_sampling import (
 from r1core.validation import read_with_quarantine
 from tasks import tracking
 from tasks.ray_jobs import ensure_ray
+from tasks.rollout_workers import sampling_engines
 from tasks.rollouts import generate_shards, shard_path
 from tasks.training_stages import IDEMPOTENT, DataPaths, DatasetResult, log_dataset
 
@@ -96,12 +97,14 @@ def generate(cfg: PipelineConfig, prompts: list[dict], model_dir: str, run_id: s
         requests = {i: [{**r, "model_dir": model_dir, "generation_prompt": r["prompt"]} for r in shards[i]]
                     for i in pending}
         server = {"base_url": rs.base_url, "model": rs.served_model} if rs.engine == "openai" else None
-        written = generate_shards(requests, str(out), rs.compute, schema=SAMPLE_SCHEMA,
-                                  sampling=rs.sampling.model_dump(), n=rs.samples_per_prompt,
-                                  batch_size=cfg.rollout.batch_size, seed=cfg.runtime.seed, server=server)
-        for done, row in enumerate(written, start=1):
-            logger.info("rejection sampling: shard %d written (%d samples; %d/%d this run)", row["shard"],
-                        row["samples"], done, len(pending))
+        with sampling_engines(cfg.rollout, rs.engine, [model_dir], "rejection sampling") as engines:
+            written = generate_shards(requests, str(out), rs.compute, schema=SAMPLE_SCHEMA,
+                                      sampling=rs.sampling.model_dump(), n=rs.samples_per_prompt,
+                                      batch_size=cfg.rollout.batch_size, seed=cfg.runtime.seed, server=server,
+                                      engines=engines, timeout_s=cfg.rollout.generate_timeout_s)
+            for done, row in enumerate(written, start=1):
+                logger.info("rejection sampling: shard %d written (%d samples; %d/%d this run)", row["shard"],
+                            row["samples"], done, len(pending))
     tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"generation_seconds": time.time() - t0})
     return str(out)
 

@@ -21,6 +21,7 @@ call. The latest version's chunks stay in the object store so that a replacement
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -55,7 +56,8 @@ class RolloutWorkerError(RuntimeError):
 class RolloutWorker:
     """The actor: an `r1core.rollout_sources.PolicySampler` on this worker's CPUs or GPU."""
 
-    def __init__(self, model_dir: str, batch_size: int, logits_chunk_tokens: int, threads: int, use_gpu: bool):
+    def __init__(self, model_dir: str, batch_size: int, logits_chunk_tokens: int, threads: int, use_gpu: bool,
+                 version: int = -1):
         import torch
 
         from r1core.modeling import load_pretrained
@@ -65,6 +67,7 @@ class RolloutWorker:
         model, tokenizer = load_pretrained(model_dir)
         model.to("cuda" if use_gpu else "cpu")
         self.sampler = PolicySampler(model, tokenizer, batch_size, logits_chunk_tokens)
+        self.sampler.version = version  # -1: samples only once a version is published
 
     def ping(self) -> int:
         return os.getpid()
@@ -142,20 +145,24 @@ class RolloutPool:
     remote = True
 
     def __init__(self, cfg: RolloutConfig, model_dir: str, *, logits_chunk_tokens: int,
-                 weights_dir: str | None = None, worker_cls: type | None = None, name: str = "rollout"):
+                 weights_dir: str | None = None, worker_cls: type | None = None, name: str = "rollout",
+                 fixed: bool = False):
         self.cfg, self.name, self.sync = cfg, name, cfg.sync
-        if self.sync != "object_store" and weights_dir is None:  # nccl falls back to checkpoint
+        # fixed: the workers sample `model_dir` as version 0 and nothing is published (cold start,
+        # rejection sampling); else they sample only once the trainer has published a version
+        if self.sync != "object_store" and weights_dir is None and not fixed:  # nccl falls back to checkpoint
             raise ValueError(f"weight_sync {self.sync} needs a weights_dir every rollout worker can read")
         self.weights_dir = Path(weights_dir) if weights_dir else None
         if cfg.backend == "vllm":
             from r1core.vllm_engine import VLLMSampler
 
             worker_cls = worker_cls or VLLMSampler
-            self.worker_args = (model_dir, cfg.vllm.model_dump(), self.sync)
+            self.worker_args = (model_dir, cfg.vllm.model_dump(), "checkpoint" if fixed else self.sync,
+                                0 if fixed else -1)
         else:
             worker_cls = worker_cls or RolloutWorker
             self.worker_args = (model_dir, cfg.batch_size, logits_chunk_tokens, max(1, int(cfg.cpus_per_worker)),
-                                cfg.use_gpu)
+                                cfg.use_gpu, 0 if fixed else -1)
         self.actor_cls = ray.remote(worker_cls)
         self.latest: tuple | None = None  # (version, chunk refs or version directory) a replacement loads
         self.loaded: list[int] = [-1] * cfg.num_workers  # the newest version each worker answered
@@ -169,7 +176,7 @@ class RolloutPool:
         self.sender, self.sender_calls = None, deque()  # nccl: the sending end and its broadcasts
         for j in range(cfg.num_workers):
             self._start(j)
-        if self.sync == "nccl":
+        if self.sync == "nccl" and not fixed:
             self._init_nccl()
 
     # ------------------------------------------------------------------ the RolloutSource interface
@@ -384,6 +391,39 @@ class RolloutPool:
             self._send_load(j)
         for generation in unfinished:  # same prompts and seeds, on the newest weights
             self._send_generation(j, generation)
+
+
+@contextlib.contextmanager
+def fixed_engines(cfg: RolloutConfig, model_dirs: list[str], name: str):
+    """{model dir: actor handles} of `cfg.num_workers` rollout workers (backend workers) or vLLM
+    engines (vllm) per model, each sampling that model as it is (version 0); all stopped after."""
+    pools: list[RolloutPool] = []
+    try:
+        for model_dir in sorted(set(model_dirs)):
+            pools.append(RolloutPool(cfg, model_dir, logits_chunk_tokens=1024, name=f"{name} {cfg.backend}",
+                                     fixed=True))
+        yield {pool.worker_args[0]: list(pool.actors) for pool in pools}
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+@contextlib.contextmanager
+def sampling_engines(rollout: RolloutConfig, engine: str, model_dirs: list[str], name: str):
+    """The engines of a Ray Data stage's `engine` setting: None for torch and openai (the Ray Data
+    actors sample themselves), else `fixed_engines` of that backend with the `rollout` section's
+    resources and vLLM settings (the vLLM environment checked first)."""
+    if engine not in ("workers", "vllm"):
+        yield None
+        return
+    cfg = RolloutConfig.model_validate({**rollout.model_dump(), "backend": engine, "max_staleness": 0,
+                                        "sync_every": 1, "weight_sync": None})
+    if engine == "vllm":
+        from tasks.environments import check_vllm_environment
+
+        check_vllm_environment(cfg.vllm.python)
+    with fixed_engines(cfg, model_dirs, name) as engines:
+        yield engines
 
 
 def _this_node() -> NodeAffinitySchedulingStrategy:

@@ -234,3 +234,47 @@ def test_grpo_with_rollout_workers_through_its_ray_train_loop(tokenizer, rows, t
     assert staleness == [0.0, 1.0, 1.0], staleness
     assert all(m.value < 1e-4 for m in client.get_metric_history(run_id, "rollout/logp_abs_diff")[:1])
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_ray_data_sampling_on_rollout_workers_gives_the_in_actor_samples(ray_up, tokenizer, rows, tmp_path, model_dir):
+    """`rejection_sampling.engine: workers` and `cold_start.engine: workers`: the Ray Data actors
+    hand generation to a fixed pool of rollout workers (one per model) and get exactly the samples
+    the torch engine in the Ray Data actors draws."""
+    import pyarrow.parquet as pq
+
+    from r1core.config import ComputeConfig, SamplingConfig
+    from tasks.rejection_sampling import SAMPLE_SCHEMA
+    from tasks.rollout_workers import sampling_engines
+    from tasks.rollouts import generate_shards, sample_and_process, shard_path
+
+    other = tmp_path / "other"
+    build_model(MICRO, tokenizer, seed=7).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    requests = [{**r, "model_dir": model_dir, "generation_prompt": r["prompt"]} for r in rows[1][:6]]
+    shards = {0: requests[:3], 1: requests[3:]}
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=6)
+    kwargs = dict(schema=SAMPLE_SCHEMA, sampling=sampling.model_dump(), n=2, batch_size=8, seed=0)
+    compute = ComputeConfig(num_workers=1, cpus_per_worker=1)
+    # a quarter CPU each: Ray Data may still be releasing the actor of the run before
+    rollout = _rollout(num_workers=2).model_copy(update={"cpus_per_worker": 0.25})
+
+    def samples(out) -> list[tuple]:
+        return sorted((s["sample_id"], s["completion"], s["finish_reason"])
+                      for i in shards for s in pq.read_table(shard_path(out, i)).to_pylist())
+
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "workers").mkdir()
+    list(generate_shards(shards, str(tmp_path / "torch"), compute, **kwargs))
+    with sampling_engines(rollout, "workers", [model_dir], "test") as engines:
+        assert list(engines) == [model_dir] and len(engines[model_dir]) == 2
+        list(generate_shards(shards, str(tmp_path / "workers"), compute, engines=engines, timeout_s=60, **kwargs))
+    assert samples(tmp_path / "torch") == samples(tmp_path / "workers") and len(samples(tmp_path / "torch")) == 12
+
+    two_models = requests[:2] + [{**r, "model_dir": str(other)} for r in requests[2:4]]  # cold start's routes
+    with sampling_engines(rollout, "workers", [r["model_dir"] for r in two_models], "test") as engines:
+        assert sorted(engines) == sorted({model_dir, str(other)})
+        got = sample_and_process(two_models, lambda row: {**row, "words": len(row["completion"].split())}, sampling,
+                                 2, compute, RuntimeConfig(num_cpus=2), 8, engines=engines, timeout_s=60)
+    assert sorted((r["id"], r["model_dir"]) for r in got) == sorted((r["id"], r["model_dir"]) for r in two_models
+                                                                    for _ in range(2))
+    assert all("words" in r for r in got)

@@ -301,6 +301,51 @@ def _ddp_reductions(d: Path, tok) -> dict[int, int]:
     return counts
 
 
+class _RankZeroSampler:
+    """A remote rollout source kept in rank 0's process (a Ray actor would need a CPU this 2-CPU
+    test has not got): a `PolicySampler` loaded from what the trainer publishes, sampling when
+    a step is submitted, as a rollout worker's FIFO does."""
+
+    remote = True
+
+    def __init__(self, sampler):
+        from r1core.rollout_sources import StepRollouts
+
+        self.sampler, self.pending, self.step_rollouts = sampler, {}, StepRollouts
+
+    def publish(self, version, weights):
+        from r1core.rollout_sources import weight_chunks
+
+        return self.sampler.load_weights(version, weight_chunks(weights, 1 << 16))
+
+    def submit(self, step, prompts, n, sampling):
+        self.pending[step] = self.sampler.generate(prompts, n, sampling)
+
+    def collect(self, step):
+        return self.step_rollouts(self.pending.pop(step), 0.0)
+
+    def close(self):
+        pass
+
+
+def _remote_rollouts_on_two_ranks(d: Path, tok) -> dict:
+    """GRPO under FSDP on 2 ranks with a remote source and k = 1: weights gathered across ranks to
+    publish, rank 0's rollouts scattered (each rank its share), TIS on the behaviour log-probs."""
+    import torch.distributed as dist
+
+    from r1core.config import RolloutConfig
+    from r1core.rollout_sources import PolicySampler
+
+    rollout = RolloutConfig(backend="workers", max_staleness=1)
+    cfg = _configs("fsdp", 300)[1].model_copy(update={"steps": 3})
+    source = _RankZeroSampler(PolicySampler(build_model(MICRO, tok, seed=9), tok, 64, 64)) if dist.get_rank() == 0 else None
+    ctx = TrainContext(d / f"w2-remote-{dist.get_rank()}")
+    grpo_train(cfg, build_model(MICRO, tok, seed=0), build_model(MICRO, tok, seed=0), tok,
+               json.loads((d / "rows.json").read_text()), ctx, seed=0, batch_size=64, rollout=rollout, source=source)
+    return {"steps": [s for s, _ in ctx.history],
+            **{k: [m[k] for _, m in ctx.history] for k in ("rollout/max_staleness", "rollout/logp_abs_diff")}}
+
+
 def _two_worker_loop(config: dict) -> None:
     import torch.distributed as dist
 
@@ -315,6 +360,7 @@ def _two_worker_loop(config: dict) -> None:
     grpo_train(_configs("fsdp", 300)[1], build_model(MICRO, tok, seed=0), build_model(MICRO, tok, seed=0), tok,
                json.loads((d / "rows.json").read_text()), ctx, seed=0, batch_size=64)
     results["grpo_stage_steps"] = [s for s, _ in ctx.history]
+    results["remote_rollouts"] = _remote_rollouts_on_two_ranks(d, tok)
     results["ddp_reductions"] = _ddp_reductions(d, tok)
     # resume on 2 workers from the FSDP run's step-2 checkpoint
     resume_dir = d / "w2-resume"
@@ -381,6 +427,10 @@ def test_the_final_model_is_a_plain_hf_directory_with_the_same_weights(strategy_
         for k, v in one.items():
             torch.testing.assert_close(loaded[k], v, rtol=1e-4, atol=1e-6, msg=f"{s}: {k}")
     assert two["grpo_stage_steps"] == [1, 2]  # a GRPO stage ran under FSDP, sampling included
+    # ... and with a remote rollout source and k = 1: gathered publishes, scattered rollouts
+    remote = two["remote_rollouts"]
+    assert remote["steps"] == [1, 2, 3] and remote["rollout/max_staleness"] == [0.0, 1.0, 1.0], remote
+    assert remote["rollout/logp_abs_diff"][0] < 1e-5, remote  # version 0: the sampler holds the trainer's weights
 
 
 @pytest.mark.slow

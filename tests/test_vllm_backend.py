@@ -217,12 +217,17 @@ def test_each_difference_from_this_environment_is_named():
 def test_doctor_and_run_refuse_a_missing_vllm_environment_before_anything_starts(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     sets = ["--config", "configs/micro.yaml", "--set", f"runtime.workdir={tmp_path}", "--set",
-            "reasoning_rl.rollout.backend=vllm", "--set", f"rollout.vllm.python={tmp_path}/vllm/bin/python"]
+            "reasoning_rl.rollout.backend=vllm", "--set", "rejection_sampling.engine=vllm", "--set",
+            f"rollout.vllm.python={tmp_path}/vllm/bin/python"]
     doctor = subprocess.run([sys.executable, "-m", "flows.cli", "doctor", *sets], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120, check=False)
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
-    assert "FAIL" in doctor.stdout and "make vllm-env" in doctor.stdout and "(used by reasoning_rl)" in doctor.stdout
+    assert "FAIL" in doctor.stdout and "make vllm-env" in doctor.stdout and "(used by reasoning_rl, rejection_sampling)" in doctor.stdout
     run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "stage", "reasoning_rl", *sets], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2 and "make vllm-env" in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]
     assert not (tmp_path / "prefect").exists() and not (tmp_path / "runs").exists()  # nothing started
+    rs = subprocess.run([sys.executable, "-m", "flows.cli", "run", "stage", "rejection_sampling", *sets[:-6], "--set",
+                         "rejection_sampling.engine=vllm", *sets[-2:]], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120, check=False)
+    assert rs.returncode == 2 and "make vllm-env" in rs.stderr, rs.stdout[-2000:] + rs.stderr[-2000:]
