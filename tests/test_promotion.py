@@ -76,3 +76,43 @@ def test_only_idempotent_tasks_are_retried():
                    report.compare_models]  # MLflow's log_table appends: not idempotent
     assert all(t.retries == 2 and t.retry_delay_seconds for t in retried), [t.name for t in retried if not t.retries]
     assert not any(t.retries for t in not_retried), [t.name for t in not_retried if t.retries]
+
+
+def test_the_stage_summary_names_the_steps_whose_rollout_mismatch_was_a_warning(tmp_path, prefect_harness):
+    """A real MLflow store and Prefect's harness: the markdown artifact an operator reads."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from r1core.config import load_config
+    from tasks import tracking
+    from tasks.report import mismatch_lines, publish_stage_summary
+
+    cfg = load_config("configs/micro.yaml", [f"runtime.workdir={tmp_path}"])
+    client = tracking.client_for(cfg.runtime)
+    run = client.create_run(client.create_experiment("mismatch")).info.run_id
+    kls = [0.001, 0.05, 0.002, 0.3]
+    for step, kl in enumerate(kls, start=1):
+        client.log_metric(run, "rollout/mismatch_kl", kl, step=step)
+        client.log_metric(run, "rollout/mismatch_warning", float(kl > cfg.rollout.mismatch_warn_kl), step=step)
+        client.log_metric(run, "rollout/logp_abs_diff", kl * 2, step=step)
+        client.log_metric(run, "rollout/staleness", 1.0, step=step)
+    lines = mismatch_lines(client, run, cfg.rollout.mismatch_warn_kl)
+    assert "at 2 step(s)" in lines[1] and [row.split(" | ")[0] for row in lines[5:]] == ["| 2", "| 4"]
+    assert "| 4 | 0.3 | 0.6 | 1 |" in lines
+    quiet = client.create_run(client.create_experiment("quiet")).info.run_id
+    client.log_metric(quiet, "rollout/mismatch_kl", 0.004, step=1)
+    assert mismatch_lines(client, quiet, 0.01) == ["", "Rollout-vs-trainer mismatch: no step above KL 0.01 "
+                                                       "(largest 0.004)."]
+    in_process = client.create_run(client.create_experiment("in-process")).info.run_id
+    assert mismatch_lines(client, in_process, 0.01) == []
+
+    publish_stage_summary.fn(cfg, "reasoning_rl", run, {"reward": 0.5}, str(tmp_path / "model"))
+
+    async def read():
+        async with get_client() as prefect:
+            return await prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["reasoning-rl"])))
+
+    artifact = asyncio.run(read())[-1]
+    assert "Warning: rollout-vs-trainer mismatch above KL 0.01 at 2 step(s)" in artifact.data

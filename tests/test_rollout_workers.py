@@ -55,11 +55,16 @@ def _train(tokenizer, rows, tmp_path, rollout: RolloutConfig, source=None, polic
 
 
 class RecordingPool(RolloutPool):
-    """Remembers the weight versions of every step's rollouts."""
+    """Remembers the weight versions of every step's rollouts, and the versions published."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.versions: dict[int, set[int]] = {}
+        self.published: list[int] = []
+
+    def publish(self, version, weights):
+        self.published.append(version)
+        return super().publish(version, weights)
 
     def collect(self, step):
         got = super().collect(step)
@@ -116,6 +121,26 @@ def test_rollouts_are_never_staler_than_the_bound(ray_up, tokenizer, rows, tmp_p
     metrics = dict(history)[4]
     assert metrics["rollout/max_staleness"] <= k and metrics["rollout/mismatch_kl"] >= 0
     assert 0 < metrics["rollout/is_weight_mean"] <= rollout.tis_cap
+
+
+def test_a_resumed_stage_syncs_its_checkpoints_version_before_sampling(ray_up, tokenizer, rows, tmp_path, model_dir):
+    """Killed after step 2 and run again (k = 1, weights by version directory): the new workers
+    first get version 2, the checkpoint's, and no rollout is older than the bound allows."""
+    rollout = _rollout(max_staleness=1, weight_sync="checkpoint")
+    runs = []
+    for steps in (2, 4):
+        pool = RecordingPool(rollout, model_dir, logits_chunk_tokens=1024, weights_dir=str(tmp_path / f"w{steps}"))
+        try:
+            policy = build_model(MICRO, tokenizer, seed=3)
+            ctx = TrainContext(tmp_path / "ckpt")  # the same folder: the second run resumes from step 2
+            grpo_train(GRPO.model_copy(update={"steps": steps, "checkpoint_every": 1}), policy,
+                       copy.deepcopy(policy), tokenizer, rows[0], ctx, seed=0, batch_size=256, rollout=rollout,
+                       source=pool)
+        finally:
+            pool.close()
+        runs.append(pool)
+    assert runs[0].published == [0, 1] and runs[0].versions == {0: {0}, 1: {0}}
+    assert runs[1].published[0] == 2 and runs[1].versions == {2: {2}, 3: {2}}, (runs[1].published, runs[1].versions)
 
 
 def test_workers_without_staleness_sample_what_in_process_samples(ray_up, tokenizer, rows, tmp_path, model_dir):
@@ -271,7 +296,8 @@ def test_ray_data_sampling_on_rollout_workers_gives_the_in_actor_samples(ray_up,
     assert samples(tmp_path / "torch") == samples(tmp_path / "workers") and len(samples(tmp_path / "torch")) == 12
 
     two_models = requests[:2] + [{**r, "model_dir": str(other)} for r in requests[2:4]]  # cold start's routes
-    with sampling_engines(rollout, "workers", [r["model_dir"] for r in two_models], "test") as engines:
+    one_each = rollout.model_copy(update={"num_workers": 1})
+    with sampling_engines(one_each, "workers", [r["model_dir"] for r in two_models], "test") as engines:
         assert sorted(engines) == sorted({model_dir, str(other)})
         got = sample_and_process(two_models, lambda row: {**row, "words": len(row["completion"].split())}, sampling,
                                  2, compute, RuntimeConfig(num_cpus=2), 8, engines=engines, timeout_s=60)
