@@ -38,7 +38,7 @@ def job(tmp_path_factory, tokenizer, rows):
                 str(ROOT / "configs" / "micro.yaml"), "--init-model", str(model_dir)]
         for override in (f"runtime.workdir={workdir}", f"rejection_sampling.prompts_file={prompts}",
                          "rejection_sampling.num_prompts=100", "rejection_sampling.prompts_per_shard=4",
-                         "rejection_sampling.samples_per_prompt=8", "rejection_sampling.sampling.max_new_tokens=64",
+                         "rejection_sampling.samples_per_prompt=4", "rejection_sampling.sampling.max_new_tokens=24",
                          f"rejection_sampling.judge.model={model_dir}", "rejection_sampling.error_budget=0.05"):
             args += ["--set", override]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PREFECT_HOME": str(workdir / "prefect"),
@@ -93,7 +93,7 @@ def test_killed_job_resumes_to_the_same_kept_set_without_duplicates(job):
     candidates = {n: _parquet_rows(d / "candidates") for n, d in (("ref", reference), ("resumed", resumed))}
     assert [(c["sample_id"], c["reason"], c["hash"]) for c in candidates["resumed"]] == \
            [(c["sample_id"], c["reason"], c["hash"]) for c in candidates["ref"]]
-    assert len(candidates["ref"]) > SHARDS * 4 * 8  # every sample of every prompt, plus non-reasoning rows
+    assert len(candidates["ref"]) > SHARDS * 4 * 4  # every sample of every prompt, plus non-reasoning rows
     samples = {n: _parquet_rows(d / "samples") for n, d in (("ref", reference), ("resumed", resumed))}
     assert [(s["sample_id"], s["completion"]) for s in samples["resumed"]] == \
            [(s["sample_id"], s["completion"]) for s in samples["ref"]]  # regenerated shards: the same samples
