@@ -174,8 +174,15 @@ class RolloutPool:
         self.pids: list[int | None] = [None] * cfg.num_workers
         self.queues: list[deque[_Call]] = [deque() for _ in range(cfg.num_workers)]
         self.sender, self.sender_calls = None, deque()  # nccl: the sending end and its broadcasts
-        for j in range(cfg.num_workers):
-            self._start(j)
+        self.nccl_specs: list[dict] = []  # nccl: what each chunk of the latest version holds
+        launched = [self._launch() for _ in range(cfg.num_workers)]  # all start at once, then each is awaited
+        try:
+            for j, actor in enumerate(launched):
+                self._await_start(j, actor)
+        except RolloutWorkerError:
+            for actor in launched:
+                ray.kill(actor)
+            raise
         if self.sync == "nccl" and not fixed:
             self._init_nccl()
 
@@ -189,7 +196,8 @@ class RolloutPool:
             refs, self.nccl_specs = [], []
             for chunk in weight_chunks(weights, self.cfg.chunk_mb << 20):
                 refs.append(ray.put(chunk))
-                self.nccl_specs.append(chunk_spec(chunk))
+                if self.sync == "nccl":
+                    self.nccl_specs.append(chunk_spec(chunk))
             self.latest = (version, refs)
         if self.sync == "nccl":
             self.sender_calls.append(_Call(f"NCCL broadcast of version {version}",
@@ -256,13 +264,18 @@ class RolloutPool:
         if cfg.backend == "vllm":
             options.update(num_gpus=cfg.vllm.tensor_parallel_size, runtime_env=vllm_runtime_env(cfg))
             if cfg.vllm.colocate:  # on this process's node and GPU, which the trainer holds in Ray's books
-                options.update(num_gpus=0, scheduling_strategy=_this_node(), runtime_env=vllm_runtime_env(
-                    cfg, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")))
+                options.update(num_gpus=0, scheduling_strategy=_this_node(),
+                               runtime_env=vllm_runtime_env(cfg, **_this_gpu()))
         return options
 
+    def _launch(self):
+        return self.actor_cls.options(**self._actor_options()).remote(*self.worker_args)
+
     def _start(self, j: int) -> None:
+        self._await_start(j, self._launch())
+
+    def _await_start(self, j: int, actor) -> None:
         cfg = self.cfg
-        actor = self.actor_cls.options(**self._actor_options()).remote(*self.worker_args)
         try:
             self.pids[j] = ray.get(actor.ping.remote(), timeout=cfg.start_timeout_s)
         except GetTimeoutError:
@@ -282,7 +295,7 @@ class RolloutPool:
         worker of every engine (ranks 1..)."""
         self.sender = ray.remote(NCCLWeightSender).options(
             num_cpus=0, num_gpus=0, max_restarts=0, scheduling_strategy=_this_node(),
-            runtime_env=vllm_runtime_env(self.cfg, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")),
+            runtime_env=vllm_runtime_env(self.cfg, **_this_gpu()),
         ).remote()
         timeout = self.cfg.start_timeout_s
         address, port = ray.get(self.sender.endpoint.remote(), timeout=timeout)
@@ -397,14 +410,14 @@ class RolloutPool:
 def fixed_engines(cfg: RolloutConfig, model_dirs: list[str], name: str):
     """{model dir: actor handles} of `cfg.num_workers` rollout workers (backend workers) or vLLM
     engines (vllm) per model, each sampling that model as it is (version 0); all stopped after."""
-    pools: list[RolloutPool] = []
+    pools: dict[str, RolloutPool] = {}
     try:
         for model_dir in sorted(set(model_dirs)):
-            pools.append(RolloutPool(cfg, model_dir, logits_chunk_tokens=1024, name=f"{name} {cfg.backend}",
-                                     fixed=True))
-        yield {pool.worker_args[0]: list(pool.actors) for pool in pools}
+            pools[model_dir] = RolloutPool(cfg, model_dir, logits_chunk_tokens=1024, name=f"{name} {cfg.backend}",
+                                           fixed=True)
+        yield {model_dir: list(pool.actors) for model_dir, pool in pools.items()}
     finally:
-        for pool in pools:
+        for pool in pools.values():
             pool.close()
 
 
@@ -424,6 +437,11 @@ def sampling_engines(rollout: RolloutConfig, engine: str, model_dirs: list[str],
         check_vllm_environment(cfg.vllm.python)
     with fixed_engines(cfg, model_dirs, name) as engines:
         yield engines
+
+
+def _this_gpu() -> dict[str, str]:
+    """The GPU(s) Ray gave this process, for an actor that shares them (Ray's books show them taken)."""
+    return {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
 
 
 def _this_node() -> NodeAffinitySchedulingStrategy:

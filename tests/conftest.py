@@ -26,6 +26,15 @@ def tokenizer(rows):
     return train_tokenizer(pretraining_corpus(train, PretrainConfig(corpus_docs=500), seed=0), vocab_size=400)
 
 
+def write_model_dir(path: Path, model_cfg, tokenizer, seed: int) -> str:
+    """A randomly initialised model of `model_cfg` and the tokenizer, as an HF directory."""
+    from r1core.modeling import build_model
+
+    build_model(model_cfg, tokenizer, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def _write_seed_examples(data_cfg, path, n: int = 8) -> list[dict]:
     """`n` candidate cold-start examples of our own for the config's train rows: all readable
     and right except the 7th (mixes languages) and the 8th (wrong answer)."""

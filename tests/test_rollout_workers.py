@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 import torch
+from conftest import write_model_dir
 
 from r1core.batching import collate_rollouts
 from r1core.config import CodeRewardConfig, GRPOConfig, ModelConfig, RolloutConfig, RuntimeConfig
@@ -35,10 +36,7 @@ def ray_up():
 @pytest.fixture
 def model_dir(tmp_path, tokenizer):
     """A model directory the workers start from (other weights than the trainer's: syncs must overwrite them)."""
-    d = tmp_path / "init"
-    build_model(MICRO, tokenizer, seed=99).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
+    return write_model_dir(tmp_path / "init", MICRO, tokenizer, seed=99)
 
 
 def _rollout(**kw) -> RolloutConfig:
@@ -240,9 +238,7 @@ def test_grpo_with_rollout_workers_through_its_ray_train_loop(tokenizer, rows, t
     from tasks import ray_jobs
     from tasks.jobs import GRPOJob
 
-    base = tmp_path / "base"
-    build_model(MICRO, tokenizer, seed=0).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = write_model_dir(tmp_path / "base", MICRO, tokenizer, seed=0)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[0][:40]))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -272,9 +268,7 @@ def test_ray_data_sampling_on_rollout_workers_gives_the_in_actor_samples(ray_up,
     from tasks.rollout_workers import sampling_engines
     from tasks.rollouts import generate_shards, sample_and_process, shard_path
 
-    other = tmp_path / "other"
-    build_model(MICRO, tokenizer, seed=7).save_pretrained(other)
-    tokenizer.save_pretrained(other)
+    other = write_model_dir(tmp_path / "other", MICRO, tokenizer, seed=7)
     requests = [{**r, "model_dir": model_dir, "generation_prompt": r["prompt"]} for r in rows[1][:6]]
     shards = {0: requests[:3], 1: requests[3:]}
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=6)

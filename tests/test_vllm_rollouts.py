@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from conftest import write_model_dir
 
 from r1core.batching import collate_rollouts
 from r1core.config import GRPOConfig, ModelConfig, RolloutConfig, RuntimeConfig
@@ -51,10 +52,7 @@ def ray_up():
 
 @pytest.fixture
 def model_dir(tmp_path, tokenizer):
-    d = tmp_path / "init"
-    build_model(SMALL, tokenizer, seed=99).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
+    return write_model_dir(tmp_path / "init", SMALL, tokenizer, seed=99)
 
 
 @pytest.mark.parametrize("sync", ["checkpoint", "nccl"])
