@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup vllm-env doctor demo ablation-lc test test-fast ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory clean
+.PHONY: setup vllm-env doctor demo ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory clean
 
 setup: $(STAMP)
 
@@ -42,11 +42,16 @@ ablation-lc: setup
 	$(BIN)/r1 run stage reasoning_rl --init-model models:/r1-cold-start@newest --no-register \
 		--set reasoning_rl.rewards.language_consistency=0 $(ARGS)
 
+# `make test`: every test but the slow-marked end-to-end ones (real pipelines, fault drills);
+# `make test-slow` runs those; CI (.ci/run) runs both, so nothing is left untested
 test: setup
-	$(BIN)/pytest -v $(ARGS)
+	$(BIN)/pytest -v -m "not slow" $(ARGS)
 
-test-fast: setup
-	$(BIN)/pytest -m "not slow" $(ARGS)
+test-slow: setup
+	$(BIN)/pytest -v -m slow $(ARGS)
+
+test-all: setup
+	$(BIN)/pytest -v $(ARGS)
 
 # Prefect UI (deployments served) + MLflow UI on 127.0.0.1, on the demo's stores; Ctrl-C stops all
 ui: setup
