@@ -128,16 +128,19 @@ def stage_flow(name: str):
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
+            from tasks.lifecycle import workdir_lock
             from tasks.training_stages import prepare_data
 
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             params = bound.arguments
-            if "data" in params and params["data"] is None:
-                params["data"] = prepare_data(params["config"])
-            if "init_model" in params and params["init_model"] is None and entry.starts_from:
-                params["init_model"] = model_dir(params["config"], entry.starts_from)
-            return fn(**params)
+            with workdir_lock(params["config"].runtime.workdir, f"stage {name}"):
+                reconcile_stale_runs(params["config"])
+                if "data" in params and params["data"] is None:
+                    params["data"] = prepare_data(params["config"])
+                if "init_model" in params and params["init_model"] is None and entry.starts_from:
+                    params["init_model"] = model_dir(params["config"], entry.starts_from)
+                return fn(**params)
 
         run.__annotations__ = typing.get_type_hints(fn)
         run.__signature__ = signature
@@ -146,6 +149,69 @@ def stage_flow(name: str):
         return stage_flow_
 
     return bind
+
+
+OWNER_TAG_PREFIX = "r1-owner:"  # a Prefect flow-run tag: r1-owner:<host>:<pid>:<pid start>
+
+
+def owner_tags() -> list[str]:
+    """The Prefect tags that name this process as the owner of the flow runs it starts."""
+    from tasks.lifecycle import owner
+
+    me = owner()
+    return [f"{OWNER_TAG_PREFIX}{me['host']}:{me['pid']}:{me['pid_start']}"]
+
+
+_reconciled: set[str] = set()  # tracking URIs reconciled by this process
+
+
+def reconcile_stale_runs(config) -> None:
+    """Once per process and store: MLflow runs and Prefect flow runs left RUNNING by an owner that
+    is gone (a driver killed by SIGKILL) are marked KILLED and Crashed, each saying why."""
+    from prefect import get_run_logger
+
+    from tasks import tracking
+
+    uri = tracking.tracking_uri(config.runtime)
+    if uri in _reconciled:
+        return
+    _reconciled.add(uri)
+    killed = tracking.reconcile_stale_runs(config.runtime)
+    try:
+        crashed = crash_orphaned_flow_runs()
+    except Exception as e:  # best effort: a stale flow run in the UI must not stop this one
+        get_run_logger().warning("could not check for flow runs of dead owners: %s", e)
+        crashed = []
+    if killed or crashed:
+        get_run_logger().warning("closed %d MLflow run(s) and %d Prefect flow run(s) whose owner is gone",
+                                 len(killed), len(crashed))
+
+
+def crash_orphaned_flow_runs() -> list[str]:
+    """Mark Crashed every Running or Pending flow run whose `r1-owner` process is gone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from tasks.lifecycle import owner, owner_alive
+
+    crashed = []
+    states = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING,
+                                                                                      StateType.PENDING])))
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=states, limit=200):
+            for tag in run.tags:
+                if not tag.startswith(OWNER_TAG_PREFIX):
+                    continue
+                host, _, rest = tag[len(OWNER_TAG_PREFIX):].partition(":")
+                pid, _, pid_start = rest.partition(":")
+                if owner_alive({"host": host, "pid": pid, "pid_start": pid_start}) is False:
+                    client.set_flow_run_state(run.id, Crashed(
+                        message=f"its owner (pid {pid} on {host}) ended without finishing it; marked by pid "
+                                f"{owner()['pid']}"), force=True)
+                    crashed.append(str(run.id))
+    return crashed
 
 
 def stage_flows() -> dict[str, object]:

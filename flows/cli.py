@@ -15,26 +15,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from flows import catalog
 from r1core.config import ConfigError, load_config
 
-LOCAL_PREFECT_UI = "http://127.0.0.1:4200/api"  # what `make ui` starts
-
 
 def local_defaults(workdir: str) -> None:
     """Project-local Prefect home unless PREFECT_API_URL / PREFECT_HOME point elsewhere; runs go
-    to the Prefect server of `make ui` when one is up, else to an ephemeral local API."""
-    if "PREFECT_API_URL" not in os.environ and _healthy(LOCAL_PREFECT_UI + "/health"):
-        os.environ["PREFECT_API_URL"] = LOCAL_PREFECT_UI
+    to the Prefect server that `make ui` started for this same workdir when it is up, else to an
+    ephemeral local API (never to whatever else listens on 127.0.0.1:4200)."""
+    if "PREFECT_API_URL" not in os.environ and (url := _this_workdirs_ui(workdir)):
+        os.environ["PREFECT_API_URL"] = url
     home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect")))
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server gets 20 s to start by default: too tight on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def _this_workdirs_ui(workdir: str) -> str | None:
+    """The API URL of the Prefect server `r1 ui` runs for `workdir`, if its launcher is alive."""
+    from flows.ui import pid_file
+
+    try:
+        started = json.loads(pid_file(workdir).read_text())
+        os.kill(int(started["launcher"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    url = f"{started['prefect'].rstrip('/')}/api"
+    return url if _healthy(url + "/health") else None
 
 
 def _healthy(url: str) -> bool:
@@ -48,6 +61,8 @@ def _healthy(url: str) -> bool:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks of errors (a bad input is otherwise one line)")
     p.add_argument("--config", help="profile YAML (default configs/tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set r1_zero.steps=10 (repeatable)")
@@ -55,6 +70,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="r1", description="DeepSeek-R1 recipe: Prefect + Ray + MLflow")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline or one stage as Prefect flows")
     run_sub = run.add_subparsers(dest="what", required=True)
@@ -88,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
                                   "registered name")
     _config_args(sub.add_parser("config", help="print the resolved configuration"))
     _config_args(sub.add_parser("doctor", help="check the environments the configuration uses (this one, and "
-                                               "the vLLM environment of rollout.backend vllm) before a run"))
+                                               "the vLLM environment of rollout.backend vllm) and the files it "
+                                               "names (data rows, models) before a run"))
     plan = sub.add_parser("plan", help="per stage and worker: estimated memory (parameters, gradients, optimizer, "
                                        "activations, logits, reference, generation) and tokens per step")
     plan.add_argument("--json", action="store_true", help="the plans as JSON")
@@ -127,28 +144,66 @@ def doctor(cfg) -> int:
             print(f"FAIL  {e} (used by {', '.join(stages)})")
     if not uses:
         print("ok    no stage samples with vLLM: no vLLM environment needed")
+    from flows.preflight import check_inputs
+
+    try:
+        for line in check_inputs(cfg):
+            print(f"ok    {line}")
+    except ConfigError as e:
+        failed = True
+        print(f"FAIL  {e}")
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a failure while running, 2 a bad input (one line naming it, nothing
+    started)."""
+    from tasks.lifecycle import WorkdirBusy, exit_code, interrupted
+
     args = parser().parse_args(argv)
+    try:
+        return command(args)
+    except (ConfigError, WorkdirBusy) as e:
+        if args.verbose:
+            raise
+        print(f"r1: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit) as e:  # Ray Train re-raises an interrupt as SystemExit
+        if (signum := interrupted()) is None and not isinstance(e, KeyboardInterrupt):
+            raise
+        signum = signum or signal.SIGINT
+        print(f"r1: stopped by {signal.Signals(signum).name}; the stage's runs are marked KILLED, and a re-run "
+              "resumes from the last checkpoint", file=sys.stderr)
+        return exit_code(signum)
+    except Exception as e:
+        if args.verbose:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"r1: {type(e).__name__}: {first}  (`r1 -v ...` shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def command(args: argparse.Namespace) -> int:
+    from flows.preflight import check_data, check_inputs, resolve_model_argument
+
     if args.command == "data":
         return import_code(args.file, args.out)
     if args.command == "stages":
         print(stage_table())
         return 0
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "eval":
-            overrides = {"k": args.k, "num_prompts": args.num_prompts}
-            cfg.eval = cfg.eval.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-            if not Path(args.data).is_file():
-                raise ConfigError(f"--data: file not found: '{args.data}'")
-            if len(args.model) > 1 and args.base_url:
-                raise ConfigError("--base-url evaluates one served model: compare several --model in-process")
-    except ConfigError as e:
-        print(f"r1: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "eval":
+        overrides = {"k": args.k, "num_prompts": args.num_prompts}
+        cfg.eval = cfg.eval.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        if not Path(args.data).is_file():
+            raise ConfigError(f"--data: file not found: '{args.data}'")
+        check_data(args.data, "--data", cfg.data.error_budget)
+        if len(args.model) > 1 and args.base_url:
+            raise ConfigError("--base-url evaluates one served model: compare several --model in-process")
+        if args.base_url and not args.served_model:
+            raise ConfigError("--base-url needs --served-model")
+        if not args.base_url:
+            args.model_dirs = {m: resolve_model_argument(m, "--model", cfg) for m in args.model}
 
     if args.command == "plan":
         from flows.plan import plan_all
@@ -171,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             check(cfg, stages)
             check_environments(cfg, stages)
         except (PlanError, EnvironmentMismatch) as e:
-            print(f"r1: {e}", file=sys.stderr)
-            return 2
+            raise ConfigError(str(e)) from None
+        check_inputs(cfg)
+        flow_kwargs = stage_arguments(cfg, args) if args.what == "stage" else {}
     if args.command == "config":
         import yaml
 
@@ -185,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             return ui.stop_running(cfg.runtime.workdir)
         config_args = ([f"--config={Path(args.config).resolve()}"] if args.config else []) + [f"--set={o}" for o in args.overrides]
         return ui.run(cfg, config_args, args.prefect_port, args.mlflow_port, args.artifacts_destination)
+    if args.command == "run":
+        return run_flows(cfg, args, flow_kwargs)
     local_defaults(cfg.runtime.workdir)
     if args.command == "eval":
         print(json.dumps(run_eval(cfg, args), indent=None))
@@ -197,33 +255,50 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         serve(cfg)
         return 0
-    if args.what == "pipeline":
-        from flows.pipeline import r1_pipeline
+    return 0
 
-        results = r1_pipeline(config=cfg)
-        print_summary(cfg, results)
-        return 0
-    stage_flow = catalog.stage_flows()[args.name]
-    kwargs = {}
-    if args.init_model:
-        if "init_model" not in stage_flow.parameters.properties:
-            print(f"r1: --init-model does not apply to stage {args.name}", file=sys.stderr)
-            return 2
-        from tasks.evaluate import resolve_model
 
-        kwargs["init_model"] = str(Path(resolve_model(args.init_model, cfg)).resolve())
-    if args.no_register:
-        if "register_model" not in stage_flow.parameters.properties:
-            print(f"r1: --no-register does not apply to stage {args.name}", file=sys.stderr)
-            return 2
-        kwargs["register_model"] = False
-    result = stage_flow(config=cfg, **kwargs)
+def run_flows(cfg, args, flow_kwargs: dict) -> int:
+    """`r1 run`: the pipeline or one stage as Prefect flows in this process, holding the workdir,
+    with SIGTERM / SIGINT stopping it cleanly and a watchdog that kills whatever it started if
+    it is killed itself."""
+    from prefect import tags
+
+    from tasks import lifecycle
+
+    with lifecycle.workdir_lock(cfg.runtime.workdir, " ".join(["r1", *sys.argv[1:]])), lifecycle.handle_signals():
+        lifecycle.start_watchdog()
+        local_defaults(cfg.runtime.workdir)
+        with tags(*catalog.owner_tags()):
+            if args.what == "pipeline":
+                from flows.pipeline import r1_pipeline
+
+                print_summary(cfg, r1_pipeline(config=cfg))
+                return 0
+            result = catalog.stage_flows()[args.name](config=cfg, **flow_kwargs)
     results = result if isinstance(result, dict) else {args.name: result}
     print(json.dumps({k: r.model_dump() for k, r in results.items()}, indent=1))
     models = {k: r for k, r in results.items() if hasattr(r, "model_dir")}  # a data stage has a dataset instead
     if models:
         print_summary(cfg, models, title=f"stage {args.name}")
     return 0
+
+
+def stage_arguments(cfg, args) -> dict:
+    """The stage flow's arguments from --init-model (checked intact) and --no-register."""
+    from flows.preflight import resolve_model_argument
+
+    parameters = catalog.stage_flows()[args.name].parameters.properties
+    kwargs = {}
+    if args.init_model:
+        if "init_model" not in parameters:
+            raise ConfigError(f"--init-model does not apply to stage {args.name}")
+        kwargs["init_model"] = str(Path(resolve_model_argument(args.init_model, "--init-model", cfg)).resolve())
+    if args.no_register:
+        if "register_model" not in parameters:
+            raise ConfigError(f"--no-register does not apply to stage {args.name}")
+        kwargs["register_model"] = False
+    return kwargs
 
 
 def stage_table() -> str:
@@ -257,15 +332,13 @@ def run_eval(cfg, args) -> dict:
 
     rows = read_rows(args.data)
     if len(args.model) > 1:
-        return paired_comparison(cfg, args.model, rows)
+        return paired_comparison(cfg, args.model_dirs, rows)
     (model,) = args.model
     if args.base_url:
         from r1core import code_rewards
         from r1core.engine import OpenAIEngine
         from r1core.evaluation import evaluate_heldout
 
-        if not args.served_model:
-            raise SystemExit("r1: --base-url needs --served-model")
         tokenizer = None
         if Path(model).is_dir():
             from transformers import AutoTokenizer
@@ -273,24 +346,26 @@ def run_eval(cfg, args) -> dict:
             tokenizer = AutoTokenizer.from_pretrained(model)
         code_rewards.configure(cfg.code)
         return evaluate_heldout(OpenAIEngine(args.base_url, args.served_model, tokenizer), rows, cfg.eval)
-    return evaluate_in_process(cfg, model, rows)
+    return evaluate_in_process(cfg, args.model_dirs[model], rows)
 
 
-def evaluate_in_process(cfg, model: str, rows: list[dict], per_prompt: bool = False):
-    """`tasks.evaluate.evaluate_locally` of a model dir or `models:/` URI, as this configuration asks."""
-    from tasks.evaluate import evaluate_locally, resolve_model
+def evaluate_in_process(cfg, model_dir: str, rows: list[dict], per_prompt: bool = False):
+    """`tasks.evaluate.evaluate_locally` of a model directory, as this configuration asks."""
+    from tasks.evaluate import evaluate_locally
 
-    return evaluate_locally(resolve_model(model, cfg), rows, cfg.eval, cfg.rollout.batch_size,
+    return evaluate_locally(model_dir, rows, cfg.eval, cfg.rollout.batch_size,
                             threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code, per_prompt=per_prompt)
 
 
-def paired_comparison(cfg, models: list[str], rows: list[dict]) -> dict:
-    """Each model's metrics, and each further model minus the first, prompt by prompt."""
+def paired_comparison(cfg, model_dirs: dict[str, str], rows: list[dict]) -> dict:
+    """Each model's metrics, and each further model minus the first, prompt by prompt (keyed by
+    the names given: directories or `models:/` URIs)."""
     from r1core.evaluation import paired_difference
 
+    models = list(model_dirs)
     metrics, scores = {}, {}
     for model in models:
-        metrics[model], scores[model] = evaluate_in_process(cfg, model, rows, per_prompt=True)
+        metrics[model], scores[model] = evaluate_in_process(cfg, model_dirs[model], rows, per_prompt=True)
     first = models[0]
     return {"models": metrics,
             f"minus {first}": {m: {name: paired_difference(scores[first][name], scores[m][name])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.catalog import reconcile_stale_runs
 from flows.plan import check as check_memory_plan
 from flows.stage_flows import (
     cold_start_data_flow,
@@ -45,7 +46,8 @@ from flows.stage_flows import (
     sft_flow,
 )
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
-from tasks import tracking
+from tasks import lifecycle, tracking
+from tasks.lifecycle import workdir_lock
 from tasks.report import compare_models
 from tasks.training_stages import StageResult, prepare_data
 
@@ -53,8 +55,14 @@ from tasks.training_stages import StageResult, prepare_data
 @flow(name="r1_pipeline", log_prints=True)
 def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResult]:
     """Run the R1 recipe end to end on one profile; returns each stage's result."""
+    with workdir_lock(config.runtime.workdir, "r1_pipeline"):
+        return _pipeline(config)
+
+
+def _pipeline(config: PipelineConfig) -> dict[str, StageResult]:
     logger = get_run_logger()
     check_memory_plan(config)  # a job that cannot fit fails here, before any stage runs
+    reconcile_stale_runs(config)
     parent = tracking.start_run(
         config.runtime, f"r1_pipeline/{config.resolved_run_name()}",
         params=config.model_dump(mode="json", exclude={"runtime"}),
@@ -63,6 +71,7 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
         description="DeepSeek-R1 recipe: base model, R1-Zero, cold start, reasoning-oriented RL, rejection "
                     "sampling, SFT, reward models, general RL, distillation; the comparison of every model is "
                     "in the artifacts (comparison/).",
+        continue_run=True,
     )
     status = "FAILED"
     try:
@@ -95,8 +104,8 @@ def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResul
         status = "FINISHED"
         logger.info("pipeline done: %s", {n: r.metrics.get("pass@1") for n, r in results.items()})
         return results
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:
+        status = lifecycle.ending_status(e)
         raise
     finally:
         tracking.end_run(config.runtime, parent, status)

@@ -1,15 +1,20 @@
-"""Atomic checkpoints: write into a temporary directory, mark it complete, then rename.
+"""Atomic, verified checkpoints: write into a temporary directory, record every file's size and
+SHA-256 in a manifest, mark it complete, then rename.
 
 A kill mid-write leaves only a `*.tmp*` directory that resume ignores; a directory without the
-COMPLETE marker is never loaded. Training state is written with `torch.distributed.checkpoint`
-by every worker at once (sharded), into one temporary directory that rank 0 commits.
+COMPLETE marker is never loaded, and one whose files no longer match its manifest (truncated,
+overwritten, missing) is skipped for the newest one that does (`verify`). Training state is
+written with `torch.distributed.checkpoint` by every worker at once (sharded), into one
+temporary directory that rank 0 commits.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +22,7 @@ from pathlib import Path
 import torch
 
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"  # {"files": {relative path: {"size": bytes, "sha256": hex}}}
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -31,11 +37,18 @@ def write_atomically(final_dir: Path, write: Callable[[Path], None], meta: dict 
 
 
 def commit(tmp: Path, final_dir: Path, meta: dict | None = None) -> Path:
-    """Mark a fully written `tmp` complete and move it to `final_dir` (replacing an older copy)."""
-    (tmp / COMPLETE).write_text(json.dumps(meta or {}))
+    """Record the manifest of a fully written `tmp`, flush it to disk, mark it complete and move it
+    to `final_dir` (replacing an older copy): the marker is written only once the files are."""
+    files = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        _fsync(f)
+    _write_synced(tmp / MANIFEST, json.dumps({"files": files}))
+    _write_synced(tmp / COMPLETE, json.dumps(meta or {}))
     if final_dir.exists():  # same step written again (a retried worker): replace it
         shutil.rmtree(final_dir)
     tmp.rename(final_dir)
+    _fsync(final_dir.parent)
     return final_dir
 
 
@@ -43,16 +56,107 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / COMPLETE).is_file()
 
 
+def verify(path: Path) -> str | None:
+    """Why the complete directory `path` cannot be trusted (a file missing, of another size or
+    content than its manifest says, or no readable manifest), or None when every file matches."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        if not isinstance(files, dict):
+            raise ValueError("'files' is not a map")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path / MANIFEST}: no readable manifest ({type(e).__name__}: {e})"
+    for name, want in files.items():
+        f = path / name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            return f"{f}: missing"
+        if size != want.get("size"):
+            return f"{f}: {size} bytes, the manifest says {want.get('size')}"
+        if _sha256(f) != want.get("sha256"):
+            return f"{f}: content differs from the manifest (SHA-256)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / COMPLETE).read_text())
 
 
-def latest_complete(checkpoint_root: Path) -> Path | None:
+def complete_checkpoints(checkpoint_root: Path) -> list[Path]:
+    """The complete `step_*` checkpoints under `checkpoint_root`, newest first (unverified)."""
     root = Path(checkpoint_root)
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step_*") if ".tmp" not in p.name and is_complete(p))
-    return done[-1] if done else None
+        return []
+    return sorted((p for p in root.glob("step_*") if ".tmp" not in p.name and is_complete(p)), reverse=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(read_meta(path).get("step", -1))
+
+
+def check_model_dir(path: str | Path, what: str = "model") -> str | None:
+    """Why `path` is not a loadable HF model directory (no config.json, no weights, a
+    safetensors file that is truncated or whose header is damaged), or None. Cheap: only headers
+    and sizes are read, so that it runs before any training starts."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{what} '{path}': no such directory"
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{what} '{path}': no readable config.json ({type(e).__name__})"
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards and not list(path.glob("pytorch_model*.bin")):
+        return f"{what} '{path}': no weights (*.safetensors or pytorch_model*.bin)"
+    for shard in shards:
+        if problem := safetensors_problem(shard):
+            return f"{what}: {problem}"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable: its 8-byte header length, the JSON header and the data
+    its tensors' offsets need must all be there (the format: u64 length, JSON, raw data)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"'{path}': {size} bytes, shorter than a safetensors header"
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100 << 20):
+            return f"'{path}': header of {header_len} bytes in a file of {size} (truncated or not safetensors)"
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            return f"'{path}': damaged header ({type(e).__name__})"
+    if 8 + header_len + end != size:
+        return f"'{path}': {size} bytes, its header needs {8 + header_len + end} (truncated)"
+    return None
 
 
 def save_training_state(path: Path, model, optimizer, scheduler, step: int, *, rank: int) -> None:

@@ -175,6 +175,8 @@ class DataConfig(Strict):
     countdown_numbers: int = Field(2, ge=2, le=6, description="how many numbers a Countdown row gives")
     train_file: DataFile = Field(None, description="your own train rows {prompt, answer, task} (jsonl/parquet)")
     heldout_file: DataFile = Field(None, description="your own held-out rows (jsonl/parquet)")
+    error_budget: float = Field(0.01, ge=0, le=1, description="largest share of malformed rows tolerated in "
+                                "train_file / heldout_file; the rest go to the run's data/quarantine-*.jsonl")
 
 
 def _general_mix() -> dict[str, float]:
@@ -668,6 +670,10 @@ class RuntimeConfig(Strict):
     ray_address: str | None = Field(None, description="default: a local Ray with num_cpus")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
     seed: int = Field(0, description="seed of initialisation, data order and sampling")
+    tracking_outage_s: PositiveFloat = Field(300, description="seconds a training job buffers and retries its metrics "
+                                             "while the MLflow server is unreachable before the stage fails")
+    max_failures: NonNegativeInt = Field(3, description="times Ray Train restarts a stage's worker group after a "
+                                         "worker dies (each restart resumes from the newest verified checkpoint)")
 
 
 class PipelineConfig(Strict):
@@ -733,16 +739,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{key}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{key}': value is not valid YAML ({_yaml_problem(e)})") from None
     return raw
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """`line 3, column 7: mapping values are not allowed here`, from a YAML error."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
 def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  field '{field}': {e['msg']}")
-    return "\n".join(lines)
+    problems = [f"field '{'.'.join(str(p) for p in e['loc']) or '<root>'}': {e['msg']}" for e in err.errors()]
+    return f"invalid configuration ({source}): " + "; ".join(problems)
 
 
 def validate_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
@@ -757,7 +770,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path) if path else DEFAULT_PROFILE
     if not path.is_file():
         raise ConfigError(f"config file not found: '{path}'")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return validate_config(apply_overrides(raw, overrides or []), source=str(path))

@@ -99,11 +99,18 @@ class TrainContext:
         if self._log_fn:
             self._log_fn(metrics, step)
 
-    def latest_checkpoint(self) -> Path | None:
-        return ckpt.latest_complete(self.checkpoint_dir)
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoints resume may start from, newest first."""
+        return ckpt.complete_checkpoints(self.checkpoint_dir)
 
     def on_checkpoint(self, path: Path | None, step: int, metrics: dict) -> None:
         """Called on every rank after the checkpoint was committed (path is None but on rank 0)."""
+
+    def on_resume(self, path: Path, step: int) -> None:
+        """Called on every rank once the state of checkpoint `path` (of `step`) is loaded."""
+
+    def finish(self) -> None:
+        """Called by rank 0 at the end of the job, before its model is written."""
 
     def autocast(self):
         if self.bf16 and self.device.type == "cuda":
@@ -128,9 +135,22 @@ def save_checkpoint(ctx: TrainContext, model, optimizer, scheduler, step: int, m
 
 
 def resume(ctx: TrainContext, model, optimizer, scheduler) -> int:
-    """Step to start from: 0, or the step of the latest complete checkpoint (state loaded)."""
-    path = ctx.latest_checkpoint()
-    return ckpt.load_training_state(path, model, optimizer, scheduler) if path else 0
+    """Step to start from: 0, or the step of the newest complete checkpoint whose files match
+    its manifest and load (state loaded); each one passed over is logged with the reason."""
+    for path in ctx.checkpoints():
+        problem = ckpt.verify(path)
+        if problem is None:
+            try:
+                step = ckpt.load_training_state(path, model, optimizer, scheduler)
+            except RuntimeError as e:
+                problem = str(e)
+            else:
+                if ctx.rank == 0:
+                    log.info("resuming from %s (step %d)", path, step)
+                ctx.on_resume(path, step)
+                return step
+        log.warning("checkpoint %s is not used: %s; trying the one before", path, problem)
+    return 0
 
 
 def accumulate(model, micro_batches: list, loss_fn, ctx: TrainContext) -> float:

@@ -19,8 +19,16 @@ ANSWER_KINDS = ("integer", "number", "math", "countdown", "code")
 
 REQUIRED_TEXT = ("prompt", "answer", "task")
 
+# Far beyond any context a model here takes (~250k tokens), and a bound on what one row may cost
+# to read: a longer line is quarantined unread (the rest of it skipped), never loaded whole.
+MAX_LINE_BYTES = 1 << 20
 
-class ErrorBudgetExceeded(ValueError):
+
+class DataError(ValueError):
+    """A data file that cannot be used: the message names the file (and the row, where one is at fault)."""
+
+
+class ErrorBudgetExceeded(DataError):
     """More bad rows than the configured share: the message names the file, counts and examples."""
 
 
@@ -67,7 +75,10 @@ def read_jsonl_checked(path: str | Path) -> tuple[list[dict], list[dict]]:
     line of invalid UTF-8 is quarantined rather than failing the whole file."""
     good, bad = [], []
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, raw in enumerate(_bounded_lines(f), start=1):
+            if raw is None:
+                bad.append({"line": line_no, "raw": "", "reason": f"line longer than {MAX_LINE_BYTES >> 20} MiB"})
+                continue
             if not raw.strip():
                 continue
             try:
@@ -85,6 +96,17 @@ def read_jsonl_checked(path: str | Path) -> tuple[list[dict], list[dict]]:
             good += ok
             bad += [{**b, "raw": text.rstrip("\n")} for b in problem]
     return good, bad
+
+
+def _bounded_lines(f):
+    """The file's lines, each read with a size limit: None stands for a line over MAX_LINE_BYTES."""
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
 
 
 def read_checked(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -111,18 +133,40 @@ def within_budget(source: str, good: int, bad: list[dict], error_budget: float) 
                                   f"of {error_budget:.1%} ({shown})")
 
 
-def read_with_quarantine(path: str | Path, quarantine_file: str | Path,
-                         error_budget: float) -> tuple[list[dict], list[dict]]:
-    """(good rows, bad rows) of a file; the bad ones are written (atomically) to
-    `quarantine_file` as `{file, line, raw, reason}` (no file when there are none), and more of
-    them than `error_budget` raises."""
-    good, bad = read_checked(path)
+def write_quarantine(bad: list[dict], source: str | Path, quarantine_file: str | Path) -> None:
+    """The bad rows of `source` as `{file, line, raw, reason}` lines, written atomically (none: no file)."""
     quarantine_file = Path(quarantine_file)
     quarantine_file.unlink(missing_ok=True)
     if bad:
         quarantine_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = quarantine_file.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"file": str(path), **b}, ensure_ascii=False) + "\n" for b in bad))
+        tmp.write_text("".join(json.dumps({"file": str(source), **b}, ensure_ascii=False) + "\n" for b in bad))
         tmp.replace(quarantine_file)
+
+
+def read_with_quarantine(path: str | Path, quarantine_file: str | Path,
+                         error_budget: float) -> tuple[list[dict], list[dict]]:
+    """(good rows, bad rows) of a file; the bad ones are written to `quarantine_file`
+    (`write_quarantine`), and more of them than `error_budget` raises."""
+    good, bad = read_checked(path)
+    write_quarantine(bad, path, quarantine_file)
     within_budget(str(path), len(good), bad, error_budget)
+    return good, bad
+
+
+def read_data_file(path: str | Path, field: str, error_budget: float) -> tuple[list[dict], list[dict]]:
+    """(good rows, bad rows) of a user's data file named by config `field` (e.g.
+    `data.train_file`), bad ones within `error_budget`; an unreadable file, more bad rows than
+    the budget, or no good row at all is a `DataError` naming both."""
+    try:
+        good, bad = read_checked(path)
+    except (OSError, ValueError) as e:  # a parquet file that is not one, a directory without parts
+        raise DataError(f"{field} '{path}': cannot be read: {type(e).__name__}: {e}") from None
+    if not good:
+        reason = f" ({len(bad)} bad; line {bad[0]['line']}: {bad[0]['reason']})" if bad else ""
+        raise DataError(f"{field} '{path}': no usable rows{reason}")
+    try:
+        within_budget(str(path), len(good), bad, error_budget)
+    except DataError as e:
+        raise DataError(f"{field}: {e}") from None
     return good, bad

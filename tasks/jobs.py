@@ -26,6 +26,7 @@ class TrainJob(Strict):
     stage: str  # the stage (or sub-stage) it trains, e.g. r1_zero, distill/small/sft
     tracking_uri: str  # the MLflow tracking URI the workers log to
     run_id: str  # the stage's MLflow run
+    tracking_outage_s: float  # runtime.tracking_outage_s: how long logging may buffer through an outage
     checkpoint_dir: str  # where rank 0 writes step checkpoints
     output_dir: str  # where rank 0 writes the final HF model directory
     compute: TrainComputeConfig  # workers, sharding and memory

@@ -63,6 +63,14 @@ def _init_ray(runtime: RuntimeConfig) -> None:
                  runtime_env={"env_vars": RAY_ENV_DEFAULTS})
 
 
+def stop_workers() -> None:
+    """Stop every Ray job this driver started (a stage interrupted by a signal): its workers die
+    with the driver's connection, before the stage's run is closed."""
+    with _ray_init_lock:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 class RayContext(TrainContext):
     """A Ray Train worker: Ray's process group and device (DDP or FSDP2 wrapping is the base's,
     `r1core.parallel`), metrics to MLflow (rank 0), checkpoints reported to Ray Train and logged
@@ -79,35 +87,68 @@ class RayContext(TrainContext):
         self.bf16 = job.compute.bf16
         self.stage = job.stage
         self.run_id = job.run_id
-        self.client = None
+        self.client = self.tracking = None
         if self.rank == 0:
-            from mlflow import MlflowClient
+            from tasks.tracking import BufferedTracking
 
-            self.client = MlflowClient(job.tracking_uri)
+            self.tracking = BufferedTracking(job.tracking_uri, job.run_id, job.tracking_outage_s)
+            self.client = self.tracking.client
         self.started = time.time()
+        self.logged_through = self._logged_through() if self.rank == 0 else {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         super().log(metrics, step)
         if self.rank == 0:
-            from tasks.tracking import log_metrics
-
-            log_metrics(self.client, self.run_id, metrics, step)
+            # A step replayed after a restart (a worker died after logging it, before the next
+            # checkpoint) recomputes the same values: it is not logged again, so that each curve
+            # has one point per step; the run's `r1.resumes` tag says where training resumed.
+            fresh = {k: v for k, v in metrics.items() if step > self.logged_through.get(k.replace("@", "_at_"), -1)}
+            self.tracking.log_metrics(fresh, step)
+            self.logged_through.update(dict.fromkeys((k.replace("@", "_at_") for k in fresh), step))
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:8])
             log.info("[%s] %s (%.0fs) %s", self.stage, self.progress_line(step), time.time() - self.started, shown)
 
-    def latest_checkpoint(self) -> Path | None:
-        """Ray Train's latest checkpoint (after a worker failure or a re-run of the same job),
-        else the newest complete local one."""
+    def _logged_through(self) -> dict[str, int]:
+        """Metric -> the last step the run already has of it (a run continued after a kill)."""
+        try:
+            keys = self.client.get_run(self.run_id).data.metrics
+            return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
+        except Exception as e:  # tracking down at start: replayed steps may then be logged again
+            log.warning("[%s] cannot read the run's logged steps (%s): replays are not filtered", self.stage, e)
+            return {}
+
+    def on_resume(self, path: Path, step: int) -> None:
+        if self.rank == 0:
+            from tasks.tracking import set_tags
+
+            try:
+                earlier = self.client.get_run(self.run_id).data.tags.get("r1.resumes")
+                set_tags(self.client, self.run_id, {"r1.resumed_from_step": step,
+                                                    "r1.resumes": f"{earlier},{step}" if earlier else str(step)})
+            except Exception as e:  # a tracking outage must not stop training
+                log.warning("[%s] resumed from step %d; tags not recorded (%s)", self.stage, step, e)
+
+    def finish(self) -> None:
+        """Everything still buffered reaches the tracking server (or the outage budget ends)."""
+        if self.tracking is not None:
+            self.tracking.close()
+
+    def checkpoints(self) -> list[Path]:
+        """Ray Train's latest checkpoint (after a worker failure or a re-run of the same job) and
+        the complete local ones, newest step first: whichever is newer wins (a local one at the
+        same step is preferred, as it needs no copy)."""
         import ray.train
 
+        local = super().checkpoints()
         reported = ray.train.get_checkpoint()
-        if reported is not None:
-            local = self.checkpoint_dir.parent / f"restored_checkpoint_rank{self.rank}"  # ranks share a node
-            shutil.rmtree(local, ignore_errors=True)
-            reported.to_directory(str(local))
-            if ckpt.is_complete(local):
-                return local
-        return super().latest_checkpoint()
+        if reported is None:
+            return local
+        restored = self.checkpoint_dir.parent / f"restored_checkpoint_rank{self.rank}"  # ranks share a node
+        shutil.rmtree(restored, ignore_errors=True)
+        reported.to_directory(str(restored))
+        if not ckpt.is_complete(restored):
+            return local
+        return sorted([*local, restored], key=lambda p: (ckpt.checkpoint_step(p), p != restored), reverse=True)
 
     def on_checkpoint(self, path: Path | None, step: int, metrics: dict) -> None:
         import ray.train
@@ -115,7 +156,7 @@ class RayContext(TrainContext):
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
         if path is not None:
-            self.client.log_artifacts(self.run_id, str(path), f"checkpoints/{path.name}")
+            self.tracking.log_artifacts(str(path), f"checkpoints/{path.name}")
 
 
 def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
@@ -135,7 +176,7 @@ def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
         run_config=RunConfig(
             name=run_name,
             storage_path=str(Path(runtime.workdir).resolve() / "ray_results"),
-            failure_config=FailureConfig(max_failures=1),
+            failure_config=FailureConfig(max_failures=runtime.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -157,6 +198,7 @@ def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str) -> N
     weights = parallel.full_state_dict(model, everywhere=False)
     if ctx.rank != 0:
         return
+    ctx.finish()  # the job's last metrics, before its model counts as written
 
     def save(d: Path):
         model.save_pretrained(d, state_dict=weights)

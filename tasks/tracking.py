@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,12 @@ from mlflow.exceptions import MlflowException
 from r1core.config import PROJECT_ROOT, RuntimeConfig
 
 PARENT_TAG = "mlflow.parentRunId"
+OWNER_TAG = "r1.owner"  # {"host", "pid", "pid_start", "started"} of the process that has the run open
+HEARTBEAT_TAG = "r1.heartbeat"  # unix seconds, refreshed every HEARTBEAT_S while the run is open
+END_REASON_TAG = "r1.end_reason"  # why a run was closed by someone other than its owner
+REOPENED_TAG = "r1.reopened"  # how many times a re-run continued this run
+HEARTBEAT_S = 30
+STALE_AFTER_S = 5 * HEARTBEAT_S  # an owner on another host without a heartbeat for this long is gone
 NEWEST_ALIAS = "newest"  # MLflow reserves "latest"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens training runs, not its GenAI views
 
@@ -86,19 +93,98 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 def start_run(runtime: RuntimeConfig, name: str, params: dict | None = None, tags: dict | None = None,
-              parent_run_id: str | None = None, description: str | None = None) -> str:
+              parent_run_id: str | None = None, description: str | None = None, continue_run: bool = False) -> str:
+    """A new MLflow run owned by this process, or with `continue_run` the newest unfinished run of
+    the same name and `tags` (an interrupted earlier attempt at the same work), reopened so that
+    its curves go on where they stopped."""
     client = client_for(runtime)
-    all_tags = {"git_commit": git_commit(), **(tags or {})}
+    if continue_run and (earlier := unfinished_run(runtime, name, tags or {})) is not None:
+        client.update_run(earlier.info.run_id, status="RUNNING")
+        reopened = int(earlier.data.tags.get(REOPENED_TAG, "0")) + 1
+        set_tags(client, earlier.info.run_id, {**_ownership(), REOPENED_TAG: reopened,
+                                               **({PARENT_TAG: parent_run_id} if parent_run_id else {})})
+        _open_runs[earlier.info.run_id] = client
+        return earlier.info.run_id
+    all_tags = {"git_commit": git_commit(), **(tags or {}), **_ownership()}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     if description:
         all_tags["mlflow.note.content"] = description
-    run = client.create_run(experiment_id(runtime), run_name=name, tags=all_tags)
+    run = client.create_run(experiment_id(runtime), run_name=name, tags={k: str(v) for k, v in all_tags.items()})
     if params:
         items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             client.log_batch(run.info.run_id, params=items[i : i + 100])
+    _open_runs[run.info.run_id] = client
     return run.info.run_id
+
+
+def unfinished_run(runtime: RuntimeConfig, name: str, tags: dict):
+    """The newest run of `name` with all of `tags` that did not finish and whose owner is gone."""
+    from tasks.lifecycle import owner_alive
+
+    query = " and ".join([f"attributes.run_name = '{name}'", "attributes.status != 'FINISHED'",
+                          *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    for run in client_for(runtime).search_runs([experiment_id(runtime)], query, order_by=["attributes.start_time DESC"],
+                                               max_results=5):
+        if run.info.status != "RUNNING" or _owner_gone(run, owner_alive):
+            return run
+    return None
+
+
+def _ownership() -> dict[str, str]:
+    from tasks.lifecycle import owner
+
+    _start_heartbeat()
+    return {OWNER_TAG: json.dumps(owner()), HEARTBEAT_TAG: str(int(time.time()))}
+
+
+def _owner_gone(run, owner_alive) -> bool:
+    try:
+        who = json.loads(run.data.tags[OWNER_TAG])
+    except (KeyError, ValueError):
+        return False  # a run from before owners were recorded: not ours to judge
+    alive = owner_alive(who)
+    if alive is None:  # another host: its heartbeat says
+        return time.time() - float(run.data.tags.get(HEARTBEAT_TAG, 0)) > STALE_AFTER_S
+    return not alive
+
+
+def reconcile_stale_runs(runtime: RuntimeConfig) -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment whose owner is gone (a driver killed by
+    SIGKILL, a lost host), ending at its last heartbeat, with a tag saying why. Returns their ids."""
+    from tasks.lifecycle import owner, owner_alive
+
+    client = client_for(runtime)
+    me = owner()
+    closed = []
+    for run in client.search_runs([experiment_id(runtime)], "attributes.status = 'RUNNING'", max_results=1000):
+        if not _owner_gone(run, owner_alive):
+            continue
+        who = json.loads(run.data.tags[OWNER_TAG])
+        last = int(float(run.data.tags.get(HEARTBEAT_TAG, time.time())) * 1000)
+        set_tags(client, run.info.run_id, {END_REASON_TAG: f"owner pid {who.get('pid')} on {who.get('host')} ended "
+                                           f"without closing the run; closed by pid {me['pid']} at {me['started']}"})
+        client.set_terminated(run.info.run_id, status="KILLED", end_time=max(last, run.info.start_time))
+        closed.append(run.info.run_id)
+    return closed
+
+
+_open_runs: dict[str, MlflowClient] = {}  # run id -> its client, while this process has the run open
+
+
+@functools.cache
+def _start_heartbeat() -> None:
+    """A daemon thread (one per process) refreshing the heartbeat tag of this process's open runs."""
+
+    def beat():
+        while True:
+            time.sleep(HEARTBEAT_S)
+            for run_id, client in list(_open_runs.items()):
+                with contextlib.suppress(Exception):  # a tracking outage: the next beat retries
+                    client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+
+    threading.Thread(target=beat, name="r1-mlflow-heartbeat", daemon=True).start()
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int | None = None):
@@ -109,11 +195,73 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
         client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable for longer than `runtime.tracking_outage_s`."""
+
+
+class BufferedTracking:
+    """What a training job sends to its MLflow run, in order, surviving a tracking outage: a call
+    that fails stays queued (metrics, then artifact uploads) and is retried with exponential
+    backoff on the next call and at `close`, while training goes on. An outage longer than
+    `outage_s` raises `TrackingUnavailable` naming the URI. The client does not retry by itself
+    here (MLflow's own HTTP retries would block a training step for minutes)."""
+
+    def __init__(self, uri: str, run_id: str, outage_s: float):
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+        self.client, self.uri, self.run_id, self.outage_s = MlflowClient(uri), uri, run_id, outage_s
+        self.pending: list[tuple[str, object]] = []  # ("metrics", [Metric]) | ("artifacts", (local, path))
+        self.failing_since: float | None = None
+        self.backoff_s, self.next_try = 1.0, 0.0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        if items:
+            self.pending.append(("metrics", items))
+        self.flush()
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        self.pending.append(("artifacts", (local_dir, artifact_path)))
+        self.flush()
+
+    def flush(self, wait: bool = False) -> None:
+        """Send what is queued; `wait`: keep retrying (with backoff) until sent or out of budget."""
+        while self.pending:
+            if time.time() < self.next_try:
+                if not wait:
+                    return
+                time.sleep(max(0.0, self.next_try - time.time()))
+            kind, item = self.pending[0]
+            try:
+                if kind == "metrics":
+                    for i in range(0, len(item), 1000):
+                        self.client.log_batch(self.run_id, metrics=item[i : i + 1000])
+                else:
+                    self.client.log_artifacts(self.run_id, *item)
+            except Exception as e:  # the server down or restarting: any error of the client
+                now = time.time()
+                self.failing_since = self.failing_since or now
+                if now - self.failing_since > self.outage_s:
+                    raise TrackingUnavailable(
+                        f"MLflow tracking at {self.uri} unreachable for {now - self.failing_since:.0f} s, longer than "
+                        f"runtime.tracking_outage_s = {self.outage_s:g} ({type(e).__name__}: {str(e)[:200]})") from e
+                self.next_try, self.backoff_s = now + self.backoff_s, min(2 * self.backoff_s, 30.0)
+                continue
+            self.pending.pop(0)
+            self.failing_since, self.backoff_s, self.next_try = None, 1.0, 0.0
+
+    def close(self) -> None:
+        self.flush(wait=True)
+
+
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]):
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def end_run(runtime: RuntimeConfig, run_id: str, status: str = "FINISHED"):
+    _open_runs.pop(run_id, None)
     client_for(runtime).set_terminated(run_id, status=status)
 
 

@@ -21,9 +21,10 @@ from pydantic import BaseModel
 
 from r1core import checkpoint as ckpt
 from r1core.config import PipelineConfig, StudentConfig
-from r1core.problems import generate_split, pretraining_corpus, read_rows, write_rows
+from r1core.problems import complete_rows, generate_split, pretraining_corpus, read_rows, write_rows
 from r1core.rewards import REWARD_VERSIONS
-from tasks import ray_jobs, tracking
+from r1core.validation import DataError, read_data_file, write_quarantine
+from tasks import lifecycle, ray_jobs, tracking
 from tasks.environments import check_vllm_environment
 from tasks.evaluate import REGISTRY_FILE
 from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob
@@ -103,37 +104,51 @@ class StageCache:
 
 @contextmanager
 def stage_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None, description: str):
-    """A nested MLflow run for the stage, marked FAILED/KILLED if the stage does not finish."""
+    """The stage's nested MLflow run: an interrupted earlier attempt at the same stage and
+    configuration is continued (same run id, its curves go on); marked KILLED if a signal stops
+    the stage (the workers stopped first, so that nothing is logged after its end), FAILED on an
+    error."""
     run_id = tracking.start_run(
         cfg.runtime, stage, params=cfg.model_dump(mode="json", exclude={"runtime"}),
         tags={"stage": stage, "profile": cfg.profile, "run_name": cfg.resolved_run_name(),
               "config_digest": cfg.digest()},
-        parent_run_id=parent_run_id, description=description,
+        parent_run_id=parent_run_id, description=description, continue_run=True,
     )
     try:
         yield run_id
-    except KeyboardInterrupt:
-        tracking.end_run(cfg.runtime, run_id, "KILLED")
-        raise
-    except BaseException:
-        tracking.end_run(cfg.runtime, run_id, "FAILED")
+    except BaseException as e:
+        status = lifecycle.ending_status(e)
+        if status == "KILLED":
+            ray_jobs.stop_workers()
+        tracking.end_run(cfg.runtime, run_id, status)
         raise
     tracking.end_run(cfg.runtime, run_id, "FINISHED")
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE, **IDEMPOTENT)
 def prepare_data(cfg: PipelineConfig) -> DataPaths:
-    """Train/held-out task rows: the user's files when configured, else synthetic by seed."""
+    """Train/held-out task rows: the user's files when configured (bad rows quarantined within
+    `data.error_budget`), else synthetic by seed; written together, atomically, to the run's
+    `data/` (a re-run takes that folder only when it is complete)."""
     out = cfg.run_dir() / "data"
     train_file, heldout_file = out / "train.jsonl", out / "heldout.jsonl"
-    prepared = False
+    quarantined: dict[str, list[dict]] = {}
     if cfg.data.train_file and cfg.data.heldout_file:
-        train, heldout = read_rows(cfg.data.train_file), read_rows(cfg.data.heldout_file)
-    elif train_file.is_file() and heldout_file.is_file():
-        train, heldout, prepared = read_rows(train_file), read_rows(heldout_file), True
+        (train, quarantined["train"]), (heldout, quarantined["heldout"]) = (
+            read_data_file(getattr(cfg.data, f"{split}_file"), f"data.{split}_file", cfg.data.error_budget)
+            for split in ("train", "heldout"))
+        train, heldout = complete_rows(train), complete_rows(heldout)
+        for split, bad in quarantined.items():
+            if bad:
+                get_run_logger().warning("data.%s_file: %d malformed rows quarantined in %s (first: line %d, %s)",
+                                         split, len(bad), out / f"quarantine-{split}.jsonl", bad[0]["line"],
+                                         bad[0]["reason"])
+    elif ckpt.is_complete(out):  # prepared by an earlier run: rendered already
+        return DataPaths(train_file=str(train_file), heldout_file=str(heldout_file),
+                         num_train=len(read_rows(train_file)), num_heldout=len(read_rows(heldout_file)))
     else:
         train, heldout = generate_split(cfg.data)
-    if cfg.model.prompt_format == "chat_template" and not prepared:  # prepared rows are rendered already
+    if cfg.model.prompt_format == "chat_template":
         from transformers import AutoTokenizer
 
         from r1core.problems import chat_prompts
@@ -142,9 +157,15 @@ def prepare_data(cfg: PipelineConfig) -> DataPaths:
         train, heldout = chat_prompts(train, tokenizer), chat_prompts(heldout, tokenizer)
     overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
     if overlap:
-        raise ValueError(f"data: {len(overlap)} held-out prompts also appear in train (e.g. {next(iter(overlap))!r})")
-    write_rows(train, train_file)
-    write_rows(heldout, heldout_file)
+        raise DataError(f"data: {len(overlap)} held-out prompts also appear in train (e.g. {next(iter(overlap))!r:.80})")
+
+    def write(tmp: Path) -> None:
+        write_rows(train, tmp / train_file.name)
+        write_rows(heldout, tmp / heldout_file.name)
+        for split, bad in quarantined.items():
+            write_quarantine(bad, getattr(cfg.data, f"{split}_file"), tmp / f"quarantine-{split}.jsonl")
+
+    ckpt.write_atomically(out, write)
     return DataPaths(train_file=str(train_file), heldout_file=str(heldout_file),
                      num_train=len(train), num_heldout=len(heldout))
 
@@ -181,6 +202,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, 
     t0 = time.time()
     with stage_run(cfg, stage, parent_run_id, description) as run_id:
         common = {"stage": stage, "tracking_uri": tracking.tracking_uri(cfg.runtime), "run_id": run_id,
+                  "tracking_outage_s": cfg.runtime.tracking_outage_s,
                   "checkpoint_dir": str(cache.dir / "checkpoints"), "output_dir": str(cache.output),
                   "seed": cfg.runtime.seed, "recipe": recipe, "compute": recipe.compute}
         job = make_job(run_id, cache.dir, common)

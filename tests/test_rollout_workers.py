@@ -245,7 +245,7 @@ def test_grpo_with_rollout_workers_through_its_ray_train_loop(tokenizer, rows, t
     run_id = client.create_run(client.create_experiment("rollouts", artifact_location=(tmp_path / "art").as_uri())).info.run_id
     compute = TrainComputeConfig(num_workers=1, cpus_per_worker=1)
     rollout = RolloutConfig(backend="workers", max_staleness=1, cpus_per_worker=0.5, start_timeout_s=60)
-    job = GRPOJob(stage="r1_zero", tracking_uri=uri, run_id=run_id, checkpoint_dir=str(tmp_path / "ckpt"),
+    job = GRPOJob(stage="r1_zero", tracking_uri=uri, run_id=run_id, tracking_outage_s=60, checkpoint_dir=str(tmp_path / "ckpt"),
                   output_dir=str(tmp_path / "model"), compute=compute, seed=0,
                   recipe=GRPO.model_copy(update={"steps": 3, "compute": compute}), init_model=str(base),
                   train_file=str(tmp_path / "train.jsonl"), rollout=rollout, code=CodeRewardConfig())

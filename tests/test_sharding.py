@@ -195,10 +195,10 @@ def test_a_kill_mid_save_leaves_the_previous_checkpoint_usable(tokenizer, tmp_pa
     monkeypatch.setattr(ckpt, "save_training_state", killed)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(ctx, model, opt, sched, 4, {})
-    assert ckpt.latest_complete(tmp_path).name == "step_000002"
-    assert ckpt.load_training_state(ckpt.latest_complete(tmp_path), model, opt, sched) == 2
+    assert ckpt.complete_checkpoints(tmp_path)[0].name == "step_000002"
+    assert ckpt.load_training_state(ckpt.complete_checkpoints(tmp_path)[0], model, opt, sched) == 2
     (tmp_path / "step_000004.tmp" / COMPLETE_MARKER).write_text("{}")  # even marked, a .tmp is never chosen
-    assert ckpt.latest_complete(tmp_path).name == "step_000002"
+    assert ckpt.complete_checkpoints(tmp_path)[0].name == "step_000002"
 
 
 COMPLETE_MARKER = ckpt.COMPLETE
@@ -492,7 +492,7 @@ def test_a_reward_model_trains_sharded_through_its_ray_train_loop(tokenizer, tmp
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("sharded", artifact_location=(tmp_path / "art").as_uri())).info.run_id
     compute = TrainComputeConfig(num_workers=2, cpus_per_worker=1, strategy="fsdp", max_tokens_per_microbatch=400)
-    job = RewardModelJob(stage="reward_models/helpfulness", tracking_uri=uri, run_id=run_id,
+    job = RewardModelJob(stage="reward_models/helpfulness", tracking_uri=uri, run_id=run_id, tracking_outage_s=60,
                          checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "model"), compute=compute,
                          seed=0, recipe=RewardModelConfig(batch_size=8, seq_len=96, log_every=1, checkpoint_every=2,
                                                           compute=compute),

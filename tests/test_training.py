@@ -46,7 +46,7 @@ def test_pretraining_lowers_the_loss(tokenizer, blocks, tmp_path):
     pretrain(cfg, build_model(MICRO, tokenizer), blocks, ctx, seed=0)
     losses = [m["loss"] for _, m in ctx.history]
     assert losses[-1] < 0.7 * losses[0]
-    assert ckpt.latest_complete(tmp_path).name == "step_000060"
+    assert ckpt.complete_checkpoints(tmp_path)[0].name == "step_000060"
 
 
 def test_pretraining_resumes_exactly_after_a_kill(tokenizer, blocks, tmp_path):
@@ -58,7 +58,7 @@ def test_pretraining_resumes_exactly_after_a_kill(tokenizer, blocks, tmp_path):
     killed = build_model(MICRO, tokenizer, seed=1)
     with pytest.raises(Killed):
         pretrain(cfg, killed, blocks, KillAt(tmp_path / "b", at=5), seed=0)
-    assert ckpt.latest_complete(tmp_path / "b").name == "step_000004"
+    assert ckpt.complete_checkpoints(tmp_path / "b")[0].name == "step_000004"
     (tmp_path / "b" / "step_000006.tmp-999").mkdir()  # debris of a kill mid-write is ignored
     resumed = build_model(MICRO, tokenizer, seed=2)  # different init: everything must come from the checkpoint
     ctx = TrainContext(tmp_path / "b")
@@ -174,7 +174,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
     with pytest.raises(RuntimeError):
         ckpt.write_atomically(tmp_path / "step_000001", boom)
-    assert ckpt.latest_complete(tmp_path) is None
+    assert ckpt.complete_checkpoints(tmp_path) == []
     assert not (tmp_path / "step_000001").exists()
 
 
