@@ -192,6 +192,8 @@ def command(args: argparse.Namespace) -> int:
         print(stage_table())
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.command in ("run", "eval", "serve"):
+        local_defaults(cfg.runtime.workdir)  # before Prefect is imported: it reads its settings then
     if args.command == "eval":
         overrides = {"k": args.k, "num_prompts": args.num_prompts}
         cfg.eval = cfg.eval.model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -243,7 +245,6 @@ def command(args: argparse.Namespace) -> int:
         return ui.run(cfg, config_args, args.prefect_port, args.mlflow_port, args.artifacts_destination)
     if args.command == "run":
         return run_flows(cfg, args, flow_kwargs)
-    local_defaults(cfg.runtime.workdir)
     if args.command == "eval":
         print(json.dumps(run_eval(cfg, args), indent=None))
         return 0
@@ -268,7 +269,6 @@ def run_flows(cfg, args, flow_kwargs: dict) -> int:
 
     with lifecycle.workdir_lock(cfg.runtime.workdir, " ".join(["r1", *sys.argv[1:]])), lifecycle.handle_signals():
         lifecycle.start_watchdog()
-        local_defaults(cfg.runtime.workdir)
         with tags(*catalog.owner_tags()):
             if args.what == "pipeline":
                 from flows.pipeline import r1_pipeline

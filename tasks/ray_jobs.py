@@ -180,9 +180,31 @@ def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    result = _fit_off_the_main_thread(trainer, run_name)
     if result.error:
         raise RuntimeError(f"stage {job.stage}: Ray Train job failed: {result.error}") from result.error
+
+
+def _fit_off_the_main_thread(trainer, run_name: str):
+    """`trainer.fit()` in a thread, waited for from this one. On the main thread Ray Train takes
+    over SIGINT itself (and ends in a SystemExit that hides which signal came); off it, the
+    signal stays the driver's (`tasks.lifecycle`): it interrupts the wait here, and the stage
+    stops the workers and records the run as KILLED."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name=f"ray-train {run_name}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def worker_setup(config: dict, job_type: type[TrainJob]):
