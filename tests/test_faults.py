@@ -169,6 +169,3 @@ def _lock_holder(workdir: Path) -> str:
         return ""
 
 
-def _train_workers(root: int) -> list[int]:
-    return [pid for pid in _descendants(root)
-            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()] if _pid_start(root) else []
