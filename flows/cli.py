@@ -29,8 +29,7 @@ def local_defaults(workdir: str) -> None:
     ephemeral local API (never to whatever else listens on 127.0.0.1:4200)."""
     if "PREFECT_API_URL" not in os.environ and (url := _this_workdirs_ui(workdir)):
         os.environ["PREFECT_API_URL"] = url
-    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect")))
-    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server gets 20 s to start by default: too tight on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
