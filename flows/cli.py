@@ -331,7 +331,7 @@ def run_eval(cfg, args) -> dict:
 
     rows = read_rows(args.data)
     if len(args.model) > 1:
-        return paired_comparison(cfg, args.model_dirs, rows)
+        return paired_comparison(cfg, args.model, args.model_dirs, rows)
     (model,) = args.model
     if args.base_url:
         from r1core import code_rewards
@@ -356,19 +356,17 @@ def evaluate_in_process(cfg, model_dir: str, rows: list[dict], per_prompt: bool 
                             threads=cfg.runtime.num_cpus or os.cpu_count(), code=cfg.code, per_prompt=per_prompt)
 
 
-def paired_comparison(cfg, model_dirs: dict[str, str], rows: list[dict]) -> dict:
+def paired_comparison(cfg, models: list[str], model_dirs: dict[str, str], rows: list[dict]) -> dict:
     """Each model's metrics, and each further model minus the first, prompt by prompt (keyed by
-    the names given: directories or `models:/` URIs)."""
+    the names given: directories or `models:/` URIs, resolved in `model_dirs`). A model given twice
+    is evaluated twice: the same prompts and samples' seeds must give a difference of exactly 0."""
     from r1core.evaluation import paired_difference
 
-    models = list(model_dirs)
-    metrics, scores = {}, {}
-    for model in models:
-        metrics[model], scores[model] = evaluate_in_process(cfg, model_dirs[model], rows, per_prompt=True)
-    first = models[0]
-    return {"models": metrics,
-            f"minus {first}": {m: {name: paired_difference(scores[first][name], scores[m][name])
-                                   for name in scores[m]} for m in models[1:]}}
+    runs = [(model, *evaluate_in_process(cfg, model_dirs[model], rows, per_prompt=True)) for model in models]
+    (first, _, first_scores), rest = runs[0], runs[1:]
+    return {"models": {model: metrics for model, metrics, _ in runs},
+            f"minus {first}": {model: {name: paired_difference(first_scores[name], scores[name]) for name in scores}
+                               for model, _, scores in rest}}
 
 
 def print_summary(cfg, results, title: str = "r1_pipeline") -> None:

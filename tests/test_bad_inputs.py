@@ -163,3 +163,20 @@ def test_a_model_missing_from_an_existing_store_is_named(files, tmp_path, capsys
         assert main([*argv, "--set", f"runtime.workdir={tmp_path}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "not in the MLflow store" in err and argv[-1 if argv[0] == "run" else 2] in err
+
+
+def test_r1_eval_compares_models_prompt_by_prompt_and_a_model_against_itself_differs_by_zero(files, tmp_path, capsys,
+                                                                                          tokenizer):
+    other = write_model_dir(tmp_path / "other", MICRO, tokenizer, seed=1)
+    common = ["--data", files["heldout"], "--k", "2", "--set", f"runtime.workdir={tmp_path}",
+              "--set", "eval.num_prompts=4", "--set", "eval.sampling.max_new_tokens=4"]
+    good = files["good_model"]
+    assert main(["eval", "--model", good, "--model", good, "--model", other, *common]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["models"]) == {good, other}
+    differences = out[f"minus {good}"]
+    assert set(differences) == {good, other}  # the repeated model is a comparison of its own
+    for name in ("pass@1", "readability"):
+        same = differences[good][name]
+        assert same["difference"] == same["low"] == same["high"] == 0  # same prompts, same samples' seeds
+        assert differences[other][name]["low"] <= differences[other][name]["difference"] <= differences[other][name]["high"]
