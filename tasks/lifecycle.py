@@ -132,6 +132,7 @@ def _read_holder(fd: int) -> dict:
 
 # ------------------------------------------------------------------------------------ signals
 _received: list[int] = []
+_handlers: list = []  # the active handle_signals handlers, innermost last
 
 
 @contextlib.contextmanager
@@ -146,11 +147,22 @@ def handle_signals():
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    _handlers.append(on_signal)
     try:
         yield
     finally:
+        _handlers.remove(on_signal)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def reclaim_signals() -> None:
+    """Put this module's handlers back after a library replaced them: `ray.init` installs a
+    SIGTERM handler in the driver that tears the local node down and calls `sys.exit(1)` from
+    wherever the main thread is, which ends in SIGABRT at interpreter exit and records nothing."""
+    if _handlers and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _handlers[-1])
 
 
 def interrupted() -> int | None:

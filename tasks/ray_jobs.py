@@ -23,6 +23,7 @@ from r1core import checkpoint as ckpt
 from r1core import parallel
 from r1core.config import RuntimeConfig
 from r1core.training import TrainContext
+from tasks import lifecycle
 from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob, TrainJob
 
 # Ray Train routes worker logging to the driver; print() there is both logged and teed (twice).
@@ -44,6 +45,7 @@ def ensure_ray(runtime: RuntimeConfig) -> None:
     with _ray_init_lock:
         if not ray.is_initialized():
             _init_ray(runtime)
+            lifecycle.reclaim_signals()
 
 
 def _init_ray(runtime: RuntimeConfig) -> None:

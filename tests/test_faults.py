@@ -1,6 +1,7 @@
 """An operator's bad day, with real processes: `r1 run stage r1_zero` on the micro profile (30
 steps, a checkpoint every 5) killed in the ways issue 20 lists, then run again. Each scenario
 compares the final weights with one uninterrupted run of the same configuration."""
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from conftest import write_model_dir
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from r1core import checkpoint as ckpt
 from r1core.config import PROJECT_ROOT, load_config
 from tasks.lifecycle import _descendants, _pid_start
 
@@ -36,15 +38,18 @@ def _argv(workdir: Path, init_model: str) -> list[str]:
             "--set", f"r1_zero.checkpoint_every={EVERY}"]
 
 
-def _env(workdir: Path) -> dict:
+def _env(workdir: Path, prefect_home: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return {**env, "PREFECT_HOME": str(workdir / "prefect"), "PYTHONUNBUFFERED": "1"}
+    return {**env, "PREFECT_HOME": str(prefect_home or workdir / "prefect"), "PYTHONUNBUFFERED": "1"}
 
 
-def start(workdir: Path, init_model: str, log_name: str = "driver.log") -> subprocess.Popen:
+def start(workdir: Path, init_model: str, log_name: str = "driver.log", outside: Path | None = None) -> subprocess.Popen:
+    """`r1 run stage r1_zero` on `workdir`; its console and Prefect's home go to `outside` if given
+    (a full workdir must not take the driver's last words with it)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / log_name, "ab")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(_argv(workdir, init_model), cwd=PROJECT_ROOT, env=_env(workdir), stdout=log,
+    log = open((outside or workdir) / log_name, "ab")  # noqa: SIM115 (closed with the process)
+    env = _env(workdir, outside / "prefect" if outside else None)
+    return subprocess.Popen(_argv(workdir, init_model), cwd=PROJECT_ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -149,6 +154,29 @@ def _killed_cleanly(workdir: Path, proc: subprocess.Popen, signum: int, expected
     return client, run
 
 
+def test_sigterm_is_killed_cleanly_and_a_damaged_checkpoint_is_passed_over(tmp_path, init_model, uninterrupted):
+    proc = start(tmp_path, init_model)
+    wait_for(lambda: 15 in checkpoint_steps(tmp_path), what="the checkpoint of step 15")
+    _killed_cleanly(tmp_path, proc, signal.SIGTERM, 143)
+
+    newest = max(checkpoint_steps(tmp_path))
+    # every copy of the newest step: the local checkpoint and Ray's stored one (the newer of the two wins)
+    copies = [p for p in (*tmp_path.glob("runs/*/r1_zero/checkpoints/step_*"),
+                          *tmp_path.glob("ray_results/*/checkpoint_*"))
+              if ckpt.is_complete(p) and ckpt.checkpoint_step(p) == newest]
+    assert len(copies) >= 1
+    for copy in copies:
+        victim = max((f for f in copy.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert finish(start(tmp_path, init_model, "rerun.log")) == 0
+    log = (tmp_path / "rerun.log").read_text()
+    assert f"step_{newest:06d}" in log and "not used" in log  # the bad one is named, and why
+    client, (run,) = stage_runs(tmp_path)
+    assert int(run.data.tags["r1.resumed_from_step"]) < newest
+    assert logged_steps(client, run.info.run_id) == uninterrupted["steps"]
+    assert_same_weights(final_weights(tmp_path), uninterrupted["weights"])
+
+
 def test_sigint_is_killed_and_a_second_run_on_the_workdir_is_refused(tmp_path, init_model):
     proc = start(tmp_path, init_model)
     wait_for(lambda: str(proc.pid) in _lock_holder(tmp_path), timeout=60, what="the first run's lock")
@@ -169,3 +197,91 @@ def _lock_holder(workdir: Path) -> str:
         return ""
 
 
+def _train_workers(root: int) -> list[int]:
+    return [pid for pid in _descendants(root)
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()] if _pid_start(root) else []
+
+
+def test_two_worker_sigkills_in_one_stage_are_survived_with_identical_weights(tmp_path, init_model, uninterrupted):
+    proc = start(tmp_path, init_model)
+    for at in (10, 20):
+        wait_for(lambda at=at: at in checkpoint_steps(tmp_path), what=f"the checkpoint of step {at}")
+        (worker, *_) = wait_for(lambda: _train_workers(proc.pid), what="a Ray Train worker")
+        os.kill(worker, signal.SIGKILL)
+    assert finish(proc) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    client, (run,) = stage_runs(tmp_path)
+    assert len(run.data.tags["r1.resumes"].split(",")) == 2
+    assert logged_steps(client, run.info.run_id) == uninterrupted["steps"]  # replayed steps not logged twice
+    assert_same_weights(final_weights(tmp_path), uninterrupted["weights"])
+
+
+def _mlflow_server(workdir: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
+                             "--artifacts-destination", str(workdir / "mlartifacts")],
+                            cwd=workdir, stdout=open(workdir / "mlflow-server.log", "ab"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    import urllib.request
+
+    def healthy():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout=120, what="the MLflow server")
+    return proc
+
+
+def test_an_mlflow_outage_mid_stage_is_buffered_and_every_step_arrives(tmp_path, init_model, uninterrupted, free_port):
+    port = free_port()
+    server = _mlflow_server(tmp_path, port)
+    env = {**_env(tmp_path), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    log = open(tmp_path / "driver.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(_argv(tmp_path, init_model), cwd=PROJECT_ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: 5 in checkpoint_steps(tmp_path), what="the checkpoint of step 5")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        outage_began = time.time()
+        time.sleep(30)
+        steps_during_outage = max(checkpoint_steps(tmp_path))
+        server = _mlflow_server(tmp_path, port)  # the same address: the workers' clients reconnect
+        assert finish(proc) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        client, (run,) = stage_runs(tmp_path)
+        assert steps_during_outage > 5, "training must go on through the outage"
+        assert logged_steps(client, run.info.run_id) == uninterrupted["steps"]  # every step, once
+        late = [m for m in client.get_metric_history(run.info.run_id, "loss") if m.timestamp / 1000 > outage_began]
+        assert late, "the points of the outage were logged"
+        assert_same_weights(final_weights(tmp_path), uninterrupted["weights"])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def small_disk(tmp_path, uninterrupted):
+    """A tmpfs as the workdir, 60% of what the uninterrupted run wrote (mounting one needs root and
+    CAP_SYS_ADMIN: skipped, with the reason, where the machine refuses)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size_kb = int(uninterrupted["bytes"] * 0.6 / 1024)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)], check=False,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"this machine cannot mount a small tmpfs: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing_complete_looking(small_disk, tmp_path, init_model):
+    code = finish(start(small_disk, init_model, outside=tmp_path))
+    out = (tmp_path / "driver.log").read_text(errors="replace")
+    assert code == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("r1: ") and "No space left on device" in last, out[-3000:]  # one line saying what failed
+    for done in small_disk.rglob(ckpt.COMPLETE):
+        assert ckpt.verify(done.parent) is None, f"{done.parent} looks complete but is not"
+    assert not list(small_disk.glob("runs/*/r1_zero/result.json"))
