@@ -177,9 +177,31 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.verbose:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"r1: {type(e).__name__}: {first}  (`r1 -v ...` shows the traceback)", file=sys.stderr)
+        print(f"r1: {failure_line(e)}  (`r1 -v ...` shows the traceback)", file=sys.stderr)
         return 1
+
+
+# How a full disk reads, by who hit it: the OS, SQLite (MLflow's and Prefect's stores), safetensors
+_DISK_FULL = ("no space left on device", "database or disk is full", "disk quota exceeded")
+
+
+def failure_line(e: BaseException) -> str:
+    """One line for a failed run. A full disk is named as such wherever in the chain of causes it
+    surfaced (an MLflow store error wraps SQLite's, Ray wraps a worker's OSError), since the
+    outermost message rarely says it."""
+    import errno
+
+    seen, chain = set(), [e]
+    while chain[-1] is not None and id(chain[-1]) not in seen and len(chain) < 32:
+        seen.add(id(chain[-1]))
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for link in chain[:-1]:
+        text = str(link).lower()
+        if getattr(link, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(s in text for s in _DISK_FULL):
+            return (f"No space left on device ({type(link).__name__}); free space and re-run: completed "
+                    "stages and checkpoints are kept")
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def command(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ workers keep the environment they were started with.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -156,7 +157,18 @@ class RayContext(TrainContext):
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
-        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+        # Named here (unique, as Ray's own timestamped names) so that a failed upload can be
+        # removed: pyarrow copies files in parallel and leaves the ones that fit (a full disk
+        # leaves COMPLETE next to a truncated shard), which Ray never registers but never deletes.
+        name = f"checkpoint_{time.strftime('%Y-%m-%d_%H-%M-%S')}.{time.time_ns() % 10**9:09d}_{path.name}" if path else None
+        try:
+            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=name)
+        except BaseException:
+            if name is not None:
+                storage = ray.train.get_context().get_storage()
+                with contextlib.suppress(Exception):
+                    storage.storage_filesystem.delete_dir(storage.build_checkpoint_path_from_name(name))
+            raise
         if path is not None:
             self.tracking.log_artifacts(str(path), f"checkpoints/{path.name}")
 

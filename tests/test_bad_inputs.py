@@ -180,3 +180,48 @@ def test_r1_eval_compares_models_prompt_by_prompt_and_a_model_against_itself_dif
         same = differences[good][name]
         assert same["difference"] == same["low"] == same["high"] == 0  # same prompts, same samples' seeds
         assert differences[other][name]["low"] <= differences[other][name]["difference"] <= differences[other][name]["high"]
+
+
+def _raised(make):
+    try:
+        make()
+    except Exception as e:  # noqa: BLE001 - the chain as Python builds it is what is under test
+        return e
+    raise AssertionError("nothing raised")
+
+
+def _wrapped(inner: BaseException, outer: type[Exception], text: str):
+    def make():
+        try:
+            raise inner
+        except BaseException as e:
+            raise outer(text) from e
+    return make
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),  # the OS, raised directly
+    _wrapped(OSError(28, "No space left on device"), RuntimeError, "Training worker failed"),  # Ray's wrapper
+    _wrapped(OSError(122, "Disk quota exceeded"), ValueError, "write failed"),  # a quota, by errno
+    _wrapped(RuntimeError("(sqlite3.OperationalError) database or disk is full"), RuntimeError,
+             "(raised as a result of Query-invoked autoflush; consider ...)"),  # MLflow's store over SQLite
+    _wrapped(RuntimeError("Aucun espace: No Space Left On Device"), OSError, "io"),  # any case
+    _wrapped(_raised(_wrapped(OSError(28, "x"), KeyError, "k")), RuntimeError, "two wrappers deep"),
+], ids=["oserror", "under-ray", "quota-errno", "sqlite-in-mlflow", "mixed-case", "two-deep"])
+def test_a_full_disk_is_named_wherever_in_the_chain_it_surfaced(error):
+    from flows.cli import failure_line
+
+    e = error if isinstance(error, BaseException) else _raised(error)
+    line = failure_line(e)
+    assert line.startswith("No space left on device") and "\n" not in line, line
+
+
+def test_other_failures_keep_their_type_and_first_line_and_a_cyclic_chain_ends():
+    from flows.cli import failure_line
+
+    e = RuntimeError("the worker died\nline two")
+    assert failure_line(e) == "RuntimeError: the worker died"
+    a, b = ValueError("a"), ValueError("b")
+    a.__context__, b.__context__ = b, a  # a cycle: must not loop
+    assert failure_line(a) == "ValueError: a"
+    assert failure_line(OSError(2, "No such file or directory")).startswith("FileNotFoundError")

@@ -280,8 +280,10 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing_complete_looking(small_
     code = finish(start(small_disk, init_model, outside=tmp_path))
     out = (tmp_path / "driver.log").read_text(errors="replace")
     assert code == 1, out[-3000:]
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("r1: ") and "No space left on device" in last, out[-3000:]  # one line saying what failed
+    said = [line for line in out.splitlines() if line.startswith("r1: ")]  # Prefect logs its server's stop after it
+    assert len(said) == 1 and "No space left on device" in said[0], out[-3000:]  # one line saying what failed
     for done in small_disk.rglob(ckpt.COMPLETE):
         assert ckpt.verify(done.parent) is None, f"{done.parent} looks complete but is not"
-    assert not list(small_disk.glob("runs/*/r1_zero/result.json"))
+    for result in small_disk.glob("runs/*/r1_zero/result.json"):  # the disk may fill after the stage, in its evaluation
+        json.loads(result.read_text())
+        assert ckpt.is_complete(result.parent / "model") and ckpt.verify(result.parent / "model") is None
