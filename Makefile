@@ -10,16 +10,23 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup vllm-env doctor demo ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory clean
+.PHONY: setup constraints vllm-env doctor demo ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt: every version this project is tested with (pyproject.toml keeps ranges, for
+# use as a library); torch comes from TORCH_SPEC, its CUDA or CPU build being the host's choice
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# Refresh constraints.txt from the environment the tests passed in (after `pip install -U ...` there)
+constraints:
+	{ echo "# pip constraints: the versions r1-factory is tested with (make constraints; see Makefile)"; \
+	  $(BIN)/pip freeze --all --exclude-editable | grep -viE '^(pip|torch|triton|nvidia-[a-z0-9-]+)=='; } > constraints.txt
 
 # vLLM's own environment (its pins clash with Prefect's), for rollout.backend vllm and `vllm serve`:
 # the same Python as $(VENV), the pinned set of infra/vllm-requirements.txt (CUDA wheels), then checked

@@ -134,6 +134,7 @@ def stage_flow(name: str):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             params = bound.arguments
+            label_flow_run(params["config"], name)
             with workdir_lock(params["config"].runtime.workdir, f"stage {name}"):
                 reconcile_stale_runs(params["config"])
                 if "data" in params and params["data"] is None:
@@ -149,6 +150,23 @@ def stage_flow(name: str):
         return stage_flow_
 
     return bind
+
+
+def label_flow_run(config, stage: str) -> None:
+    """Name the running flow run `<run_name>/<stage>` (run_name: profile + config digest unless
+    set) and tag it with the profile, config digest, git commit and stage: what tells runs apart
+    in the Prefect UI's lists and filters. Prefect's `flow_run_name` alone cannot tag a run."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    from tasks.tracking import git_commit
+
+    if (run_id := flow_run.get_id()) is None:
+        return
+    labels = {f"profile:{config.profile}", f"config:{config.digest()}", f"commit:{git_commit()[:12]}", f"stage:{stage}"}
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run_id, name=f"{config.resolved_run_name()}/{stage}",
+                               tags=sorted(set(flow_run.get_tags()) | labels))
 
 
 OWNER_TAG_PREFIX = "r1-owner:"  # a Prefect flow-run tag: r1-owner:<host>:<pid>:<pid start>

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.catalog import reconcile_stale_runs
+from flows.catalog import label_flow_run, reconcile_stale_runs
 from flows.plan import check as check_memory_plan
 from flows.stage_flows import (
     cold_start_data_flow,
@@ -55,6 +55,7 @@ from tasks.training_stages import StageResult, prepare_data
 @flow(name="r1_pipeline", log_prints=True)
 def r1_pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, StageResult]:
     """Run the R1 recipe end to end on one profile; returns each stage's result."""
+    label_flow_run(config, "pipeline")
     with workdir_lock(config.runtime.workdir, "r1_pipeline"):
         return _pipeline(config)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.states import Completed
 
-from flows.catalog import registered_name
+from flows.catalog import label_flow_run, registered_name
 from flows.stage_flows import general_rl_flow
 from r1core.config import DEFAULT_CONFIG, PipelineConfig
 from tasks.evaluate import resolve_model
@@ -20,6 +20,7 @@ def retrain_flow(config: PipelineConfig = DEFAULT_CONFIG):
     """Retrain `r1` from its champion on prompt files new in `retrain.data_dir`; ends early, and
     says so, when there are none."""
     logger = get_run_logger()
+    label_flow_run(config, "retrain")
     batch = find_new_data(config)
     if batch is None:
         message = f"no new data in {incoming_dir(config)}: nothing to retrain"

@@ -62,7 +62,10 @@ def _init_ray(runtime: RuntimeConfig) -> None:
         ray.init(address=address, runtime_env={"py_modules": modules, "env_vars": RAY_ENV_DEFAULTS},
                  log_to_driver=True)
     else:
-        ray.init(num_cpus=runtime.num_cpus or os.cpu_count(), include_dashboard=False,
+        # The dashboard is also Ray's state API, which Ray Train's placement-group watchdog polls
+        # every second. Ray takes 8265 or the next free port (several drivers on one host).
+        ray.init(num_cpus=runtime.num_cpus or os.cpu_count(), include_dashboard=runtime.ray_dashboard,
+                 dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": RAY_ENV_DEFAULTS})
 
 
@@ -79,8 +82,9 @@ class RayContext(TrainContext):
     `r1core.parallel`), metrics to MLflow (rank 0), checkpoints reported to Ray Train and logged
     to MLflow."""
 
-    def __init__(self, job: TrainJob):
+    def __init__(self, job: TrainJob, progress_queue=None):
         super().__init__(job.checkpoint_dir)
+        self.progress_queue = progress_queue  # the driver's StageProgress (rank 0 puts, the driver logs)
         import ray.train
         import ray.train.torch
 
@@ -109,7 +113,13 @@ class RayContext(TrainContext):
             self.tracking.log_metrics(fresh, step)
             self.logged_through.update(dict.fromkeys((k.replace("@", "_at_") for k in fresh), step))
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:8])
-            log.info("[%s] %s (%.0fs) %s", self.stage, self.progress_line(step), time.time() - self.started, shown)
+            line = f"{self.progress_line(step)} ({time.time() - self.started:.0f}s)"
+            if self.progress_queue is None:
+                log.info("[%s] %s %s", self.stage, line, shown)
+                return
+            total = self.progress[1] if self.progress else None
+            with contextlib.suppress(Exception):  # a full queue or a driver gone: training goes on
+                self.progress_queue.put_nowait({"step": step, "total": total, "line": line, "shown": shown})
 
     def _logged_through(self) -> dict[str, int]:
         """Metric -> the last step the run already has of it (a run continued after a kill)."""
@@ -173,6 +183,57 @@ class RayContext(TrainContext):
             self.tracking.log_artifacts(str(path), f"checkpoints/{path.name}")
 
 
+class StageProgress:
+    """A running job's steps as the driver sees them: rank 0 puts one record per logged step on a
+    Ray queue (an actor, so it works across a cluster); the driver, while it waits for the job,
+    logs each to the Prefect run it runs in (the stage's task run: the UI's logs move with the
+    stage) and keeps a Prefect progress artifact at step / total."""
+
+    def __init__(self, stage: str):
+        from ray.util.queue import Queue
+
+        self.stage = stage
+        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})  # never waits for a CPU
+        self.artifact = None
+
+    def drain(self) -> None:
+        try:
+            records = self.queue.get_nowait_batch(self.queue.qsize())
+        except Exception as e:  # the queue's actor lost (Ray shutting down): progress is not the job
+            log.debug("[%s] progress not read: %s", self.stage, e)
+            return
+        for record in records:
+            self._show(record)
+
+    def _show(self, record: dict) -> None:
+        from prefect import get_run_logger
+
+        in_prefect = _in_prefect_run()
+        (get_run_logger() if in_prefect else log).info("[%s] %s  %s", self.stage, record["line"], record["shown"])
+        if not in_prefect or not record.get("total"):
+            return
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        percent = min(100.0, 100.0 * record["step"] / record["total"])
+        text = f"{self.stage}: {record['line']}; {record['shown']}"
+        if self.artifact is None:
+            key = "".join(c if c.isalnum() else "-" for c in f"{self.stage}-progress".lower())
+            self.artifact = create_progress_artifact(percent, key=key, description=text)
+        else:
+            update_progress_artifact(self.artifact, percent, description=text)
+
+
+def _in_prefect_run() -> bool:
+    """Inside a flow or task run (a stage), not a bench or a script calling `fit` directly."""
+    from prefect.context import get_run_context
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_context() is not None
+    except MissingContextError:
+        return False
+
+
 def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
     """Run one Ray Train job of `loop` on `job`; raises with the worker's error if it fails.
     `run_name` names it in Ray's storage (a re-run of the same name resumes from it)."""
@@ -181,9 +242,10 @@ def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
 
     ensure_ray(runtime)
     compute = job.compute
+    progress = StageProgress(job.stage)
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"job": job.model_dump(mode="json")},
+        train_loop_config={"job": job.model_dump(mode="json"), "progress": progress.queue},
         torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker={"CPU": compute.cpus_per_worker}),
@@ -194,12 +256,12 @@ def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = _fit_off_the_main_thread(trainer, run_name)
+    result = _fit_off_the_main_thread(trainer, run_name, progress)
     if result.error:
         raise RuntimeError(f"stage {job.stage}: Ray Train job failed: {result.error}") from result.error
 
 
-def _fit_off_the_main_thread(trainer, run_name: str):
+def _fit_off_the_main_thread(trainer, run_name: str, progress: StageProgress):
     """`trainer.fit()` in a thread, waited for from this one. On the main thread Ray Train takes
     over SIGINT itself (and ends in a SystemExit that hides which signal came); off it, the
     signal stays the driver's (`tasks.lifecycle`): it interrupts the wait here, and the stage
@@ -216,6 +278,8 @@ def _fit_off_the_main_thread(trainer, run_name: str):
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
+        progress.drain()
+    progress.drain()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -225,7 +289,7 @@ def worker_setup(config: dict, job_type: type[TrainJob]):
     """This worker's job (validated as `job_type`) and its Ray Train context."""
     job = job_type.model_validate(config["job"])
     torch.set_num_threads(job.compute.cpus_per_worker)
-    return job, RayContext(job)
+    return job, RayContext(job, config.get("progress"))
 
 
 def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str) -> None:

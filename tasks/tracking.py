@@ -187,6 +187,18 @@ def _start_heartbeat() -> None:
     threading.Thread(target=beat, name="r1-mlflow-heartbeat", daemon=True).start()
 
 
+def monitor_system(runtime: RuntimeConfig, run_id: str):
+    """MLflow's system metrics (`system/...`: CPU, memory, disk, network, and GPU where NVML finds
+    one) of this host on `run_id` every 5 s, until `.finish()` (which flushes them) or the run
+    ends; a continued run's points go on from its last step."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=True,
+                                   tracking_uri=tracking_uri(runtime))
+    monitor.start()
+    return monitor
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int | None = None):
     now = int(time.time() * 1000)
     items = [Metric(k.replace("@", "_at_"), float(v), now, step or 0) for k, v in metrics.items()
@@ -265,18 +277,59 @@ def end_run(runtime: RuntimeConfig, run_id: str, status: str = "FINISHED"):
     client_for(runtime).set_terminated(run_id, status=status)
 
 
+GENERATION_PARAMS = {"max_new_tokens": 256, "do_sample": False, "temperature": 1.0}  # what a request may set
+
+
+def save_mlflow_model(model_dir: Path, dest: Path) -> None:
+    """`model_dir` (an HF directory) as an MLflow Model at `dest`: the `transformers` flavor
+    (text generation; text classification for a reward model), its tokenizer and chat template,
+    a signature with the generation parameters a request may set, an input example and the pip
+    requirements of a serving environment. `dest/model/` stays the whole HF directory (the
+    tokenizer copied in), so that transformers and vLLM load it directly.
+
+    Built from a pipeline in memory: MLflow 3.17's save from a checkpoint path fails on
+    transformers 5 (its task registry holds class names, not classes)."""
+    import shutil
+    from importlib.metadata import version
+
+    import mlflow.transformers
+    import transformers
+    from mlflow.models import infer_signature
+
+    architecture = (json.loads((model_dir / "config.json").read_text()).get("architectures") or [""])[0]
+    classifier = architecture.endswith("ForSequenceClassification")
+    task = "text-classification" if classifier else "text-generation"
+    pipe = transformers.pipeline(task, model=str(model_dir), tokenizer=str(model_dir), device="cpu")
+    example = ["Compute 17 + 25. Think step by step, then give the answer."]
+    signature = (infer_signature(example, [{"label": "LABEL_0", "score": 0.5}]) if classifier else
+                 infer_signature(example, ["…"], params=GENERATION_PARAMS))
+    mlflow.transformers.save_model(
+        pipe, path=str(dest), task=task, signature=signature, input_example=example,
+        pip_requirements=[f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "tokenizers",
+                                                                          "accelerate")])
+    for f in model_dir.iterdir():
+        if f.is_file() and not (dest / "model" / f.name).exists():
+            shutil.copy2(f, dest / "model" / f.name)
+
+
 def register_model(runtime: RuntimeConfig, run_id: str, model_dir: Path, name: str,
-                   tags: dict | None = None) -> str:
-    """Log an HF model directory as the run's `model` artifact, register it as a new version of
-    `name`, and point the alias `newest` at it. Returns the version. Idempotent (so that the
-    task may be retried): a version of `name` from this run already registered is reused."""
+                   tags: dict | None = None, description: str | None = None) -> str:
+    """Log an HF model directory as the run's `model` artifact, an MLflow Model
+    (`save_mlflow_model`), register it as a new version of `name` and point the alias `newest`
+    at it. Returns the version. Idempotent (so that the task may be retried): a version of
+    `name` from this run already registered is reused."""
+    import tempfile
+
     client = client_for(runtime)
-    client.log_artifacts(run_id, str(model_dir), "model")
+    with tempfile.TemporaryDirectory(prefix="r1-mlflow-model-") as tmp:
+        save_mlflow_model(Path(model_dir), Path(tmp) / "model")
+        client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
     with contextlib.suppress(MlflowException):  # already registered
         client.create_registered_model(name)
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     version = existing[0] if existing else client.create_model_version(
-        name, source=f"runs:/{run_id}/model", run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()})
+        name, source=f"runs:/{run_id}/model", run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
+        description=description)
     client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
     return str(version.version)
 

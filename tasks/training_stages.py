@@ -107,21 +107,24 @@ def stage_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None, descri
     """The stage's nested MLflow run: an interrupted earlier attempt at the same stage and
     configuration is continued (same run id, its curves go on); marked KILLED if a signal stops
     the stage (the workers stopped first, so that nothing is logged after its end), FAILED on an
-    error."""
+    error. MLflow's system metrics of the driver's host are on for its duration."""
     run_id = tracking.start_run(
         cfg.runtime, stage, params=cfg.model_dump(mode="json", exclude={"runtime"}),
         tags={"stage": stage, "profile": cfg.profile, "run_name": cfg.resolved_run_name(),
               "config_digest": cfg.digest()},
         parent_run_id=parent_run_id, description=description, continue_run=True,
     )
+    system = tracking.monitor_system(cfg.runtime, run_id)
     try:
         yield run_id
     except BaseException as e:
         status = lifecycle.ending_status(e)
         if status == "KILLED":
             ray_jobs.stop_workers()
+        system.finish()  # its last points land before the run's end
         tracking.end_run(cfg.runtime, run_id, status)
         raise
+    system.finish()
     tracking.end_run(cfg.runtime, run_id, "FINISHED")
 
 
@@ -382,8 +385,11 @@ def register(cfg: PipelineConfig, stage: StageResult, metrics: dict[str, float],
     }
     headline = [m.format(k=cfg.eval.k) for m in HEADLINE_METRICS]
     numbers = {m.replace("@", "_at_"): f"{metrics[m]:.4f}" for m in headline if m in metrics}
+    description = (f"{stage.stage} from {lineage['parent_model']}; held-out "
+                   + ", ".join(f"{m} {metrics[m]:.3f}" for m in headline if m in metrics)
+                   + f" (config {cfg.digest()}, commit {lineage['git_commit'][:12]})")
     version = tracking.register_model(cfg.runtime, stage.mlflow_run_id, Path(stage.model_dir), name,
-                                      tags={**lineage, **numbers})
+                                      tags={**lineage, **numbers}, description=description)
     get_run_logger().info("registered %s version %s (alias %s), from %s", name, version, tracking.NEWEST_ALIAS,
                           lineage["parent_model"])
     return f"{name}/{version}"

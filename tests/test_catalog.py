@@ -91,3 +91,9 @@ def test_a_declared_stage_runs_from_the_cli_and_is_in_the_report(eval_only_stage
     row = next(line for line in out.splitlines() if line.startswith(f"| {CHECK.name} |"))
     assert len(row.split("|")) > 8  # pass@1, cons@k, ... of the model, in the report's table
     assert (micro.run_dir() / "data" / "heldout.jsonl").is_file()  # `data` was prepared by the catalog's flow
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # named and tagged: what tells runs apart in the UI
+        (run,) = [r for r in client.read_flow_runs() if r.name == f"{micro.resolved_run_name()}/{CHECK.name}"]
+    assert {f"profile:{micro.profile}", f"config:{micro.digest()}", f"stage:{CHECK.name}"} <= set(run.tags), run.tags
+    assert any(t.startswith("commit:") for t in run.tags) and any(t.startswith("r1-owner:") for t in run.tags)

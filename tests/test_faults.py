@@ -100,7 +100,10 @@ def logged_steps(client, run_id: str, key: str = "loss") -> list[int]:
 def uninterrupted(tmp_path_factory, init_model):
     workdir = tmp_path_factory.mktemp("straight")
     assert finish(start(workdir, init_model)) == 0, (workdir / "driver.log").read_text()[-3000:]
+    # Ray Train's watchdog reaches the state API through the dashboard (runtime.ray_dashboard)
+    assert "Failed to query Ray Train Controller actor state" not in (workdir / "driver.log").read_text()
     client, (run,) = stage_runs(workdir)
+    assert any(k.startswith("system/cpu") for k in run.data.metrics)  # MLflow's system metrics
     return {"weights": final_weights(workdir), "steps": logged_steps(client, run.info.run_id),
             "bytes": sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file())}
 

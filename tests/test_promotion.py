@@ -2,6 +2,11 @@
 a first version becomes champion, a worse challenger does not move `champion`, a better one
 does, and each decision is logged with its numbers."""
 
+from pathlib import Path
+
+from conftest import write_model_dir
+from test_training import MICRO
+
 from r1core.config import PipelineConfig
 from tasks import tracking
 from tasks.promotion import CHALLENGER, CHAMPION, decide
@@ -24,16 +29,14 @@ def test_decision_needs_both_metrics_to_clear_the_margin():
     assert not decide({"pass@1": 0.505, "cons@4": 0.6}, {"pass@1": 0.5, "cons@4": 0.5}, 0.01, metrics).promoted
 
 
-def test_gate_promotes_and_refuses(prefect_harness, tmp_path, monkeypatch):
+def test_gate_promotes_and_refuses(prefect_harness, tmp_path, monkeypatch, tokenizer):
     from prefect import flow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # this test's own store under tmp_path
     from tasks.promotion import promote
 
     cfg = PipelineConfig(runtime={"workdir": str(tmp_path)})
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    model_dir = Path(write_model_dir(tmp_path / "model", MICRO, tokenizer, seed=0))  # registered as an MLflow Model
     client = tracking.client_for(cfg.runtime)
     k = cfg.eval.k
 
