@@ -286,8 +286,9 @@ def test_the_run_used_the_cluster_and_the_servers_artifact_store(stack, pipeline
     assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
     champion = client.get_model_version_by_alias("r1", "champion")
     assert champion.run_id in {r.info.run_id for r in runs}
-    model_files = list(stack["server_artifacts"].rglob(f"{champion.run_id}/artifacts/model/config.json"))
-    assert len(model_files) == 1
+    # an MLflow Model (its MLmodel) with the HF directory inside (`model/model/config.json`)
+    model_files = list(stack["server_artifacts"].rglob(f"{champion.run_id}/artifacts/model/model/config.json"))
+    assert len(model_files) == 1 and (model_files[0].parent.parent / "MLmodel").is_file()
     assert list(stack["server_artifacts"].rglob("curves/training_curves.png"))
     assert not (stack["workdir"] / "mlartifacts").exists()
     # pretraining asked for 2 workers x 2 CPUs: only the two 2-CPU nodes together could run it
