@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,8 @@ def local_defaults(workdir: str) -> None:
     if "PREFECT_API_URL" not in os.environ and (url := _this_workdirs_ui(workdir)):
         os.environ["PREFECT_API_URL"] = url
     os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect"))
+    # made here: Prefect's own mkdir has no parents and warns on a fresh workdir
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server gets 20 s to start by default: too tight on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -286,22 +289,25 @@ def run_flows(cfg, args, flow_kwargs: dict) -> int:
     it is killed itself."""
     from prefect import tags
 
-    from tasks import lifecycle
+    from tasks import console, lifecycle
 
-    with lifecycle.workdir_lock(cfg.runtime.workdir, " ".join(["r1", *sys.argv[1:]])), lifecycle.handle_signals():
+    log_dir = Path(cfg.runtime.log_dir) if cfg.runtime.log_dir else cfg.run_dir() / "logs"
+    with lifecycle.workdir_lock(cfg.runtime.workdir, " ".join(["r1", *sys.argv[1:]])), lifecycle.handle_signals(), \
+            console.attach(log_dir, verbose=getattr(args, "verbose", False)):
         lifecycle.start_watchdog()
-        with tags(*catalog.owner_tags()):
+        with tags(*catalog.owner_tags()), contextlib.ExitStack() as at_end:
+            at_end.callback(console.link_ray_logs, log_dir)
             if args.what == "pipeline":
                 from flows.pipeline import r1_pipeline
 
                 print_summary(cfg, r1_pipeline(config=cfg))
                 return 0
             result = catalog.stage_flows()[args.name](config=cfg, **flow_kwargs)
-    results = result if isinstance(result, dict) else {args.name: result}
-    print(json.dumps({k: r.model_dump() for k, r in results.items()}, indent=1))
-    models = {k: r for k, r in results.items() if hasattr(r, "model_dir")}  # a data stage has a dataset instead
-    if models:
-        print_summary(cfg, models, title=f"stage {args.name}")
+            results = result if isinstance(result, dict) else {args.name: result}
+            print(json.dumps({k: r.model_dump() for k, r in results.items()}, indent=1))  # the log's
+            models = {k: r for k, r in results.items() if hasattr(r, "model_dir")}  # a data stage has a dataset
+            if models:
+                print_summary(cfg, models, title=f"stage {args.name}")
     return 0
 
 
@@ -392,22 +398,23 @@ def paired_comparison(cfg, models: list[str], model_dirs: dict[str, str], rows: 
 
 
 def print_summary(cfg, results, title: str = "r1_pipeline") -> None:
+    from tasks.console import say
     from tasks.report import comparison_rows, markdown
     from tasks.tracking import tracking_uri
 
-    print(f"\n=== {title} finished: held-out evaluation of every model "
+    say(f"\n=== {title} finished: held-out evaluation of every model "
           f"(k = {cfg.eval.k}, T {cfg.eval.sampling.temperature}, top-p {cfg.eval.sampling.top_p}) ===\n")
-    print(markdown(comparison_rows(results, cfg.eval.k)))
+    say(markdown(comparison_rows(results, cfg.eval.k)))
     for name, r in results.items():
         if "pairwise_accuracy" in r.metrics:
-            print(f"{name}: held-out pairwise accuracy {r.metrics['pairwise_accuracy']:.3f}  -> {r.registered}")
+            say(f"{name}: held-out pairwise accuracy {r.metrics['pairwise_accuracy']:.3f}  -> {r.registered}")
     uri = tracking_uri(cfg.runtime)
-    print(f"\nOutputs:  {cfg.run_dir()}")
-    print(f"MLflow:   {uri}  (experiment '{cfg.runtime.experiment}'; the comparison table and chart are in the "
+    say(f"\nOutputs:  {cfg.run_dir()}")
+    say(f"MLflow:   {uri}  (experiment '{cfg.runtime.experiment}'; the comparison table and chart are in the "
           "r1_pipeline run's artifacts, comparison/)")
     if uri.startswith("sqlite"):
-        print(f"          see it with `make ui`, or: mlflow ui --backend-store-uri {uri}")
-    print(f"Prefect:  flow runs in {os.environ.get('PREFECT_API_URL') or os.environ['PREFECT_HOME']}"
+        say(f"          see it with `make ui`, or: mlflow ui --backend-store-uri {uri}")
+    say(f"Prefect:  flow runs in {os.environ.get('PREFECT_API_URL') or os.environ['PREFECT_HOME']}"
           " (`make ui` shows them)")
 
 

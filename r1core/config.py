@@ -674,6 +674,9 @@ class RuntimeConfig(Strict):
                                              "while the MLflow server is unreachable before the stage fails")
     max_failures: NonNegativeInt = Field(3, description="times Ray Train restarts a stage's worker group after a "
                                          "worker dies (each restart resumes from the newest verified checkpoint)")
+    log_dir: str | None = Field(None, description="where `r1 run` writes the full log of its process (Prefect, "
+                                "Ray's forwarded worker output, libraries) while the console stays quiet; "
+                                "default: <run folder>/logs")
     ray_dashboard: bool = Field(True, description="a local Ray starts its dashboard on 127.0.0.1 (the address is "
                                 "logged): Ray Train's controller watchdog queries actor state through it, and "
                                 "without it logs 'Failed to query Ray Train Controller actor state' every second; "

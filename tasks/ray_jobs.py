@@ -24,11 +24,14 @@ from r1core import checkpoint as ckpt
 from r1core import parallel
 from r1core.config import RuntimeConfig
 from r1core.training import TrainContext
-from tasks import lifecycle
+from tasks import console, lifecycle
 from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob, TrainJob
 
 # Ray Train routes worker logging to the driver; print() there is both logged and teed (twice).
 log = logging.getLogger("r1.train")
+
+# The one metric a stage's console line shows, the first of these it logs.
+HEADLINE_METRICS = ("reward", "loss", "eval/pairwise_accuracy")
 
 # Ray Train's defaults poll slowly; on one machine these cut ~10 s off every fit.
 RAY_ENV_DEFAULTS = {
@@ -118,8 +121,10 @@ class RayContext(TrainContext):
                 log.info("[%s] %s %s", self.stage, line, shown)
                 return
             total = self.progress[1] if self.progress else None
+            headline = next((f"{k} {metrics[k]:.4g}" for k in HEADLINE_METRICS if k in metrics), "")
             with contextlib.suppress(Exception):  # a full queue or a driver gone: training goes on
-                self.progress_queue.put_nowait({"step": step, "total": total, "line": line, "shown": shown})
+                self.progress_queue.put_nowait({"step": step, "total": total, "line": line, "shown": shown,
+                                                "headline": headline})
 
     def _logged_through(self) -> dict[str, int]:
         """Metric -> the last step the run already has of it (a run continued after a kill)."""
@@ -210,6 +215,7 @@ class StageProgress:
 
         in_prefect = _in_prefect_run()
         (get_run_logger() if in_prefect else log).info("[%s] %s  %s", self.stage, record["line"], record["shown"])
+        console.progress(self.stage, record["step"], record.get("total"), record["line"], record.get("headline", ""))
         if not in_prefect or not record.get("total"):
             return
         from prefect.artifacts import create_progress_artifact, update_progress_artifact

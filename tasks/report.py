@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from r1core.config import PipelineConfig
 from r1core.evaluation import paired_difference
-from tasks import tracking
+from tasks import console, tracking
 from tasks.training_stages import IDEMPOTENT, StageResult
 
 COLUMNS = ("pass@1", "cons@{k}", "format_rate", "language_consistency", "readability", "mean_length")
@@ -136,6 +136,10 @@ def mismatch_lines(client, run_id: str, warn_kl: float, shown: int = 20) -> list
     return lines
 
 
+# A stage's held-out numbers the console's summary line shows, by prefix (the artifact has them all).
+CONSOLE_METRICS = ("pass@1", "cons@", "format", "pairwise_accuracy")
+
+
 @task(name="publish-stage-summary", cache_policy=NO_CACHE, **IDEMPOTENT)
 def publish_stage_summary(cfg: PipelineConfig, stage: str, mlflow_run_id: str, metrics: dict[str, float],
                           output: str, registered: str | None = None, seconds: float | None = None) -> None:
@@ -153,5 +157,9 @@ def publish_stage_summary(cfg: PipelineConfig, stage: str, mlflow_run_id: str, m
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
     lines += mismatch_lines(tracking.client_for(cfg.runtime), mlflow_run_id, cfg.rollout.mismatch_warn_kl)
+    shown = {k: v for k, v in metrics.items() if k.startswith(CONSOLE_METRICS) and "/" not in k
+             and isinstance(v, (int, float))}  # the per-task breakdowns stay in the artifact
+    console.say(f"done {stage}" + (f" in {seconds:.0f} s" if seconds is not None else "") + ": "
+                + ", ".join(f"{k} {v:.3g}" for k, v in shown.items()) + (f"; registered {registered}" if registered else ""))
     create_markdown_artifact("\n".join(lines), key=artifact_key(stage),
                              description=f"{stage}: summary of {cfg.resolved_run_name()}")

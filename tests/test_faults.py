@@ -49,8 +49,16 @@ def start(workdir: Path, init_model: str, log_name: str = "driver.log", outside:
     workdir.mkdir(parents=True, exist_ok=True)
     log = open((outside or workdir) / log_name, "ab")  # noqa: SIM115 (closed with the process)
     env = _env(workdir, outside / "prefect" if outside else None)
-    return subprocess.Popen(_argv(workdir, init_model), cwd=PROJECT_ROOT, env=env, stdout=log,
+    argv = _argv(workdir, init_model) + (["--set", f"runtime.log_dir={outside / 'logs'}"] if outside else [])
+    return subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def logs(where: Path) -> str:
+    """The console of the runs started on `where` and their full logs (`r1 run` keeps the console
+    quiet and writes everything to the run's log folder, or to runtime.log_dir)."""
+    files = [where / "driver.log", *sorted(where.glob("logs/driver-*.log")), *sorted(where.glob("runs/*/logs/driver-*.log"))]
+    return "".join(f.read_text(errors="replace") for f in files if f.is_file())
 
 
 def finish(proc: subprocess.Popen, timeout: float = 420) -> int:
@@ -99,9 +107,9 @@ def logged_steps(client, run_id: str, key: str = "loss") -> list[int]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, init_model):
     workdir = tmp_path_factory.mktemp("straight")
-    assert finish(start(workdir, init_model)) == 0, (workdir / "driver.log").read_text()[-3000:]
+    assert finish(start(workdir, init_model)) == 0, logs(workdir)[-3000:]
     # Ray Train's watchdog reaches the state API through the dashboard (runtime.ray_dashboard)
-    assert "Failed to query Ray Train Controller actor state" not in (workdir / "driver.log").read_text()
+    assert "Failed to query Ray Train Controller actor state" not in logs(workdir)
     client, (run,) = stage_runs(workdir)
     assert any(k.startswith("system/cpu") for k in run.data.metrics)  # MLflow's system metrics
     return {"weights": final_weights(workdir), "steps": logged_steps(client, run.info.run_id),
@@ -122,7 +130,7 @@ def test_driver_sigkill_leaves_nothing_alive_and_the_rerun_continues_the_same_ru
 
     client, (dead,) = stage_runs(tmp_path)
     assert dead.info.status == "RUNNING"  # nobody closed it: the next start-up must
-    assert finish(start(tmp_path, init_model)) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert finish(start(tmp_path, init_model)) == 0, logs(tmp_path)[-3000:]
     client, runs = stage_runs(tmp_path)
     assert [r.info.run_id for r in runs] == [dead.info.run_id]  # the same run, continued
     run = runs[0]
@@ -146,7 +154,7 @@ def _flow_run_states(workdir: Path) -> list[str]:
 
 def _killed_cleanly(workdir: Path, proc: subprocess.Popen, signum: int, expected_rc: int):
     proc.send_signal(signum)
-    assert finish(proc, timeout=120) == expected_rc, (workdir / "driver.log").read_text()[-3000:]
+    assert finish(proc, timeout=120) == expected_rc, logs(workdir)[-3000:]
     client, (run,) = stage_runs(workdir)
     assert run.info.status == "KILLED"
     time.sleep(5)  # a worker that outlived the driver would log now
@@ -211,7 +219,7 @@ def test_two_worker_sigkills_in_one_stage_are_survived_with_identical_weights(tm
         wait_for(lambda at=at: at in checkpoint_steps(tmp_path), what=f"the checkpoint of step {at}")
         (worker, *_) = wait_for(lambda: _train_workers(proc.pid), what="a Ray Train worker")
         os.kill(worker, signal.SIGKILL)
-    assert finish(proc) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert finish(proc) == 0, logs(tmp_path)[-3000:]
     client, (run,) = stage_runs(tmp_path)
     assert len(run.data.tags["r1.resumes"].split(",")) == 2
     assert logged_steps(client, run.info.run_id) == uninterrupted["steps"]  # replayed steps not logged twice
@@ -252,7 +260,7 @@ def test_an_mlflow_outage_mid_stage_is_buffered_and_every_step_arrives(tmp_path,
         time.sleep(30)
         steps_during_outage = max(checkpoint_steps(tmp_path))
         server = _mlflow_server(tmp_path, port)  # the same address: the workers' clients reconnect
-        assert finish(proc) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        assert finish(proc) == 0, logs(tmp_path)[-3000:]
         client, (run,) = stage_runs(tmp_path)
         assert steps_during_outage > 5, "training must go on through the outage"
         assert logged_steps(client, run.info.run_id) == uninterrupted["steps"]  # every step, once
