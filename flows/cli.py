@@ -278,7 +278,7 @@ def command(args: argparse.Namespace) -> int:
         if not os.environ.get("PREFECT_API_URL"):
             print("r1 serve: no Prefect server: set PREFECT_API_URL, or use `r1 ui` / `make ui`", file=sys.stderr)
             return 2
-        serve(cfg)
+        serve(cfg, args.config, args.overrides)
         return 0
     return 0
 
@@ -297,6 +297,7 @@ def run_flows(cfg, args, flow_kwargs: dict) -> int:
         lifecycle.start_watchdog()
         with tags(*catalog.owner_tags()), contextlib.ExitStack() as at_end:
             at_end.callback(console.link_ray_logs, log_dir)
+            at_end.callback(quiet_temporary_prefect_server)
             if args.what == "pipeline":
                 from flows.pipeline import r1_pipeline
 
@@ -395,6 +396,15 @@ def paired_comparison(cfg, models: list[str], model_dirs: dict[str, str], rows: 
     return {"models": {model: metrics for model, metrics, _ in runs},
             f"minus {first}": {model: {name: paired_difference(first_scores[name], scores[name]) for name in scores}
                                for model, _, scores in rest}}
+
+
+def quiet_temporary_prefect_server() -> None:
+    """The ephemeral Prefect server a run started stops at interpreter exit, after the console is
+    detached, and logs 'Stopping temporary server on ...' to the terminal: that one record is
+    dropped (stopping the server here instead would break a caller that calls `main` again)."""
+    from prefect.server.api.server import subprocess_server_logger
+
+    subprocess_server_logger.addFilter(lambda record: not record.getMessage().startswith("Stopping temporary server"))
 
 
 def print_summary(cfg, results, title: str = "r1_pipeline") -> None:

@@ -4,17 +4,24 @@
     <stage>/r1-stage-<stage>          one stage of the catalog (its earlier stages' outputs from the same run)
     retrain/r1-retrain                scheduled: general RL from the champion on new prompt files
 
-Each deployment's parameter schema is its flow's signature, so the UI shows the pipeline
-config (pydantic, with descriptions and the profile's values as defaults) as a form."""
+A deployment runs its flow with the run form (`RunRequest`) in place of the whole pipeline
+config: the profile chosen from those in configs/, the fields people change up front, any other
+field as a validated setting; the served configuration's own settings (workdir, servers) are
+the form's defaults. The flow's other parameters (a stage's `init_model`, ...) stay as they are."""
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+
+from prefect import flow
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron
 
 from flows.catalog import CATALOG, stage_flows
 from flows.pipeline import r1_pipeline
 from flows.retrain import retrain_flow
-from r1core.config import PipelineConfig
+from r1core.config import CONFIG_DIR, DEFAULT_PROFILE, ConfigError, PipelineConfig, RunRequest
 
 PIPELINE_DEPLOYMENT = "r1-pipeline"
 RETRAIN_DEPLOYMENT = "r1-retrain"
@@ -24,22 +31,58 @@ def stage_deployment_name(stage: str) -> str:
     return f"r1-stage-{stage.replace('_', '-')}"
 
 
-def deployments(cfg: PipelineConfig) -> list:
-    """Runner deployments with `cfg` as every form's defaults."""
-    config = {"config": cfg.model_dump(mode="json")}
+def from_run_form(target):
+    """`target` as a deployment runs it: the same flow (its name, description, other parameters),
+    with `config` replaced by `run: RunRequest`, resolved and checked when the run starts."""
+    signature = inspect.signature(target.fn, eval_str=True)
+    hints = typing.get_type_hints(target.fn)
+    run = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=RunRequest(),
+                            annotation=RunRequest)
+    others = [p for name, p in signature.parameters.items() if name != "config"]
+
+    @functools.wraps(target.fn)
+    def entry(run: RunRequest, **kwargs):
+        from flows.preflight import check_inputs
+
+        config = run.resolve()
+        check_inputs(config)  # the files it names, before anything starts
+        return target.fn(config=config, **kwargs)
+
+    entry.__signature__ = signature.replace(parameters=[run, *others])
+    entry.__annotations__ = {"run": RunRequest, **{k: v for k, v in hints.items() if k != "config"}}
+    del entry.__wrapped__  # Prefect would read the target's signature through it
+    return flow(name=target.name, description=target.description, log_prints=True)(entry)
+
+
+def run_form_defaults(config_file: str | None, settings: list[str]) -> dict:
+    """The form's defaults: the served profile and its settings (`r1 serve --config F --set ...`)."""
+    from pathlib import Path
+
+    path = Path(config_file).resolve() if config_file else DEFAULT_PROFILE
+    if path.parent != CONFIG_DIR.resolve():
+        raise ConfigError(f"r1 serve: the run form offers the profiles in {CONFIG_DIR}; '{path}' is not one of them "
+                          "(copy it there)")
+    return {"run": RunRequest(profile=path.stem, settings=settings).model_dump(mode="json")}
+
+
+def deployments(cfg: PipelineConfig, config_file: str | None = None, settings: list[str] | None = None) -> list:
+    """Runner deployments whose forms default to the profile `cfg` was loaded from (`config_file`,
+    default tiny) with its `settings`."""
+    config = run_form_defaults(config_file, settings or [])
     tags = ["r1", f"profile:{cfg.profile}"]
-    out = [r1_pipeline.to_deployment(
+    out = [from_run_form(r1_pipeline).to_deployment(
         name=PIPELINE_DEPLOYMENT, parameters=config, tags=[*tags, "pipeline"],
         description="The DeepSeek-R1 recipe end to end: base model, R1-Zero, cold start, reasoning RL, rejection "
                     "sampling, SFT, reward models, general RL (-> r1, gated to champion), distillation; every "
-                    "model evaluated and registered in MLflow. Edit `config` to change the profile.")]
+                    "model evaluated and registered in MLflow. Choose the profile in the form; fields left "
+                    "empty take its values.")]
     for stage, stage_flow in stage_flows().items():
-        out.append(stage_flow.to_deployment(
+        out.append(from_run_form(stage_flow).to_deployment(
             name=stage_deployment_name(stage), parameters=config, tags=[*tags, "stage", stage, CATALOG[stage].kind],
             description=f"Stage `{stage}` alone: {CATALOG[stage].description} Model inputs left empty "
                         "default to what this configuration's earlier stages produced."))
-    out.append(retrain_flow.to_deployment(
-        name=RETRAIN_DEPLOYMENT, parameters=config, tags=[*tags, "retrain", "scheduled"],
+    out.append(from_run_form(retrain_flow).to_deployment(
+        name=RETRAIN_DEPLOYMENT, parameters=config, tags=[*tags, "retrain", *(["scheduled"] if cfg.retrain.cron else [])],
         schedule=Cron(cfg.retrain.cron, timezone=cfg.retrain.timezone) if cfg.retrain.cron else None,
         # one retrain at a time: a run due while another is still training is not started
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
@@ -49,9 +92,9 @@ def deployments(cfg: PipelineConfig) -> list:
     return out
 
 
-def serve(cfg: PipelineConfig) -> None:
+def serve(cfg: PipelineConfig, config_file: str | None = None, settings: list[str] | None = None) -> None:
     """Register the deployments with the Prefect API and run their flow runs in this process's
     children until stopped (a `serve` process: the simplest Prefect worker)."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(*deployments(cfg), print_starting_message=True)
+    prefect_serve(*deployments(cfg, config_file, settings), print_starting_message=True)

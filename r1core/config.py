@@ -790,3 +790,69 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # The tiny profile: what the Prefect UI form shows by default (tests keep it equal to tiny.yaml).
 DEFAULT_CONFIG = PipelineConfig()
+
+
+# The profiles a run form offers: every configs/<name>.yaml (each names itself in `profile`).
+PROFILES = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+ProfileName = Literal[PROFILES]  # type: ignore[valid-type]
+
+
+def _sets(*paths: str) -> dict:
+    return {"sets": list(paths)}
+
+
+class RunRequest(Strict):
+    """A run as an operator starts it (the deployments' form): a profile, the fields people change,
+    and any other field as a validated `key.path=value` setting. Every field left empty takes the
+    chosen profile's value, so choosing another profile runs with that profile's values."""
+
+    profile: ProfileName = Field("tiny", description="the profile (configs/<profile>.yaml) every empty field "
+                                 "below takes its value from")
+    run_name: str | None = Field(None, title="Output folder", description="the run's folder under "
+                                 "runtime.workdir/runs, and the name of its Prefect flow runs (<folder>/<stage>, "
+                                 "replacing the random name above) and MLflow runs; empty: <profile>-<config "
+                                 "digest>, so the same settings resume where they stopped")
+    seed: int | None = Field(None, description="seed of initialisation, data order and sampling",
+                             json_schema_extra=_sets("runtime.seed"))
+    base_model: str | None = Field(None, description="a local HF causal-LM directory as the base model instead of "
+                                   "pretraining one", json_schema_extra=_sets("model.pretrained_path"))
+    train_file: str | None = Field(None, description="your own train rows {prompt, answer, task} (jsonl/parquet)",
+                                   json_schema_extra=_sets("data.train_file"))
+    heldout_file: str | None = Field(None, description="your own held-out rows (jsonl/parquet)",
+                                     json_schema_extra=_sets("data.heldout_file"))
+    r1_zero_steps: PositiveInt | None = Field(None, description="R1-Zero GRPO steps",
+                                              json_schema_extra=_sets("r1_zero.steps"))
+    reasoning_rl_steps: PositiveInt | None = Field(None, description="reasoning-RL GRPO steps",
+                                                   json_schema_extra=_sets("reasoning_rl.steps"))
+    general_rl_steps: PositiveInt | None = Field(None, description="general-RL GRPO steps",
+                                                 json_schema_extra=_sets("general_rl.steps"))
+    sft_epochs: PositiveInt | None = Field(None, description="epochs of the SFT on the rejection-sampled set",
+                                           json_schema_extra=_sets("sft.epochs"))
+    rl_lr: PositiveFloat | None = Field(None, description="learning rate of every GRPO stage (R1-Zero, reasoning "
+                                        "RL, general RL)",
+                                        json_schema_extra=_sets("r1_zero.lr", "reasoning_rl.lr", "general_rl.lr"))
+    sft_lr: PositiveFloat | None = Field(None, description="peak learning rate of both SFT stages (cold start, "
+                                         "rejection-sampled set)",
+                                         json_schema_extra=_sets("cold_start_sft.lr", "sft.lr"))
+    settings: list[str] = Field(default_factory=list, description="any other field, as `r1 run --set`: "
+                                "key.path=value (the value is YAML), e.g. eval.k=8 or runtime.workdir=/data/r1; "
+                                "applied before the fields above and checked before anything runs (`r1 config` "
+                                "prints every field)")
+
+    def overrides(self) -> list[str]:
+        """`settings`, then a `key.path=value` for each field that is set."""
+        out = list(self.settings)
+        if self.run_name is not None:
+            out.append(f"run_name={json.dumps(self.run_name)}")
+        if self.base_model is not None:
+            out.append("pretrain.enabled=false")
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            extra = field.json_schema_extra or {}
+            if value is not None and isinstance(extra, dict):
+                out += [f"{path}={json.dumps(value)}" for path in extra.get("sets", [])]
+        return out
+
+    def resolve(self) -> PipelineConfig:
+        """The pipeline config this request runs with (a ConfigError names a bad field)."""
+        return load_config(CONFIG_DIR / f"{self.profile}.yaml", self.overrides())

@@ -4,7 +4,7 @@ Quiet by default: the driver's own stdout and stderr (Prefect's console logs, Ra
 worker output, transformers' and Ray's progress bars, warnings of any library, C-level writes
 too) are redirected to `<run dir>/logs/driver-<time>.log`, and the terminal gets only what is
 written here: one progress line per stage (rewritten in place on a terminal, at most one line
-per `interval_s` otherwise), each stage's summary, the final table and the log's path. With
+per `interval_s` otherwise: the stage's summary line follows its last step), each stage's summary, the final table and the log's path. With
 `-v` everything goes to both. Nothing is attached in a process that did not call `attach` (a
 deployment's worker, a test calling a flow): `say` and `progress` then do nothing, since the
 Prefect logs already hold the same lines.
@@ -48,8 +48,8 @@ def say(text: str) -> None:
 
 
 def progress(stage: str, step: int, total: int | None, line: str, headline: str) -> None:
-    """A stage's step, from the workers' reports: in place on a terminal; otherwise the first,
-    the last and at most one per `interval_s`."""
+    """A stage's step, from the workers' reports: in place on a terminal; otherwise the first and
+    then at most one per `interval_s` (not the last: the stage's summary line says it is done)."""
     with _lock:
         if not _attached:
             return
@@ -59,13 +59,13 @@ def progress(stage: str, step: int, total: int | None, line: str, headline: str)
         now = time.monotonic()
         if shown.tty:
             shown.write(text, in_place=not last)
-        elif last or now - shown.shown_at.get(stage, -1e9) >= shown.interval_s:
+        elif not last and now - shown.shown_at.get(stage, -1e9) >= shown.interval_s:
             shown.write(text)
             shown.shown_at[stage] = now
 
 
 @contextlib.contextmanager
-def attach(log_dir: Path, verbose: bool = False, interval_s: float = 60.0):
+def attach(log_dir: Path, verbose: bool = False, interval_s: float = 120.0):
     """Send this process's fds 1 and 2 to a new log file under `log_dir` (and, `verbose`, to the
     terminal too) for the duration; yield the log's path."""
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -9,32 +9,43 @@ from r1core.config import CONFIG_DIR, load_config
 
 
 @pytest.fixture
-def cfg(tmp_path):
-    return load_config(CONFIG_DIR / "micro.yaml", [f"runtime.workdir={tmp_path}", "retrain.cron='*/30 * * * *'",
-                                                   "retrain.timezone=Europe/Berlin"])
+def settings(tmp_path):
+    return [f"runtime.workdir={tmp_path}", "retrain.cron='*/30 * * * *'", "retrain.timezone=Europe/Berlin"]
 
 
-def test_deployments_carry_the_config_form_schedule_and_concurrency_limit(prefect_harness, cfg):
+@pytest.fixture
+def cfg(settings):
+    return load_config(CONFIG_DIR / "micro.yaml", settings)
+
+
+def test_deployments_carry_the_run_form_schedule_and_concurrency_limit(prefect_harness, cfg, settings):
     from prefect import get_client
 
     from flows.catalog import stage_flows
     from flows.deployments import PIPELINE_DEPLOYMENT, RETRAIN_DEPLOYMENT, deployments, stage_deployment_name
+    from r1core.config import PROFILES
 
-    ids = {d.name: d.apply() for d in deployments(cfg)}
+    ids = {d.name: d.apply() for d in deployments(cfg, str(CONFIG_DIR / "micro.yaml"), settings)}
     assert set(ids) >= {PIPELINE_DEPLOYMENT, RETRAIN_DEPLOYMENT, *map(stage_deployment_name, stage_flows())}
     with get_client(sync_client=True) as client:
         pipeline = client.read_deployment(ids[PIPELINE_DEPLOYMENT])
         retrain = client.read_deployment(ids[RETRAIN_DEPLOYMENT])
         sft = client.read_deployment(ids[stage_deployment_name("sft")])
-    # the form: the pipeline config's JSON schema, with its descriptions, and this profile as defaults
+    # the form: the run request (a profile from configs/, the common fields, settings), not the
+    # whole config; the served profile and its settings as defaults
     schema = pipeline.parameter_openapi_schema
-    definitions = schema["definitions"]
-    assert schema["properties"]["config"]["$ref"].endswith("/PipelineConfig")
-    assert "RetrainConfig" in definitions and "GeneralRLConfig" in definitions
-    assert definitions["RetrainConfig"]["properties"]["cron"]["description"].startswith("cron schedule")
-    assert pipeline.parameters["config"]["profile"] == "micro"
-    assert pipeline.parameters["config"]["r1_zero"]["steps"] == cfg.r1_zero.steps
+    assert list(schema["properties"]) == ["run"] and schema["properties"]["run"]["$ref"].endswith("/RunRequest")
+    form = schema["definitions"]["RunRequest"]["properties"]
+    assert form["profile"]["enum"] == list(PROFILES) and {"micro", "tiny"} <= set(PROFILES)
+    assert form["run_name"]["title"] == "Output folder"  # Prefect's own "Run Name" is the only run-name field
+    assert {"seed", "r1_zero_steps", "rl_lr", "train_file", "base_model", "settings"} <= set(form)
+    assert all(f.get("description") for f in form.values())
+    assert "PipelineConfig" not in schema["definitions"]
+    assert pipeline.parameters["run"]["profile"] == "micro" and pipeline.parameters["run"]["settings"] == settings
     assert {"r1", "profile:micro", "pipeline"} <= set(pipeline.tags) and "R1-Zero" in pipeline.description
+    # a stage keeps its own parameters beside the form
+    assert {"run", "init_model"} <= set(sft.parameter_openapi_schema["properties"])
+    assert "config" not in sft.parameter_openapi_schema["properties"]
     assert not pipeline.schedules and pipeline.global_concurrency_limit is None
     assert "sft" in sft.tags and sft.description.startswith("Stage `sft` alone")
     # the retrain: its cron in its time zone, and one run at a time (a run due meanwhile is not started)
@@ -51,6 +62,43 @@ def test_the_tiny_profile_schedules_nothing(prefect_harness, tmp_path):
     cfg = load_config(None, [f"runtime.workdir={tmp_path}"])
     retrain = next(d for d in deployments(cfg) if d.name == RETRAIN_DEPLOYMENT)
     assert cfg.retrain.cron is None and not retrain.schedules
+    assert "scheduled" not in retrain.tags  # only a deployment with a schedule says so
+
+
+def test_the_run_form_runs_with_the_chosen_profiles_values(prefect_harness, tmp_path):
+    """A flow behind the form gets the chosen profile's config, the form's fields on top, its
+    other parameters untouched; a bad setting fails the run naming the field, before the flow's
+    own code runs."""
+    from prefect import flow
+
+    from flows.deployments import from_run_form
+    from r1core.config import PipelineConfig
+
+    seen = []
+
+    @flow(name="probe-run-form")
+    def probe(config: PipelineConfig, note: str = "kept") -> str:
+        seen.append(config)
+        return note
+
+    entry = from_run_form(probe)
+    workdir = f"runtime.workdir={tmp_path}"
+    micro, tiny = load_config(CONFIG_DIR / "micro.yaml"), load_config(CONFIG_DIR / "tiny.yaml")
+    assert entry(run={"profile": "tiny", "settings": [workdir]}, note="given") == "given"
+    assert entry(run={"profile": "micro", "r1_zero_steps": 7, "rl_lr": 3e-5, "run_name": "mine",
+                      "settings": [workdir, "eval.k=3"]}) == "kept"
+    got_tiny, got_micro = seen
+    assert got_tiny.profile == "tiny" and got_tiny.r1_zero == tiny.r1_zero and got_tiny.model == tiny.model
+    assert got_micro.profile == "micro" and got_micro.model == micro.model and got_micro.eval.k == 3
+    assert got_micro.r1_zero.steps == 7 and got_micro.r1_zero.lr == got_micro.general_rl.lr == 3e-5
+    assert got_micro.resolved_run_name() == "mine" and got_micro.runtime.workdir == str(tmp_path)
+    for bad, named in ((["eval.kk=3"], "eval.kk"), (["r1_zero.steps=-1"], "r1_zero.steps"),
+                       (["data.train_file=/nonexistent/rows.jsonl"], "data.train_file")):
+        state = entry(run={"profile": "micro", "settings": [workdir, *bad]}, return_state=True)
+        assert state.is_failed() and named in state.message, (bad, state.message)
+    assert len(seen) == 2
+    state = entry(run={"profile": "no-such-profile"}, return_state=True)
+    assert state.is_failed() and "profile" in state.message
 
 
 def test_a_run_without_new_data_ends_early_and_says_so(prefect_harness, cfg):
