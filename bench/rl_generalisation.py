@@ -83,7 +83,7 @@ def main() -> None:
             ctx = TrainContext(tmp)
             grpo_train(cfg, model, None, tokenizer, train[:pool], ctx, seed=0, batch_size=256)
         seconds = time.perf_counter() - t0
-        batch = [h["accuracy"] for _, h in ctx.history]
+        batch = [h["reward/accuracy"] for _, h in ctx.history]
         table.append((name, f"{steps} x {per_step}", accuracy(model, tokenizer, train[:64]),
                       accuracy(model, tokenizer, unseen), batch[0], batch[-1], seconds))
     print(f"\nSFT model: {run}/sft/model; before RL: seen {before[0]:.3f}, unseen {before[1]:.3f}\n")

@@ -62,7 +62,8 @@ def run_form_defaults(config_file: str | None, settings: list[str]) -> dict:
     if path.parent != CONFIG_DIR.resolve():
         raise ConfigError(f"r1 serve: the run form offers the profiles in {CONFIG_DIR}; '{path}' is not one of them "
                           "(copy it there)")
-    return {"run": RunRequest(profile=path.stem, settings=settings).model_dump(mode="json")}
+    # unset fields left out: the form shows them empty (a null would not validate as a number)
+    return {"run": RunRequest(profile=path.stem, settings=settings).model_dump(mode="json", exclude_none=True)}
 
 
 def deployments(cfg: PipelineConfig, config_file: str | None = None, settings: list[str] | None = None) -> list:

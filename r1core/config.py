@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -801,37 +802,50 @@ def _sets(*paths: str) -> dict:
     return {"sets": list(paths)}
 
 
+def _empty_means_unset(schema: dict) -> None:
+    """The form's optional fields as plain inputs (left empty: unset) instead of a type switch
+    between the value's type and None."""
+    for prop in schema.get("properties", {}).values():
+        kinds = prop.get("anyOf", [])
+        if len(kinds) == 2 and {"type": "null"} in kinds and prop.get("default", 0) is None:
+            (given,) = [k for k in kinds if k != {"type": "null"}]
+            del prop["anyOf"], prop["default"]
+            prop.update(given)
+
+
 class RunRequest(Strict):
     """A run as an operator starts it (the deployments' form): a profile, the fields people change,
     and any other field as a validated `key.path=value` setting. Every field left empty takes the
     chosen profile's value, so choosing another profile runs with that profile's values."""
 
-    profile: ProfileName = Field("tiny", description="the profile (configs/<profile>.yaml) every empty field "
-                                 "below takes its value from")
+    model_config = ConfigDict(**Strict.model_config, json_schema_extra=_empty_means_unset)
+
+    profile: ProfileName = Field("tiny", description="the profile, configs/PROFILE.yaml, that every field left "
+                                 "empty below takes its value from")
     run_name: str | None = Field(None, title="Output folder", description="the run's folder under "
-                                 "runtime.workdir/runs, and the name of its Prefect flow runs (<folder>/<stage>, "
-                                 "replacing the random name above) and MLflow runs; empty: <profile>-<config "
-                                 "digest>, so the same settings resume where they stopped")
+                                 "runtime.workdir/runs and the name of its MLflow runs and Prefect flow runs "
+                                 "(FOLDER/STAGE, replacing the random Run Name above); empty: PROFILE-DIGEST of "
+                                 "the settings, so the same settings resume where they stopped")
     seed: int | None = Field(None, description="seed of initialisation, data order and sampling",
                              json_schema_extra=_sets("runtime.seed"))
-    base_model: str | None = Field(None, description="a local HF causal-LM directory as the base model instead of "
+    base_model: str | None = Field(None, title='Base model', description="a local HF causal-LM directory as the base model instead of "
                                    "pretraining one", json_schema_extra=_sets("model.pretrained_path"))
-    train_file: str | None = Field(None, description="your own train rows {prompt, answer, task} (jsonl/parquet)",
+    train_file: str | None = Field(None, title='Train file', description="your own train rows {prompt, answer, task} (jsonl/parquet)",
                                    json_schema_extra=_sets("data.train_file"))
-    heldout_file: str | None = Field(None, description="your own held-out rows (jsonl/parquet)",
+    heldout_file: str | None = Field(None, title='Held-out file', description="your own held-out rows (jsonl/parquet)",
                                      json_schema_extra=_sets("data.heldout_file"))
-    r1_zero_steps: PositiveInt | None = Field(None, description="R1-Zero GRPO steps",
+    r1_zero_steps: PositiveInt | None = Field(None, title='R1-Zero steps', description="R1-Zero GRPO steps",
                                               json_schema_extra=_sets("r1_zero.steps"))
-    reasoning_rl_steps: PositiveInt | None = Field(None, description="reasoning-RL GRPO steps",
+    reasoning_rl_steps: PositiveInt | None = Field(None, title='Reasoning-RL steps', description="reasoning-RL GRPO steps",
                                                    json_schema_extra=_sets("reasoning_rl.steps"))
-    general_rl_steps: PositiveInt | None = Field(None, description="general-RL GRPO steps",
+    general_rl_steps: PositiveInt | None = Field(None, title='General-RL steps', description="general-RL GRPO steps",
                                                  json_schema_extra=_sets("general_rl.steps"))
-    sft_epochs: PositiveInt | None = Field(None, description="epochs of the SFT on the rejection-sampled set",
+    sft_epochs: PositiveInt | None = Field(None, title='SFT epochs', description="epochs of the SFT on the rejection-sampled set",
                                            json_schema_extra=_sets("sft.epochs"))
-    rl_lr: PositiveFloat | None = Field(None, description="learning rate of every GRPO stage (R1-Zero, reasoning "
+    rl_lr: PositiveFloat | None = Field(None, title='RL learning rate', description="learning rate of every GRPO stage (R1-Zero, reasoning "
                                         "RL, general RL)",
                                         json_schema_extra=_sets("r1_zero.lr", "reasoning_rl.lr", "general_rl.lr"))
-    sft_lr: PositiveFloat | None = Field(None, description="peak learning rate of both SFT stages (cold start, "
+    sft_lr: PositiveFloat | None = Field(None, title='SFT learning rate', description="peak learning rate of both SFT stages (cold start, "
                                          "rejection-sampled set)",
                                          json_schema_extra=_sets("cold_start_sft.lr", "sft.lr"))
     settings: list[str] = Field(default_factory=list, description="any other field, as `r1 run --set`: "

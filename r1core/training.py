@@ -475,9 +475,9 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
         scored = [t for t in total if t is not None]
         metrics = {
             "reward": sum(scored) / max(1, len(scored)),
+            # each reward's mean (reward/accuracy is the paper's accuracy curve), and accuracy by task
             **{f"reward/{k}": _mean(v) for k, v in per_reward.items()},
-            "accuracy": _mean(per_reward.get("accuracy", [])),
-            **{f"accuracy/{task}": _mean(a for a, r in zip(per_reward.get("accuracy") or [None] * len(texts),
+            **{f"accuracy_by_task/{task}": _mean(a for a, r in zip(per_reward.get("accuracy") or [None] * len(texts),
                                                            rollout_rows, strict=True) if r["task"] == task)
                for task in problem_types},
             "format_rate": _mean(format_reward(texts)),

@@ -345,8 +345,10 @@ def run_url(runtime: RuntimeConfig, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id(runtime)}/runs/{run_id}"
 
 
-CURVE_PANELS = (("reward", "reward"), ("accuracy", "accuracy"), ("response length (tokens)", "response_length"),
-                ("loss", "loss"))
+# title -> the metrics it plots: the first key (drawn bold) and every key under the other prefixes
+CURVE_PANELS = (("reward", ("reward",)), ("accuracy", ("reward/accuracy", "accuracy_by_task")),
+                ("response length (tokens)", ("response_length",)), ("loss", ("loss",)))
+HEADLINE_CURVES = {prefixes[0] for _, prefixes in CURVE_PANELS}
 
 
 def log_curves(runtime: RuntimeConfig, run_id: str) -> str | None:
@@ -362,9 +364,9 @@ def log_curves(runtime: RuntimeConfig, run_id: str) -> str | None:
     client = client_for(runtime)
     keys = client.get_run(run_id).data.metrics
     panels = []
-    for title, prefix in CURVE_PANELS:
+    for title, prefixes in CURVE_PANELS:
         series = {}
-        for key in sorted(k for k in keys if k == prefix or k.startswith(prefix + "/")):
+        for key in sorted(k for k in keys if k in prefixes or k.startswith(tuple(p + "/" for p in prefixes))):
             history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
             if len(history) > 1:
                 series[key] = history
@@ -375,7 +377,7 @@ def log_curves(runtime: RuntimeConfig, run_id: str) -> str | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels, strict=True):
         for key, history in series.items():
-            ax.plot(*zip(*history, strict=True), label=key, linewidth=2.2 if key in dict(CURVE_PANELS).values() else 1.0)
+            ax.plot(*zip(*history, strict=True), label=key, linewidth=2.2 if key in HEADLINE_CURVES else 1.0)
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(series) > 1:

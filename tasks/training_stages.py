@@ -338,15 +338,23 @@ def _log_training_inputs(cfg: PipelineConfig, run_id: str, init_model: str, trai
     tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"init_model_dir": init_model, **(tags or {})})
 
 
+EVAL_SETTINGS = ("k", "num_prompts")  # of an evaluation's results: what it measured on, not a score
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_stage(cfg: PipelineConfig, stage: StageResult, heldout_file: str) -> tuple[dict[str, float], dict]:
     """Held-out pass@1 / cons@k / format rate / length of a stage's model, logged to its run
     (with each prompt's scores as `eval/per_prompt.json`); returns the metrics and those scores."""
+    from mlflow.entities import Param
+
     from tasks.evaluate import evaluate_on_ray
 
     metrics, per_prompt = evaluate_on_ray(cfg, stage.model_dir, heldout_file)
     client = tracking.client_for(cfg.runtime)
-    tracking.log_metrics(client, stage.mlflow_run_id, {f"eval/{k}": v for k, v in metrics.items()})
+    # how it was measured (k, prompts) as params: a one-point metric would show as a chart
+    settings = {k: v for k, v in metrics.items() if k in EVAL_SETTINGS}
+    tracking.log_metrics(client, stage.mlflow_run_id, {f"eval/{k}": v for k, v in metrics.items() if k not in settings})
+    client.log_batch(stage.mlflow_run_id, params=[Param(f"eval/{k}", str(v)) for k, v in settings.items()])
     client.log_dict(stage.mlflow_run_id, per_prompt, "eval/per_prompt.json")
     get_run_logger().info("%s held-out: %s", stage.stage, json.dumps(metrics))
     return metrics, per_prompt

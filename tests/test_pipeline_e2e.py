@@ -37,8 +37,9 @@ def _ray(*args: str, env: dict) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, write_seed_examples, free_port):
     """Ray head + worker node, then `r1 ui` (Prefect server, MLflow server with its own artifact
-    store, `r1 serve`) with RAY_ADDRESS in its environment; the micro profile as the forms'
-    defaults, pretraining on 2 workers of 2 CPUs each: more than one 2-CPU node holds."""
+    store, `r1 serve`) with RAY_ADDRESS in its environment; the tiny profile as the forms'
+    defaults and `cfg` the micro profile the runs choose, both with pretraining on 2 workers of
+    2 CPUs each: more than one 2-CPU node holds."""
     workdir = tmp_path_factory.mktemp("ops")
     server_artifacts = tmp_path_factory.mktemp("mlflow-server") / "artifacts"
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
@@ -57,10 +58,11 @@ def stack(tmp_path_factory, write_seed_examples, free_port):
                      "pretrain.compute.num_workers=2"]
         cfg = load_config(CONFIG_DIR / "micro.yaml", overrides)
         write_seed_examples(cfg.data, seed_file)
+        # the forms default to the tiny profile: the run below chooses micro from the profile enum
         ui = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "ui", "--prefect-port", str(prefect_port), "--mlflow-port",
              str(mlflow_port), "--artifacts-destination", str(server_artifacts), "--config",
-             str(CONFIG_DIR / "micro.yaml"), *(f"--set={o}" for o in overrides)],
+             str(CONFIG_DIR / "tiny.yaml"), *(f"--set={o}" for o in overrides)],
             cwd=PROJECT_ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
@@ -98,10 +100,32 @@ def _deployment(prefect_url: str, name: str) -> dict:
 
 
 def _named_runs(prefect_url: str, deployment_id: str, run_name: str | None = None) -> list[dict]:
-    """The deployment's flow runs (with `config.run_name`, if given), newest first."""
+    """The deployment's flow runs (with the run form's `run_name`, if given), newest first."""
     runs = httpx.post(f"{prefect_url}/api/flow_runs/filter", timeout=10, json={
         "deployments": {"id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_DESC"}).json()
-    return [r for r in runs if run_name is None or r["parameters"]["config"]["run_name"] == run_name]
+    return [r for r in runs if run_name is None or r["parameters"]["run"].get("run_name") == run_name]
+
+
+def _flow_runs(prefect_url: str, **flow_runs_filter) -> list[dict]:
+    return httpx.post(f"{prefect_url}/api/flow_runs/filter", timeout=10,
+                      json={"flow_runs": flow_runs_filter, "sort": "EXPECTED_START_TIME_DESC"}).json()
+
+
+def _progress_while_running(prefect_url: str, stage: str, deadline: float) -> tuple[dict, dict] | None:
+    """The stage's progress artifact and its flow run, read while that run is still running
+    (polled as an operator's UI would); None if the pipeline ended first or time ran out."""
+    key = "".join(c if c.isalnum() else "-" for c in f"{stage}-progress".lower())
+    while time.time() < deadline:
+        found = httpx.post(f"{prefect_url}/api/artifacts/filter", timeout=10, json={
+            "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).json()
+        if found and found[0].get("flow_run_id"):
+            run = httpx.get(f"{prefect_url}/api/flow_runs/{found[0]['flow_run_id']}", timeout=10).json()
+            if run["state_type"] == "RUNNING":
+                return found[0], run
+            if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return None
+        time.sleep(0.5)
+    return None
 
 
 def _wait_for_run(prefect_url: str, deployment_id: str, run_name: str | None = None,
@@ -152,14 +176,16 @@ def browser():
 @pytest.fixture(scope="module")
 def pipeline_run(stack, browser):
     """The micro pipeline, started from the Prefect UI: Deployments -> r1-pipeline -> Run ->
-    Custom run -> the config's run_name set in the form -> Submit; followed to its end. Without
-    a browser, the same parameters go through the API."""
+    Custom run -> the micro profile chosen from the form's enum (its default: tiny) and the
+    output folder named -> Submit; R1-Zero's progress watched while it runs; followed to its
+    end. Without a browser, the same parameters go through the API."""
     prefect_url = stack["prefect"]
     deployment = _deployment(prefect_url, "r1-pipeline")
+    assert deployment["parameters"]["run"]["profile"] == "tiny"
     if browser is None:
-        config = {**deployment["parameters"]["config"], "run_name": RUN_NAME}
+        run = {**deployment["parameters"]["run"], "profile": "micro", "run_name": RUN_NAME}
         httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run",
-                   json={"parameters": {"config": config}}, timeout=10).raise_for_status()
+                   json={"parameters": {"run": run}}, timeout=10).raise_for_status()
         return _wait_for_run(prefect_url, deployment["id"], RUN_NAME)
     shots = _screenshots()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -173,11 +199,18 @@ def pipeline_run(stack, browser):
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run").first.click()
     page.wait_for_load_state("networkidle")
-    page.get_by_text("Profile (Optional)").wait_for()
+    page.get_by_text("Output folder (Optional)").wait_for()
     page.screenshot(path=shots / "03-prefect-run-form.png")
-    # config.run_name is `str | None` (None: profile + config hash): switch it to str and name the run
-    page.get_by_role("button", name="str", exact=True).first.click()
-    page.locator("textarea").nth(1).fill(RUN_NAME)
+    # the form is short: the run request, not the whole config
+    assert page.evaluate("document.querySelector('form').scrollHeight") < 4000, "the run form is a wall again"
+    assert page.get_by_text("Run Name", exact=True).count() == 1  # Prefect's own; ours reads "Output folder"
+    page.locator(".p-select-button__control").first.click()  # the profile: an enum of configs/
+    option = page.get_by_role("option", name="micro", exact=True)
+    if not option.is_visible():  # Prefect's select opens its list on a key once focused
+        page.keyboard.press("ArrowDown")
+    option.click()
+    field = page.locator(".schema-form-property", has=page.get_by_text("Output folder (Optional)", exact=True)).last
+    field.locator("textarea, input").first.fill(RUN_NAME)
     page.screenshot(path=shots / "04-prefect-run-form-changed.png")
     page.wait_for_load_state("networkidle")  # the form validates as it is edited
     for attempt in (1, 2):  # a click while the form re-validates can go unanswered (seen once in CI)
@@ -190,10 +223,23 @@ def pipeline_run(stack, browser):
         page.screenshot(path=shots / f"04-prefect-submit-unanswered-{attempt}.png")
         if attempt == 2:
             raise AssertionError("Submit created no flow run; the page said: " + page.inner_text("body")[:2000])
+    # a running GRPO stage's progress: its artifact below 100% and its step lines in the run's logs
+    seen = _progress_while_running(prefect_url, "r1_zero", time.time() + 900)
+    assert seen is not None, "R1-Zero's progress artifact was not seen while its flow run ran"
+    artifact, r1_zero_run = seen
+    page.goto(f"{prefect_url}/runs/flow-run/{r1_zero_run['id']}", wait_until="networkidle")
+    page.get_by_text(re.compile(r"\[r1_zero\] step \d+/\d+")).first.wait_for()
+    page.screenshot(path=shots / "05-prefect-r1-zero-running.png")
+    stack["progress_seen"] = {"artifact": artifact, "run": r1_zero_run}
     run = _wait_for_run(prefect_url, deployment["id"], RUN_NAME)
+    # the run list: each flow run named <output folder>/<stage> and tagged
+    page.goto(f"{prefect_url}/runs", wait_until="networkidle")
+    page.get_by_text(f"{RUN_NAME}/r1_zero").first.wait_for()
+    page.get_by_text(f"{RUN_NAME}/pipeline").first.wait_for()
+    page.screenshot(path=shots / "06-prefect-run-list.png")
     page.goto(f"{prefect_url}/runs/flow-run/{run['id']}", wait_until="networkidle")
     page.get_by_text("Completed").first.wait_for()
-    page.screenshot(path=shots / "05-prefect-flow-run-completed.png")
+    page.screenshot(path=shots / "07-prefect-flow-run-completed.png")
     page.close()
     return run
 
@@ -239,7 +285,17 @@ def pipeline_results(micro, prefect_api) -> dict:
                            "the run went through the API")
 def test_browser_starts_the_pipeline_from_the_form_and_finds_it_in_both_uis(stack, browser, pipeline_run):
     assert pipeline_run["state_type"] == "COMPLETED", pipeline_run["state"]
-    assert pipeline_run["parameters"]["config"]["profile"] == "micro"  # the form's defaults, one field changed
+    # the profile chosen in the form, and the run used its values (the form's default was tiny)
+    assert pipeline_run["parameters"]["run"]["profile"] == "micro"
+    tags = set(pipeline_run["tags"])
+    assert {"profile:micro", f"config:{stack['cfg'].digest()}", "stage:pipeline"} <= tags, tags
+    assert any(t.startswith("commit:") for t in tags) and pipeline_run["name"] == f"{RUN_NAME}/pipeline"
+    stage_runs = _flow_runs(stack["prefect"], tags={"all_": ["profile:micro", "stage:r1_zero"]})
+    assert [r["name"] for r in stage_runs] == [f"{RUN_NAME}/r1_zero"]
+    # R1-Zero's progress, read while its run was running: a progress artifact of its steps
+    seen = stack["progress_seen"]
+    assert seen["artifact"]["type"] == "progress" and 0 < float(seen["artifact"]["data"]) <= 100
+    assert seen["run"]["name"] == f"{RUN_NAME}/r1_zero"
     from urllib.parse import quote
 
     from mlflow import MlflowClient
@@ -251,22 +307,32 @@ def test_browser_starts_the_pipeline_from_the_form_and_finds_it_in_both_uis(stac
     # MLflow is a single-page app on hash routes: wait for content, not for page loads
     page.goto(f"{mlflow_url}/#/experiments", wait_until="commit")
     page.get_by_text(experiment.name).first.wait_for()
-    page.screenshot(path=shots / "06-mlflow-experiments.png")
+    page.screenshot(path=shots / "08-mlflow-experiments.png")
+    # the experiment opens on its training runs (a model-training experiment, not GenAI's traces)
+    page.get_by_text(experiment.name).first.click()
+    page.get_by_text(f"r1_pipeline/{RUN_NAME}").first.wait_for()
+    page.screenshot(path=shots / "08-mlflow-experiment-opened.png")
     # this pipeline run and its stage runs (every stage run is tagged with the run name)
     search = quote(f"tags.run_name = '{RUN_NAME}'")
     page.goto(f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs?searchFilter={search}", wait_until="commit")
     page.get_by_text(f"r1_pipeline/{RUN_NAME}").first.wait_for()
+    parent = MlflowClient(mlflow_url).search_runs([experiment.experiment_id], f"tags.run_name = '{RUN_NAME}' and "
+                                                  "tags.stage = 'pipeline'")[0]
+    tiny, micro = load_config(CONFIG_DIR / "tiny.yaml"), load_config(CONFIG_DIR / "micro.yaml")
+    assert parent.data.tags["profile"] == "micro"
+    assert parent.data.params["r1_zero.steps"] == str(micro.r1_zero.steps) != str(tiny.r1_zero.steps)
+    assert parent.data.params["model.hidden_size"] == str(micro.model.hidden_size)
     page.locator("[role=gridcell] button").first.click()  # expand the parent run
     for stage in ("pretrain_base", "r1_zero", "cold_start_sft", "reasoning_rl", "sft", "general_rl"):
         page.get_by_text(stage, exact=True).first.wait_for()
-    page.screenshot(path=shots / "07-mlflow-stage-runs.png")
+    page.screenshot(path=shots / "09-mlflow-stage-runs.png")
     page.goto(f"{mlflow_url}/#/models", wait_until="commit")
     page.get_by_role("link", name="r1-distill-mini", exact=True).wait_for()
     page.keyboard.press("Escape")  # MLflow's "new registry UI" announcement, when it shows
-    page.screenshot(path=shots / "08-mlflow-registered-models.png")
+    page.screenshot(path=shots / "10-mlflow-registered-models.png")
     page.get_by_role("link", name="r1", exact=True).click()
     page.get_by_text("champion").first.wait_for()
-    page.screenshot(path=shots / "09-mlflow-r1-champion.png")
+    page.screenshot(path=shots / "11-mlflow-r1-champion.png")
     page.close()
 
 
@@ -282,6 +348,10 @@ def test_the_run_used_the_cluster_and_the_servers_artifact_store(stack, pipeline
     stages = {r.data.tags["stage"] for r in runs}
     assert {"pipeline", "pretrain_base", "r1_zero", "cold_start_sft", "general_rl", "distill/mini/sft"} <= stages
     assert all(r.info.status == "FINISHED" for r in runs)
+    # MLflow's system metrics (CPU, memory) on the stage runs (sampled every 5 s: a seconds-long
+    # micro stage may end before its first sample, pretraining on the cluster does not)
+    pretrain = next(r for r in runs if r.data.tags["stage"] == "pretrain_base")
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(pretrain.data.metrics)
     # every artifact went over HTTP into the server's store; nothing was written as a local MLflow store
     assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
     champion = client.get_model_version_by_alias("r1", "champion")
@@ -292,7 +362,6 @@ def test_the_run_used_the_cluster_and_the_servers_artifact_store(stack, pipeline
     assert list(stack["server_artifacts"].rglob("curves/training_curves.png"))
     assert not (stack["workdir"] / "mlartifacts").exists()
     # pretraining asked for 2 workers x 2 CPUs: only the two 2-CPU nodes together could run it
-    pretrain = next(r for r in runs if r.data.tags["stage"] == "pretrain_base")
     assert pretrain.data.params["pretrain.compute.num_workers"] == "2"
     assert pretrain.data.params["pretrain.compute.cpus_per_worker"] == "2"
     ray.init(address=stack["ray"], logging_level="ERROR")
@@ -325,12 +394,17 @@ def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
         assert (pipeline_results[stage].model_dir and
                 os.path.isfile(os.path.join(pipeline_results[stage].model_dir, "config.json")))
     zero_run = pipeline_results["r1_zero"].mlflow_run_id
-    for key in ("reward", "accuracy", "format_rate", "response_length", "kl", "entropy",
-                "gen_tokens_per_s", "train_tokens_per_s", "reward/accuracy", "reward/format"):
+    for key in ("reward", "format_rate", "response_length", "kl", "entropy", "gen_tokens_per_s",
+                "train_tokens_per_s", "reward/accuracy", "reward/format"):
         history = client.get_metric_history(zero_run, key)
         assert [m.step for m in history] == [1, 2], key
+    # metric names that do not collide in MLflow's sections (no bare `accuracy` beside reward/accuracy);
+    # what an evaluation measured on is a param, not a one-point metric
+    zero = client.get_run(zero_run).data
+    assert "accuracy" not in zero.metrics and any(k.startswith("accuracy_by_task/") for k in zero.metrics)
+    assert zero.params["eval/k"] == str(micro.eval.k) and "eval/k" not in zero.metrics
     rl_run = pipeline_results["reasoning_rl"].mlflow_run_id
-    for key in ("reward/language_consistency", "language_mixing_rate", "accuracy"):
+    for key in ("reward/language_consistency", "language_mixing_rate", "reward/accuracy"):
         assert [m.step for m in client.get_metric_history(rl_run, key)] == [1, 2], key
     assert client.get_run(rl_run).data.tags["init_model_dir"] == pipeline_results["cold_start_sft"].model_dir
     sft_loss = client.get_metric_history(pipeline_results["cold_start_sft"].mlflow_run_id, "loss")
@@ -486,7 +560,8 @@ def test_scheduled_retrain_deployment_retrains_from_the_champion_on_new_data(sta
     # new prompt rows (any rows but held-out ones, which the retrain refuses): some of the run's own
     train = read_rows(stack["workdir"] / "runs" / RUN_NAME / "data" / "train.jsonl")
     write_rows(train[-24:], incoming_dir(cfg) / "new-prompts.jsonl")
-    httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10) \
+    micro_run = {"parameters": {"run": {**deployment["parameters"]["run"], "profile": "micro"}}}
+    httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run", json=micro_run, timeout=10) \
         .raise_for_status()
     run = _wait_for_run(prefect_url, deployment["id"], timeout_s=600)
     assert run["state_type"] == "COMPLETED", run["state"]
@@ -501,7 +576,7 @@ def test_scheduled_retrain_deployment_retrains_from_the_champion_on_new_data(sta
     assert client.get_model_version_by_alias("r1", alias).version == newest.version
     assert set(read_ledger(cfg).values()) == {"new-prompts.jsonl"}
     # the same data again: the next run ends early and says so
-    httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10) \
+    httpx.post(f"{prefect_url}/api/deployments/{deployment['id']}/create_flow_run", json=micro_run, timeout=10) \
         .raise_for_status()
     time.sleep(2)
     again = _wait_for_run(prefect_url, deployment["id"], timeout_s=300)
