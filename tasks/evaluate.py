@@ -32,8 +32,11 @@ def resolve_model(model: str, cfg: PipelineConfig | None = None) -> str:
             version = client.get_model_version_by_alias(name, alias) if alias else \
                 client.get_model_version(*name.split("/", 1))
             source = version.source
-        run_id, _, artifact_path = source[len("runs:/"):].partition("/")
-        local = Path(client.download_artifacts(run_id, artifact_path, dst_path=tempfile.mkdtemp(prefix="r1-model-")))
+        import mlflow.artifacts
+
+        # a version's source: its LoggedModel's artifact location or, registered before, runs:/<run>/model
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="r1-model-"),
+                                                         tracking_uri=client.tracking_uri))
         candidates = [p.parent for p in local.rglob("config.json")]
         if not candidates:
             raise FileNotFoundError(f"{model}: no HF model (config.json) in its artifacts")

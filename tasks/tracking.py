@@ -314,22 +314,39 @@ def save_mlflow_model(model_dir: Path, dest: Path) -> None:
 
 def register_model(runtime: RuntimeConfig, run_id: str, model_dir: Path, name: str,
                    tags: dict | None = None, description: str | None = None) -> str:
-    """Log an HF model directory as the run's `model` artifact, an MLflow Model
-    (`save_mlflow_model`), register it as a new version of `name` and point the alias `newest`
-    at it. Returns the version. Idempotent (so that the task may be retried): a version of
-    `name` from this run already registered is reused."""
+    """Log an HF model directory as an MLflow Model (`save_mlflow_model`) in a LoggedModel of the
+    run's experiment (MLflow 3: its own page, linked to the run as the run's output), register
+    it as a new version of `name` and point the alias `newest` at it. Returns the version.
+    Idempotent (so that the task may be retried): a version of `name` from this run already
+    registered is reused."""
     import tempfile
 
+    from mlflow.entities import LoggedModelOutput
+
     client = client_for(runtime)
-    with tempfile.TemporaryDirectory(prefix="r1-mlflow-model-") as tmp:
-        save_mlflow_model(Path(model_dir), Path(tmp) / "model")
-        client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
     with contextlib.suppress(MlflowException):  # already registered
         client.create_registered_model(name)
+    tags = {k: str(v) for k, v in (tags or {}).items()}
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    version = existing[0] if existing else client.create_model_version(
-        name, source=f"runs:/{run_id}/model", run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
-        description=description)
+    if existing:
+        version = existing[0]
+    else:
+        logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id,
+                                            model_type="transformers", tags=tags)
+        try:
+            with tempfile.TemporaryDirectory(prefix="r1-mlflow-model-") as tmp:
+                save_mlflow_model(Path(model_dir), Path(tmp) / "model")
+                client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        client.finalize_logged_model(logged.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        # the source as the model's storage location: MLflow's registry resolves a models:/<id>
+        # source through the process-wide tracking URI, which this project never sets
+        version = client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
+                                              description=description, model_id=logged.model_id)
     client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
     return str(version.version)
 
