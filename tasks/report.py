@@ -137,7 +137,7 @@ def mismatch_lines(client, run_id: str, warn_kl: float, shown: int = 20) -> list
 
 
 # A stage's held-out numbers the console's summary line shows, by prefix (the artifact has them all).
-CONSOLE_METRICS = ("pass@1", "cons@", "format", "pairwise_accuracy")
+CONSOLE_METRICS = ("pass@1", "cons@", "format", "pairwise_accuracy", "examples")
 
 
 @task(name="publish-stage-summary", cache_policy=NO_CACHE, **IDEMPOTENT)
@@ -159,7 +159,8 @@ def publish_stage_summary(cfg: PipelineConfig, stage: str, mlflow_run_id: str, m
     lines += mismatch_lines(tracking.client_for(cfg.runtime), mlflow_run_id, cfg.rollout.mismatch_warn_kl)
     shown = {k: v for k, v in metrics.items() if k.startswith(CONSOLE_METRICS) and "/" not in k
              and isinstance(v, (int, float))}  # the per-task breakdowns stay in the artifact
-    console.say(f"done {stage}" + (f" in {seconds:.0f} s" if seconds is not None else "") + ": "
-                + ", ".join(f"{k} {v:.3g}" for k, v in shown.items()) + (f"; registered {registered}" if registered else ""))
+    console.say(f"done {stage}" + (f" in {seconds:.0f} s" if seconds is not None else "")
+                + "".join(f"{', ' if i else ': '}{k} {v:.3g}" for i, (k, v) in enumerate(shown.items()))
+                + (f"; registered {registered}" if registered else ""))
     create_markdown_artifact("\n".join(lines), key=artifact_key(stage),
                              description=f"{stage}: summary of {cfg.resolved_run_name()}")
