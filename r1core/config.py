@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -684,11 +685,23 @@ class RuntimeConfig(Strict):
                                 "off saves ~320 MB")
 
 
+def _one_folder_name(v: str | None) -> str | None:
+    """A run name is one folder under runtime.workdir/runs (and a Prefect and MLflow run name):
+    letters of any script, digits, `_`, `-`, `.`; not hidden, not a path."""
+    if v is not None and not re.fullmatch(r"[^\W][\w.-]{0,99}", v):
+        raise ValueError(f"{v[:120]!r} is not a folder name: 1-100 letters, digits, '_', '-' or '.', not starting "
+                         "with '.' or '-'")
+    return v
+
+
+RunName = Annotated[str | None, AfterValidator(_one_folder_name)]
+
+
 class PipelineConfig(Strict):
     """The whole R1 recipe (stages 0-9, evaluation after each) on one profile."""
 
     profile: str = Field("tiny", description="profile name: prefixes the run folder and tags every run")
-    run_name: str | None = Field(None, description="output folder name; default: profile + config hash")
+    run_name: RunName = Field(None, description="output folder name; default: profile + config hash")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model's architecture, or a local HF model to start from")
     data: DataConfig = Field(default_factory=DataConfig, description="the verifiable reasoning rows: synthetic, or your own files")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="stage 0: pretraining of the base")
@@ -822,7 +835,7 @@ class RunRequest(Strict):
 
     profile: ProfileName = Field("tiny", description="the profile, configs/PROFILE.yaml, that every field left "
                                  "empty below takes its value from")
-    run_name: str | None = Field(None, title="Output folder", description="the run's folder under "
+    run_name: RunName = Field(None, title="Output folder", description="the run's folder under "
                                  "runtime.workdir/runs and the name of its MLflow runs and Prefect flow runs "
                                  "(FOLDER/STAGE, replacing the random Run Name above); empty: PROFILE-DIGEST of "
                                  "the settings, so the same settings resume where they stopped")

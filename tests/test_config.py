@@ -1,9 +1,12 @@
+import json
+import re
 import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
-from r1core.config import ConfigError, load_config, validate_config
+from r1core.config import CONFIG_DIR, ConfigError, load_config, validate_config
 
 
 def test_default_profile_loads_and_overrides_apply():
@@ -130,3 +133,67 @@ def test_a_partial_section_keeps_the_fields_own_defaults():
     assert cfg.rejection_sampling.sampling == DEFAULT_CONFIG.rejection_sampling.sampling
     with pytest.raises(ValidationError, match="r1_zero.sampling.temprature"):
         PipelineConfig.model_validate({"r1_zero": {"sampling": {"temprature": 1.0}}})
+
+
+GOOD_RUN_NAMES = ["from-the-browser", "tiny-2a4118a53b", "exp_1.v2", "тест-запуск", "实验", "x" * 100]
+BAD_RUN_NAMES = ["../x", "a/b", "/abs", "a\\b", "..", ".", ".hidden", "-rf", "", " ", "a b", "x\x00y", "x\n",
+                 "x" * 101, "C:", "\u202eevil", "a;b", "$(id)", "%2e%2e", "name/../../etc"]
+
+
+@pytest.mark.parametrize("name", GOOD_RUN_NAMES)
+def test_a_run_name_is_one_folder_name(tmp_path, name):
+    cfg = load_config(None, [f"runtime.workdir={tmp_path}", f"run_name={json.dumps(name)}"])
+    assert cfg.run_dir().parent == (tmp_path / "runs").resolve() and cfg.run_dir().name == name
+
+
+@pytest.mark.parametrize("name", BAD_RUN_NAMES)
+def test_a_run_name_that_is_a_path_or_odd_is_refused_naming_the_field(name):
+    from r1core.config import RunRequest
+
+    with pytest.raises(ConfigError, match="run_name"):
+        load_config(None, [f"run_name={json.dumps(name)}"])
+    with pytest.raises(ValidationError, match="run_name"):  # the run form refuses it as it is submitted
+        RunRequest(run_name=name)
+
+
+def test_the_run_form_request_refuses_what_the_config_refuses():
+    from r1core.config import PROFILES, RunRequest
+
+    assert set(PROFILES) == {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    for bad in ({"profile": "nope"}, {"profile": "../configs/tiny"}, {"r1_zero_steps": 0}, {"rl_lr": -1.0},
+                {"seed": "x"}, {"settings": "eval.k=3"}, {"unknown": 1}, {"settings": [3]}):
+        with pytest.raises(ValidationError):
+            RunRequest.model_validate(bad)
+    for settings, field in ((["eval.k"], "eval.k"), (["eval.k=[1"], "eval.k"), (["eval.kk=3"], "eval.kk"),
+                            (["eval=3"], "eval"), (["eval.k.x=1"], "eval.k"), (["r1_zero.steps=-2"], "r1_zero.steps")):
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            RunRequest(profile="micro", settings=settings).resolve()
+    # a field set in the form wins over the same key in settings; the profile's values otherwise
+    cfg = RunRequest(profile="micro", r1_zero_steps=5, settings=["r1_zero.steps=9", "eval.k=3"]).resolve()
+    assert cfg.r1_zero.steps == 5 and cfg.eval.k == 3
+    assert cfg.reasoning_rl == load_config(CONFIG_DIR / "micro.yaml").reasoning_rl
+
+
+def test_random_settings_never_crash_the_run_form(tmp_path):
+    """Open-ended input: any list of settings gives a config or a ConfigError, nothing else."""
+    import random
+
+    from r1core.config import RunRequest
+
+    rng = random.Random(0)
+    keys = ["eval.k", "r1_zero.steps", "run_name", "data.train_file", "model", "runtime.seed", "x.y.z", "", ".",
+            "r1_zero..lr", "eval.sampling.top_p", "rollout.backend"]
+    values = ["3", "-1", "[1, 2]", "{a: 1}", "null", "'", "\x00", "é" * 50, "1e309", "True", "../..", "&a *a",
+              "!!python/object:os.system", "0x10", "" * 3, "~"]
+    outcomes = {"config": 0, "refused": 0}
+    for _ in range(300):
+        settings = [f"{rng.choice(keys)}{rng.choice(['=', '', '=='])}{rng.choice(values)}"
+                    for _ in range(rng.randint(1, 3))]
+        request = RunRequest(profile=rng.choice(["micro", "tiny"]), settings=[f"runtime.workdir={tmp_path}", *settings])
+        try:
+            request.resolve()
+            outcomes["config"] += 1
+        except ConfigError as e:
+            assert str(e), settings
+            outcomes["refused"] += 1
+    assert min(outcomes.values()) > 0, outcomes
