@@ -33,7 +33,9 @@ def stage_deployment_name(stage: str) -> str:
 
 def from_run_form(target):
     """`target` as a deployment runs it: the same flow (its name, description, other parameters),
-    with `config` replaced by `run: RunRequest`, resolved and checked when the run starts."""
+    with `config` replaced by `run: RunRequest`, resolved and checked when the run starts. Bound
+    at this module's top level as `run_form_<flow name>` (`RUN_FORM_FLOWS`): a served run loads
+    its flow by entrypoint, `flows/deployments.py:<that name>`."""
     signature = inspect.signature(target.fn, eval_str=True)
     hints = typing.get_type_hints(target.fn)
     run = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=RunRequest(),
@@ -51,7 +53,27 @@ def from_run_form(target):
     entry.__signature__ = signature.replace(parameters=[run, *others])
     entry.__annotations__ = {"run": RunRequest, **{k: v for k, v in hints.items() if k != "config"}}
     del entry.__wrapped__  # Prefect would read the target's signature through it
+    entry.__module__, entry.__name__ = __name__, run_form_name(target)
+    entry.__qualname__ = entry.__name__
     return flow(name=target.name, description=target.description, log_prints=True)(entry)
+
+
+def run_form_name(target) -> str:
+    return "run_form_" + "".join(c if c.isalnum() else "_" for c in target.name)
+
+
+RUN_FORM_FLOWS: dict[str, object] = {}  # flow name -> its deployments' flow
+
+
+def run_form_flow(target):
+    """The deployments' flow of `target`, bound at this module's top level (see `from_run_form`)."""
+    if target.name not in RUN_FORM_FLOWS:
+        RUN_FORM_FLOWS[target.name] = globals()[run_form_name(target)] = from_run_form(target)
+    return RUN_FORM_FLOWS[target.name]
+
+
+for _target in (r1_pipeline, retrain_flow, *stage_flows().values()):  # what a served run's entrypoint names
+    run_form_flow(_target)
 
 
 def run_form_defaults(config_file: str | None, settings: list[str]) -> dict:
@@ -71,18 +93,18 @@ def deployments(cfg: PipelineConfig, config_file: str | None = None, settings: l
     default tiny) with its `settings`."""
     config = run_form_defaults(config_file, settings or [])
     tags = ["r1", f"profile:{cfg.profile}"]
-    out = [from_run_form(r1_pipeline).to_deployment(
+    out = [run_form_flow(r1_pipeline).to_deployment(
         name=PIPELINE_DEPLOYMENT, parameters=config, tags=[*tags, "pipeline"],
         description="The DeepSeek-R1 recipe end to end: base model, R1-Zero, cold start, reasoning RL, rejection "
                     "sampling, SFT, reward models, general RL (-> r1, gated to champion), distillation; every "
                     "model evaluated and registered in MLflow. Choose the profile in the form; fields left "
                     "empty take its values.")]
     for stage, stage_flow in stage_flows().items():
-        out.append(from_run_form(stage_flow).to_deployment(
+        out.append(run_form_flow(stage_flow).to_deployment(
             name=stage_deployment_name(stage), parameters=config, tags=[*tags, "stage", stage, CATALOG[stage].kind],
             description=f"Stage `{stage}` alone: {CATALOG[stage].description} Model inputs left empty "
                         "default to what this configuration's earlier stages produced."))
-    out.append(from_run_form(retrain_flow).to_deployment(
+    out.append(run_form_flow(retrain_flow).to_deployment(
         name=RETRAIN_DEPLOYMENT, parameters=config, tags=[*tags, "retrain", *(["scheduled"] if cfg.retrain.cron else [])],
         schedule=Cron(cfg.retrain.cron, timezone=cfg.retrain.timezone) if cfg.retrain.cron else None,
         # one retrain at a time: a run due while another is still training is not started

@@ -43,6 +43,13 @@ def test_deployments_carry_the_run_form_schedule_and_concurrency_limit(prefect_h
     assert "PipelineConfig" not in schema["definitions"]
     assert pipeline.parameters["run"]["profile"] == "micro" and pipeline.parameters["run"]["settings"] == settings
     assert {"r1", "profile:micro", "pipeline"} <= set(pipeline.tags) and "R1-Zero" in pipeline.description
+    # a served run loads its flow by the deployment's entrypoint: it must name the form's flow
+    from prefect.flows import load_flow_from_entrypoint
+
+    for d in deployments(cfg, str(CONFIG_DIR / "micro.yaml"), settings):
+        loaded = load_flow_from_entrypoint(d.entrypoint)
+        assert loaded.name == d.flow_name and "run" in loaded.parameters.properties, d.entrypoint
+        assert "config" not in loaded.parameters.properties, d.entrypoint
     # a stage keeps its own parameters beside the form
     assert {"run", "init_model"} <= set(sft.parameter_openapi_schema["properties"])
     assert "config" not in sft.parameter_openapi_schema["properties"]
