@@ -410,7 +410,7 @@ def quiet_temporary_prefect_server() -> None:
 def print_summary(cfg, results, title: str = "r1_pipeline") -> None:
     from tasks.console import say
     from tasks.report import comparison_rows, markdown
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import experiment_url, tracking_uri
 
     say(f"\n=== {title} finished: held-out evaluation of every model "
           f"(k = {cfg.eval.k}, T {cfg.eval.sampling.temperature}, top-p {cfg.eval.sampling.top_p}) ===\n")
@@ -422,8 +422,7 @@ def print_summary(cfg, results, title: str = "r1_pipeline") -> None:
     say(f"\nOutputs:  {cfg.run_dir()}")
     say(f"MLflow:   {uri}  (experiment '{cfg.runtime.experiment}'; the comparison table and chart are in the "
           "r1_pipeline run's artifacts, comparison/)")
-    if uri.startswith("sqlite"):
-        say(f"          see it with `make ui`, or: mlflow ui --backend-store-uri {uri}")
+    say(f"          its runs: {experiment_url(cfg.runtime)}" + ("  (after `make ui`)" if uri.startswith("sqlite") else ""))
     say(f"Prefect:  flow runs in {os.environ.get('PREFECT_API_URL') or os.environ['PREFECT_HOME']}"
           " (`make ui` shows them)")
 

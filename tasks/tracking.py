@@ -355,11 +355,23 @@ LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # what `make ui` starts on a local st
 MLFLOW_UI_ENV = "R1_MLFLOW_UI_URL"  # set by `r1 ui` for the runs it serves
 
 
-def run_url(runtime: RuntimeConfig, run_id: str) -> str:
-    """The run's page in the MLflow UI: the tracking server's own, or `r1 ui`'s for a local store."""
+# MLflow 3's UI opens every experiment in its GenAI views (traces, an assistant) unless the link
+# asks for model training: the choice is a URL parameter or the browser's stored toggle, which
+# starts at GenAI whatever the experiment's kind tag says
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(runtime: RuntimeConfig, path: str = "runs") -> str:
+    """A page of the experiment in the MLflow UI, in its model-training views: the tracking
+    server's own UI, or `r1 ui`'s for a local store."""
     uri = tracking_uri(runtime)
     base = uri if uri.startswith(("http://", "https://")) else os.environ.get(MLFLOW_UI_ENV, LOCAL_MLFLOW_UI)
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id(runtime)}/runs/{run_id}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id(runtime)}/{path}?{MODEL_TRAINING_VIEW}"
+
+
+def run_url(runtime: RuntimeConfig, run_id: str) -> str:
+    """The run's page in the MLflow UI (`experiment_url`)."""
+    return experiment_url(runtime, f"runs/{run_id}")
 
 
 # title -> the metrics it plots: the first key (drawn bold) and every key under the other prefixes

@@ -308,13 +308,22 @@ def test_browser_starts_the_pipeline_from_the_form_and_finds_it_in_both_uis(stac
     page.goto(f"{mlflow_url}/#/experiments", wait_until="commit")
     page.get_by_text(experiment.name).first.wait_for()
     page.screenshot(path=shots / "08-mlflow-experiments.png")
-    # the experiment opens on its training runs (a model-training experiment, not GenAI's traces)
-    page.get_by_text(experiment.name).first.click()
+    # the links r1 gives (the run's summary, the final table) open the experiment on its training
+    # runs, not MLflow's GenAI views (traces, an assistant), which its UI otherwise opens with
+    summary = _artifact(stack, "r1-zero")
+    (run_link,) = [u for u in re.findall(r"\]\((http[^)]+)\)", summary) if "/runs/" in u]
+    assert run_link.endswith("?workflowType=machine_learning"), run_link
+    page.goto(run_link, wait_until="commit")
+    page.get_by_text("Model metrics").first.wait_for()
+    page.get_by_text("System metrics").first.wait_for()  # system metrics on the stage run
+    page.screenshot(path=shots / "08-mlflow-r1-zero-run.png")
+    page.goto(run_link.split("/runs/")[0] + "/runs?workflowType=machine_learning", wait_until="commit")
     page.get_by_text(f"r1_pipeline/{RUN_NAME}").first.wait_for()
-    page.screenshot(path=shots / "08-mlflow-experiment-opened.png")
+    page.screenshot(path=shots / "08-mlflow-training-runs.png")
     # this pipeline run and its stage runs (every stage run is tagged with the run name)
     search = quote(f"tags.run_name = '{RUN_NAME}'")
-    page.goto(f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs?searchFilter={search}", wait_until="commit")
+    page.goto(f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs?searchFilter={search}&workflowType="
+              "machine_learning", wait_until="commit")
     page.get_by_text(f"r1_pipeline/{RUN_NAME}").first.wait_for()
     parent = MlflowClient(mlflow_url).search_runs([experiment.experiment_id], f"tags.run_name = '{RUN_NAME}' and "
                                                   "tags.stage = 'pipeline'")[0]
