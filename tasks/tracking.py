@@ -343,10 +343,12 @@ def register_model(runtime: RuntimeConfig, run_id: str, model_dir: Path, name: s
             raise
         client.finalize_logged_model(logged.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-        # the source as the model's storage location: MLflow's registry resolves a models:/<id>
-        # source through the process-wide tracking URI, which this project never sets
-        version = client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
-                                              description=description, model_id=logged.model_id)
+        # the source is the model's storage location: MLflow's registry links a version to its
+        # LoggedModel only through a models:/<id> source, which it resolves through the
+        # process-wide tracking URI (this project never sets it: one process serves many stores)
+        version = client.create_model_version(name, source=logged.artifact_location, run_id=run_id,
+                                              tags={**tags, "logged_model_id": logged.model_id},
+                                              description=description)
     client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
     return str(version.version)
 

@@ -366,10 +366,10 @@ def test_the_run_used_the_cluster_and_the_servers_artifact_store(stack, pipeline
     champion = client.get_model_version_by_alias("r1", "champion")
     assert champion.run_id in {r.info.run_id for r in runs}
     # an MLflow Model (its MLmodel) in a LoggedModel of the run, with the HF directory inside (`model/`)
-    logged = client.get_logged_model(champion.model_id)
+    logged = client.get_logged_model(champion.tags["logged_model_id"])
     assert logged.source_run_id == champion.run_id and logged.status == "READY"
-    assert logged.artifact_location.startswith("mlflow-artifacts:")
-    model_files = list(stack["server_artifacts"].rglob(f"models/{champion.model_id}/artifacts/model/config.json"))
+    assert champion.source == logged.artifact_location and logged.artifact_location.startswith("mlflow-artifacts:")
+    model_files = list(stack["server_artifacts"].rglob(f"models/{logged.model_id}/artifacts/model/config.json"))
     assert len(model_files) == 1 and (model_files[0].parent.parent / "MLmodel").is_file()
     assert list(stack["server_artifacts"].rglob("curves/training_curves.png"))
     assert not (stack["workdir"] / "mlartifacts").exists()
