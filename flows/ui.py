@@ -99,7 +99,8 @@ def run(cfg: PipelineConfig, config_args: list[str], prefect_port: int = 4200, m
         pid_file(str(workdir)).write_text(json.dumps({"launcher": os.getpid(), "prefect": prefect_url,
                                                       "mlflow": mlflow_url}))
         print(f"Prefect UI: {prefect_url}   (deployments served by `r1 serve`; log: {logs / 'serve.log'})")
-        print(f"MLflow UI:  {mlflow_url}   (store: {store})")
+        print(f"MLflow UI:  {mlflow_url}   (store: {store}; its experiments in the model-training views: "
+              f"{mlflow_url}/#/experiments?workflowType=machine_learning)")
         if os.environ.get("RAY_ADDRESS"):
             print(f"Ray:        {os.environ['RAY_ADDRESS']} (flow runs train there)")
         print("Stop all with Ctrl-C or `make ui-stop`.", flush=True)
