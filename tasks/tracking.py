@@ -345,10 +345,12 @@ def register_model(runtime: RuntimeConfig, run_id: str, model_dir: Path, name: s
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         # the source is the model's storage location: MLflow's registry links a version to its
         # LoggedModel only through a models:/<id> source, which it resolves through the
-        # process-wide tracking URI (this project never sets it: one process serves many stores)
+        # process-wide tracking URI (this project never sets it: one process serves many stores).
+        # model_id lets a tracking server accept a source outside the run's artifacts; the
+        # stores keep no model_id for such a source, so a tag names the LoggedModel.
         version = client.create_model_version(name, source=logged.artifact_location, run_id=run_id,
                                               tags={**tags, "logged_model_id": logged.model_id},
-                                              description=description)
+                                              description=description, model_id=logged.model_id)
     client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
     return str(version.version)
 
