@@ -31,8 +31,6 @@ def local_defaults(workdir: str) -> None:
     if "PREFECT_API_URL" not in os.environ and (url := _this_workdirs_ui(workdir)):
         os.environ["PREFECT_API_URL"] = url
     os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect"))
-    # made here: Prefect's own mkdir has no parents and warns on a fresh workdir
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server gets 20 s to start by default: too tight on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -267,6 +265,10 @@ def command(args: argparse.Namespace) -> int:
             return ui.stop_running(cfg.runtime.workdir)
         config_args = ([f"--config={Path(args.config).resolve()}"] if args.config else []) + [f"--set={o}" for o in args.overrides]
         return ui.run(cfg, config_args, args.prefect_port, args.mlflow_port, args.artifacts_destination)
+    if args.command in ("run", "eval", "serve"):
+        # made after the checks (a refused run leaves nothing behind) and before Prefect is
+        # imported: Prefect's own mkdir has no parents and warns on a fresh workdir
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     if args.command == "run":
         return run_flows(cfg, args, flow_kwargs)
     if args.command == "eval":
