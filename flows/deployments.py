@@ -10,7 +10,6 @@ field as a validated setting; the served configuration's own settings (workdir, 
 the form's defaults. The flow's other parameters (a stage's `init_model`, ...) stay as they are."""
 from __future__ import annotations
 
-import functools
 import inspect
 import typing
 
@@ -38,11 +37,10 @@ def from_run_form(target):
     its flow by entrypoint, `flows/deployments.py:<that name>`."""
     signature = inspect.signature(target.fn, eval_str=True)
     hints = typing.get_type_hints(target.fn)
-    run = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=RunRequest(),
-                            annotation=RunRequest)
+    form = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=RunRequest(),
+                             annotation=RunRequest)
     others = [p for name, p in signature.parameters.items() if name != "config"]
 
-    @functools.wraps(target.fn)
     def entry(run: RunRequest, **kwargs):
         from flows.preflight import check_inputs
 
@@ -50,11 +48,10 @@ def from_run_form(target):
         check_inputs(config)  # the files it names, before anything starts
         return target.fn(config=config, **kwargs)
 
-    entry.__signature__ = signature.replace(parameters=[run, *others])
+    entry.__signature__ = signature.replace(parameters=[form, *others])
     entry.__annotations__ = {"run": RunRequest, **{k: v for k, v in hints.items() if k != "config"}}
-    del entry.__wrapped__  # Prefect would read the target's signature through it
-    entry.__module__, entry.__name__ = __name__, run_form_name(target)
-    entry.__qualname__ = entry.__name__
+    entry.__doc__ = target.fn.__doc__
+    entry.__name__ = entry.__qualname__ = run_form_name(target)
     return flow(name=target.name, description=target.description, log_prints=True)(entry)
 
 
