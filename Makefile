@@ -16,12 +16,17 @@ setup: $(STAMP)
 
 # constraints.txt: every version this project is tested with (pyproject.toml keeps ranges, for
 # use as a library); torch comes from TORCH_SPEC, its CUDA or CPU build being the host's choice
+# pip's chatter (index warnings, build-backend notices) goes to a log, shown only on failure
+SETUP_LOG := $(WORKDIR)/logs/setup.log
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	@mkdir -p $(dir $(SETUP_LOG))
+	@echo "setting up $(VENV) (pip log: $(SETUP_LOG))"
+	@{ { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); } \
+	  && $(BIN)/pip install -q --upgrade pip \
+	  && $(BIN)/pip install -q -c constraints.txt "$(TORCH_SPEC)" \
+	  && $(BIN)/pip install -q -c constraints.txt -e ".[dev]"; } > $(SETUP_LOG) 2>&1 \
+	  || { tail -n 40 $(SETUP_LOG); echo "make setup failed: full pip log in $(SETUP_LOG)"; exit 1; }
+	@touch $(STAMP)
 
 # Refresh constraints.txt from the environment the tests passed in (after `pip install -U ...` there)
 constraints:
