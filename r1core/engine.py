@@ -29,7 +29,7 @@ class Rollout:
     text: str
     completion_ids: list[int]
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
-    logprobs: list[float] | None = None  # the sampler's log-probs of completion_ids (remote engines)
+    logprobs: list[float] | None = None  # the sampler's untempered log-probs of completion_ids (torch and remote engines)
     version: int | None = None  # the weight version that sampled it (GRPO's rollout sources)
 
 
@@ -51,49 +51,104 @@ class RolloutEngine(Protocol):
 
 
 class TorchEngine:
-    """Batched sampling with transformers' `generate` (KV cache), left-padded prompts."""
+    """Sampling from a transformers causal LM in this process, with its own decode loop.
+
+    What `generate` would spend on work that changes nothing is not paid:
+    - **one prefill per prompt**: a prompt's n samples share its KV cache (the prompt is encoded
+      once, then the cache is repeated n times), where `model.generate` would prefill the same
+      prompt n times; the output layer runs on each prompt's last position only;
+    - **finished sequences leave the batch**: a row that sampled EOS is dropped from the cache,
+      mask and positions at once, so a decode step costs the rows still running, not the longest.
+
+    Tokens are sampled from softmax(logits / T), restricted to the top-p nucleus, with a
+    `torch.Generator` seeded by `sampling.seed`; T = 0 is greedy. Each rollout carries the
+    policy's own log-probs of its tokens (the untempered distribution, what the update computes:
+    `tests/test_engine.py` checks they agree). `batch_size` bounds the rows decoded at once."""
 
     def __init__(self, model, tokenizer, batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, sampling: Sampling) -> list[Rollout]:
-        tok, model = self.tokenizer, self.model
+        model = self.model
         was_training = model.training
         model.eval()
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-        rollouts: list[Rollout] = []
         device = next(model.parameters()).device
+        generator = torch.Generator(device)
+        if sampling.seed is not None:
+            generator.manual_seed(sampling.seed)
+        else:
+            generator.seed()
+        per_chunk = max(1, self.batch_size // n)  # prompts per chunk: n rows each
+        rollouts: list[Rollout] = []
         try:
-            for start in range(0, len(expanded), self.batch_size):
-                chunk = expanded[start : start + self.batch_size]
-                enc = tok([p for _, p in chunk], return_tensors="pt", padding=True, padding_side="left")
-                enc = enc.to(device)
-                out = model.generate(
-                    **enc,
-                    do_sample=sampling.temperature > 0,
-                    temperature=sampling.temperature if sampling.temperature > 0 else None,
-                    top_p=sampling.top_p if sampling.temperature > 0 else None,
-                    top_k=None,
-                    max_new_tokens=sampling.max_new_tokens,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-                for (i, _), seq in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist(), strict=False):
-                    ids = _cut_at_eos(seq, tok.eos_token_id, tok.pad_token_id)
-                    finish = "stop" if ids and ids[-1] == tok.eos_token_id else "length"
-                    rollouts.append(Rollout(i, decode_completion(tok, ids), ids, finish))
+            for start in range(0, len(prompts), per_chunk):
+                chunk = prompts[start : start + per_chunk]
+                for j, (ids, logps) in enumerate(self._sample(chunk, n, sampling, generator, device)):
+                    finish = "stop" if ids and ids[-1] == self.tokenizer.eos_token_id else "length"
+                    rollouts.append(Rollout(start + j // n, decode_completion(self.tokenizer, ids), ids, finish,
+                                            logprobs=logps))
         finally:
             model.train(was_training)
         return rollouts
 
+    def _sample(self, prompts: list[str], n: int, sampling: Sampling, generator, device):
+        """(completion ids, their log-probs) of each prompt's n samples, prompt after prompt."""
+        tok, model = self.tokenizer, self.model
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+        cache = out.cache
+        cache.batch_repeat_interleave(n)  # the group's samples share their prompt's prefill
+        logits = out.logits[:, -1].repeat_interleave(n, 0)
+        mask = mask.repeat_interleave(n, 0)
+        next_position = positions[:, -1].repeat_interleave(n, 0) + 1
+        running = torch.arange(len(prompts) * n, device=device)  # which sample each row is
+        tokens = [[] for _ in range(len(prompts) * n)]
+        logprobs = [[] for _ in range(len(prompts) * n)]
+        # padding is never a completion token (it would be dropped when the text is re-encoded)
+        banned = None if tok.pad_token_id in (None, tok.eos_token_id) else tok.pad_token_id
+        for t in range(sampling.max_new_tokens):
+            chosen = _sample_tokens(logits, sampling, generator, banned)
+            chosen_logp = torch.log_softmax(logits.float(), -1).gather(1, chosen[:, None]).squeeze(1)
+            for row, token, logp in zip(running.tolist(), chosen.tolist(), chosen_logp.tolist(), strict=True):
+                tokens[row].append(token)
+                logprobs[row].append(logp)
+            if t + 1 == sampling.max_new_tokens:
+                break
+            going = chosen != tok.eos_token_id
+            if not going.all():  # finished rows leave the batch
+                keep = going.nonzero().squeeze(1)
+                if len(keep) == 0:
+                    break
+                cache.batch_select_indices(keep)
+                mask, next_position, running, chosen = mask[keep], next_position[keep], running[keep], chosen[keep]
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                        cache=cache, use_cache=True)
+            logits = out.logits[:, -1]
+            next_position = next_position + 1
+        return zip(tokens, logprobs, strict=True)
 
-def _cut_at_eos(seq: list[int], eos: int, pad: int) -> list[int]:
-    if eos in seq:
-        return seq[: seq.index(eos) + 1]
-    return [t for t in seq if t != pad] if pad != eos else seq
+
+def _sample_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator,
+                   banned: int | None) -> torch.Tensor:
+    """One token per row, never `banned`: argmax at T = 0, else from softmax(logits / T) within the
+    top-p nucleus (the smallest set of most likely tokens whose probability reaches top_p)."""
+    if banned is not None:
+        logits = logits.clone()
+        logits[:, banned] = float("-inf")
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # mass before it already reaches p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 class OpenAIEngine:

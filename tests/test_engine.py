@@ -45,6 +45,152 @@ def test_torch_engine_seeded_sampling_is_reproducible(tiny_model, tokenizer, row
     assert greedy[0].completion_ids == greedy[1].completion_ids
 
 
+def _eos_when(model, tokenizer, threshold: float):
+    """A hook that makes EOS the argmax wherever the output layer's input has feature 0 above
+    `threshold`: a deterministic function of the context, so sequences finish at different steps
+    on every path alike (a random tiny model almost never samples EOS by itself)."""
+    eos = tokenizer.eos_token_id
+
+    def hook(_module, inputs, logits):
+        logits = logits.clone()
+        logits[..., eos] += 100.0 * (inputs[0][..., 0] > threshold)
+        return logits
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def _reference_generate(model, tokenizer, prompts, n, max_new_tokens):
+    """The straightforward path: `model.generate` greedily on every prompt n times over."""
+    enc = tokenizer([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, suppress_tokens=[tokenizer.pad_token_id])
+    eos = tokenizer.eos_token_id
+    seqs = out[:, enc["input_ids"].shape[1]:].tolist()
+    return [seq[: seq.index(eos) + 1] if eos in seq else seq for seq in seqs]
+
+
+def test_torch_engine_greedy_equals_the_straightforward_path(tokenizer, rows):
+    """One prefill shared by the group and finished rows leaving the batch change no token: greedy
+    output equals `model.generate`'s, in batches that split groups and sequences that stop early."""
+    model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=64), tokenizer, seed=3)
+    prompts = [r["prompt"] for r in rows[1][:6]]  # prompts of different lengths: left padding varies
+    seen = []  # feature 0 at the output layer on the hook-free path: EOS fires above its 75th percentile
+    record = model.get_output_embeddings().register_forward_hook(lambda _m, i, _o: seen.append(i[0][..., 0].flatten()))
+    _reference_generate(model, tokenizer, prompts, 1, 24)
+    record.remove()
+    import torch
+
+    hook = _eos_when(model, tokenizer, threshold=float(torch.cat(seen).quantile(0.75)))
+    try:
+        want = _reference_generate(model, tokenizer, prompts, 2, 24)
+        for batch_size in (256, 5):
+            got = TorchEngine(model, tokenizer, batch_size).generate(prompts, 2, Sampling(temperature=0.0,
+                                                                                             max_new_tokens=24))
+            assert [r.completion_ids for r in got] == want, batch_size
+    finally:
+        hook.remove()
+    lengths = {len(ids) for ids in want}
+    assert len(lengths) >= 3 and min(lengths) < 24 and max(lengths) == 24, lengths  # the test's own premise
+    assert {r.finish_reason for r in got} == {"stop", "length"}
+
+
+def test_torch_engine_logprobs_are_the_policys(tiny_model, tokenizer, rows):
+    """Each rollout's log-probs are log pi(token | context) as the update scores them by teacher
+    forcing (the untempered policy, whatever temperature sampled the token)."""
+    import torch
+
+    from r1core.logprobs import TokenScorer
+
+    prompts = [r["prompt"] for r in rows[1][:3]]
+    out = TorchEngine(tiny_model, tokenizer).generate(prompts, 2, Sampling(temperature=0.8, top_p=0.9,
+                                                                            max_new_tokens=9, seed=1))
+    scorer = TokenScorer(tiny_model, chunk_tokens=0).eval()
+    for r in out:
+        prompt_ids = tokenizer(prompts[r.prompt_index])["input_ids"]
+        ids = torch.tensor([prompt_ids + r.completion_ids])
+        targets = torch.tensor(r.completion_ids)
+        positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+        with torch.no_grad():
+            want, _ = scorer(ids, torch.arange(ids.shape[1])[None], None, positions, targets)
+        assert len(r.logprobs) == len(r.completion_ids)
+        assert torch.allclose(torch.tensor(r.logprobs), want, atol=1e-5), (r.logprobs, want.tolist())
+
+
+def _nucleus(logits, temperature: float, top_p: float):
+    """The exact sampling distribution: softmax(logits / T) on the top-p nucleus, renormalised."""
+    import torch
+
+    probs = torch.softmax(logits.double() / temperature, -1)
+    ordered, order = probs.sort(descending=True)
+    inside = ordered.cumsum(0) - ordered < top_p
+    exact = torch.zeros_like(probs)
+    exact[order[inside]] = ordered[inside]
+    return exact / exact.sum()
+
+
+def _chi_square_p(counts, expected_probs):
+    """Pearson's chi-square p-value of observed token counts against a distribution; tokens
+    expected fewer than 5 times are pooled into one cell."""
+    import numpy as np
+    from scipy.stats import chisquare
+
+    total = counts.sum()
+    expected = expected_probs * total
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def test_torch_engine_samples_the_tempered_nucleus(tokenizer, rows):
+    """At T > 0 the tokens follow softmax(logits / T) on the top-p nucleus: the first token's and
+    (given the commonest first token) the second token's counts over 6,000 samples pass a
+    chi-square test against the exact distribution, tokens outside the nucleus never appear,
+    and the same counts reject the untempered distribution (the test can tell them apart)."""
+    import numpy as np
+    import torch
+
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                                    intermediate_size=64), tokenizer, seed=4)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(6.0)  # a peaked distribution: the nucleus cuts
+    prompt = rows[1][0]["prompt"]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    vocab = model.config.vocab_size
+
+    def next_logits(ids):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits[tokenizer.pad_token_id] = float("-inf")  # the engine never samples padding
+        return logits
+
+    T, n = 0.7, 6000
+    # top_p halfway through the 6th likeliest token: the nucleus's last token carries real mass,
+    # so including or excluding the token that crosses p shows in the counts
+    ordered = torch.softmax(next_logits(prompt_ids).double() / T, -1).sort(descending=True).values
+    top_p = float(ordered[:5].sum() + ordered[5] / 2)
+    out = TorchEngine(model, tokenizer, batch_size=n).generate([prompt], n, Sampling(
+        temperature=T, top_p=top_p, max_new_tokens=2, seed=0))
+
+    first = np.bincount([r.completion_ids[0] for r in out], minlength=vocab)
+    exact_first = _nucleus(next_logits(prompt_ids), T, top_p).numpy()
+    assert first[exact_first == 0].sum() == 0  # nothing outside the nucleus
+    assert (exact_first > 0).sum() == 6 and exact_first[exact_first > 0].min() * n > 50  # the premise
+    assert _chi_square_p(first, exact_first) > 1e-3
+    untempered = _nucleus(next_logits(prompt_ids), 1.0, 1.0).numpy()
+    assert _chi_square_p(first, untempered) < 1e-6
+
+    top = int(first.argmax())
+    after = [r.completion_ids[1] for r in out if r.completion_ids[0] == top and len(r.completion_ids) > 1]
+    second = np.bincount(after, minlength=vocab)
+    exact_second = _nucleus(next_logits(prompt_ids + [top]), T, top_p).numpy()
+    assert len(after) > 500 and second[exact_second == 0].sum() == 0
+    assert _chi_square_p(second, exact_second) > 1e-3
+
+
 def test_evaluate_reports_the_paper_metrics(tiny_model, tokenizer, rows):
     m = evaluate(TorchEngine(tiny_model, tokenizer), rows[1][:4], k=2, sampling=Sampling(max_new_tokens=5, seed=0))
     assert {"pass@1", "cons@2", "format_rate", "answer_accuracy_any", "mean_length"} <= set(m)
