@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup constraints vllm-env doctor demo ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory clean
+.PHONY: setup constraints vllm-env doctor demo ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory bench-generation clean
 
 setup: $(STAMP)
 
@@ -99,6 +99,11 @@ bench-rl: setup
 # (`ARGS=--gpu` on a GPU machine: a ~1B model in bf16, with MFU)
 bench-memory: setup
 	$(BIN)/python bench/memory.py $(ARGS)
+
+# the torch engine's real tokens/s for G = 8 groups, its decode loop vs HF generate on repeated
+# prompts, interleaved in one run (needs a `make demo` run for its R1-Zero model)
+bench-generation: setup
+	$(BIN)/python bench/generation.py $(ARGS)
 
 clean:
 	rm -rf $(WORKDIR)

@@ -129,7 +129,7 @@ def _progress_while_running(prefect_url: str, stage: str, deadline: float) -> tu
 
 
 def _wait_for_run(prefect_url: str, deployment_id: str, run_name: str | None = None,
-                  timeout_s: float = 1200) -> dict:
+                  timeout_s: float = 1800) -> dict:
     """The deployment's newest flow run (with `config.run_name`, if given), once it ended."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
