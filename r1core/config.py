@@ -211,8 +211,11 @@ class TrainComputeConfig(ComputeConfig):
                           "cross-entropy (recomputed in backward); 0: all at once (the [tokens, vocab] tensor)")
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in "
                                                             "backward instead of keeping them")
-    pack_rollouts: bool = Field(False, description="GRPO: pack rollouts into rows without padding (position "
-                                "ids per sequence); pays with flash-attention's varlen kernels on GPU")
+    rollout_layout: Literal["padded", "packed", "shared_prompt"] = Field(
+        "padded", description="GRPO's update batch (r1core/batching.py): padded: one row per rollout; packed: "
+        "rollouts packed into rows without padding (pays with flash-attention's varlen kernels on GPU); "
+        "shared_prompt: one row per group, its prompt computed once and each completion attending to it "
+        "(pays where prompts are long against completions; dense attention over the row)")
     memory_gb: PositiveFloat | None = Field(None, description="memory each worker may use (GiB): `r1 plan` and "
                                             "the pipeline refuse a stage whose estimate exceeds it")
 
@@ -403,6 +406,11 @@ class SamplingConfig(Strict):
     temperature: NonNegativeFloat = Field(1.0, description="softmax temperature (0: greedy)")
     top_p: PositiveFloat = Field(1.0, le=1, description="nucleus sampling: keep the smallest set of tokens with this much probability")
     max_new_tokens: PositiveInt = Field(48, description="longest completion, in tokens")
+
+
+def _shared_prompt_compute() -> TrainComputeConfig:
+    """The tiny profile's GRPO stages: short completions after long prompts (r1core/batching.py)."""
+    return TrainComputeConfig(rollout_layout="shared_prompt")
 
 
 class GRPOConfig(OptimizerConfig):
@@ -628,7 +636,7 @@ class DistillConfig(Strict):
     students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()], description="the students, each pretrained on its own and then distilled")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2), description="the students' SFT on the stage-6 set")
     rl_only: bool = Field(True, description="also train each student by RL alone from its own base")
-    rl: GRPOConfig = Field(default_factory=GRPOConfig,
+    rl: GRPOConfig = Field(default_factory=lambda: GRPOConfig(compute=_shared_prompt_compute()),
                            description="the RL-only student's GRPO (R1-Zero rewards)")
 
     @field_validator("students")
@@ -705,15 +713,15 @@ class PipelineConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model's architecture, or a local HF model to start from")
     data: DataConfig = Field(default_factory=DataConfig, description="the verifiable reasoning rows: synthetic, or your own files")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="stage 0: pretraining of the base")
-    r1_zero: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=16), description="stage 1: R1-Zero, GRPO from the base with rule rewards")
+    r1_zero: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=16, compute=_shared_prompt_compute()), description="stage 1: R1-Zero, GRPO from the base with rule rewards")
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig, description="stage 2: cold-start data")
     cold_start_sft: SFTConfig = Field(default_factory=SFTConfig, description="stage 3: SFT of the base on the cold-start data")
-    reasoning_rl: ReasoningRLConfig = Field(default_factory=ReasoningRLConfig, description="stage 4: reasoning-oriented GRPO from the cold-start model")
+    reasoning_rl: ReasoningRLConfig = Field(default_factory=lambda: ReasoningRLConfig(compute=_shared_prompt_compute()), description="stage 4: reasoning-oriented GRPO from the cold-start model")
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig, description="stage 5: rejection sampling from the reasoning-RL model")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2),
                            description="stage 6: SFT of the base on the rejection-sampled set")
     reward_models: RewardModelConfig = Field(default_factory=RewardModelConfig, description="stage 7: the helpfulness and harmlessness reward models")
-    general_rl: GeneralRLConfig = Field(default_factory=GeneralRLConfig, description="stage 8: GRPO over all scenarios from the SFT model")
+    general_rl: GeneralRLConfig = Field(default_factory=lambda: GeneralRLConfig(compute=_shared_prompt_compute()), description="stage 8: GRPO over all scenarios from the SFT model")
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="the gate on the final model's champion alias")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="stage 9: distillation to smaller students (and their RL-only comparison)")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation after every model stage")

@@ -57,7 +57,8 @@ class TokenScorer(torch.nn.Module):
     `forward(input_ids, position_ids, attention_mask, positions, targets)`: `positions` [N] are
     flat indices into the [B, T] batch of the positions whose next token is scored (the logits
     at t predict token t+1), `targets` [N] those tokens. `attention_mask=None` with position ids
-    that restart at 0 is a packed batch (transformers keeps each sequence's attention to itself)."""
+    that restart at 0 is a packed batch (transformers keeps each sequence's attention to itself);
+    a boolean [B, 1, T, T] mask (True: may attend) says which positions each position sees."""
 
     def __init__(self, lm: torch.nn.Module, chunk_tokens: int):
         super().__init__()
@@ -65,11 +66,27 @@ class TokenScorer(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids, position_ids, attention_mask, positions, targets, with_entropy: bool = False):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = self._custom_mask(attention_mask)
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=position_ids, use_cache=False).last_hidden_state
         hidden = hidden.flatten(0, 1)[positions]
         return selected_logprobs(hidden, self.lm.get_output_embeddings(), targets,
                                  chunk_tokens=self.chunk_tokens, with_entropy=with_entropy)
+
+
+    def _custom_mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """A 4D mask as the model's attention takes it: sdpa a boolean one, eager an additive one
+        (transformers passes a 4D mask through unchanged); flash kernels take none."""
+        implementation = self.lm.config._attn_implementation
+        if implementation == "sdpa":
+            return visible
+        if implementation == "eager":
+            dtype = self.lm.get_output_embeddings().weight.dtype
+            return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+                ~visible, torch.finfo(dtype).min)
+        raise ValueError(f"a [B, 1, T, T] attention mask (rollout_layout shared_prompt) needs sdpa or eager "
+                         f"attention, not {implementation}")
 
 
 def next_token_targets(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -250,6 +250,6 @@ class PolicySampler:
         out: list[list[float]] = []
         for i in range(0, len(prompt_ids), self.batch_size):
             p, c = prompt_ids[i : i + self.batch_size], completion_ids[i : i + self.batch_size]
-            logp, _ = collate_rollouts(p, c, self.tokenizer.pad_token_id, packed=False).scored(self.scorer)
+            logp, _ = collate_rollouts(p, c, self.tokenizer.pad_token_id, layout="padded").scored(self.scorer)
             out += [row[: len(ids)] for row, ids in zip(logp.tolist(), c, strict=True)]
         return out

@@ -23,7 +23,7 @@ import torch
 
 from r1core import checkpoint as ckpt
 from r1core import code_rewards, parallel
-from r1core.batching import TokenBatch, collate_rollouts, pad_groups, split_by_tokens
+from r1core.batching import TokenBatch, collate_rollouts, pad_groups, split_rollouts
 from r1core.config import RolloutConfig
 from r1core.engine import Sampling, TorchEngine
 from r1core.grpo import GRPOLoss, group_advantages, grpo_loss
@@ -555,15 +555,15 @@ def policy_update(cfg, model, reference, optimizer, seqs: list[TrainSequence], p
     are weighted by truncated importance sampling (cap `tis_cap`, `r1core.grpo`). Returns the
     step's loss and diagnostics, the same on every worker."""
     compute = cfg.compute
-    groups = split_by_tokens([len(q.prompt_ids) + len(q.completion_ids) for q in seqs],
-                             compute.max_tokens_per_microbatch, packed=compute.pack_rollouts)
+    groups = split_rollouts([q.prompt_ids for q in seqs], [q.completion_ids for q in seqs],
+                            compute.max_tokens_per_microbatch, compute.rollout_layout)
     behaviour = bool(seqs) and seqs[0].behaviour_logp is not None
     if behaviour and tis_cap is None:
         raise ValueError("rollouts with behaviour log-probs need a tis_cap")
     micro = []  # MicroBatch per micro-batch
     for g in pad_groups(groups, int(ctx.max(len(groups)))):
         mb = collate_rollouts([seqs[i].prompt_ids for i in g], [seqs[i].completion_ids for i in g], pad_id,
-                              packed=compute.pack_rollouts).to(ctx.device)
+                              layout=compute.rollout_layout).to(ctx.device)
         with torch.no_grad(), ctx.autocast():
             ref_logp = mb.scored(reference)[0] if reference is not None else None
             # π_θold: the policy that sampled, i.e. the weights before this step's first pass; with

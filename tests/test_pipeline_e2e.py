@@ -223,6 +223,11 @@ def pipeline_run(stack, browser):
         page.screenshot(path=shots / f"04-prefect-submit-unanswered-{attempt}.png")
         if attempt == 2:
             raise AssertionError("Submit created no flow run; the page said: " + page.inner_text("body")[:2000])
+    # No page stays open on a running flow run while the pipeline runs (Submit opens one): its
+    # live run graph is a canvas that headless Chromium redraws in software, on the CPUs the
+    # pipeline needs. With the page left there, CI's micro pipeline took over 20 min; without a
+    # browser it takes about 5 min on this machine.
+    page.goto("about:blank")
     # a running GRPO stage's progress: its artifact below 100% and its step lines in the run's logs
     seen = _progress_while_running(prefect_url, "r1_zero", time.time() + 900)
     assert seen is not None, "R1-Zero's progress artifact was not seen while its flow run ran"
@@ -231,6 +236,7 @@ def pipeline_run(stack, browser):
     page.get_by_text(re.compile(r"\[r1_zero\] step \d+/\d+")).first.wait_for()
     page.screenshot(path=shots / "05-prefect-r1-zero-running.png")
     stack["progress_seen"] = {"artifact": artifact, "run": r1_zero_run}
+    page.goto("about:blank")
     run = _wait_for_run(prefect_url, deployment["id"], RUN_NAME)
     # the run list: each flow run named <output folder>/<stage> and tagged
     page.goto(f"{prefect_url}/runs", wait_until="networkidle")

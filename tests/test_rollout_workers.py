@@ -77,7 +77,7 @@ def test_synced_worker_scores_like_the_trainer(ray_up, tokenizer, model_dir, tmp
     prompts = [torch.randint(5, 300, (int(n),), generator=g).tolist() for n in (3, 7, 5, 11)]
     completions = [torch.randint(5, 300, (int(n),), generator=g).tolist() for n in (4, 1, 9, 6)]
     with torch.no_grad():
-        logp, _ = collate_rollouts(prompts, completions, tokenizer.pad_token_id, packed=False).scored(
+        logp, _ = collate_rollouts(prompts, completions, tokenizer.pad_token_id, layout="padded").scored(
             TokenScorer(policy, 8))
     trainer = [row[: len(c)] for row, c in zip(logp.tolist(), completions, strict=True)]
     weights_dir = tmp_path / "weights"

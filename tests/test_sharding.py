@@ -144,7 +144,7 @@ def test_accumulated_grpo_micro_batches_give_one_batchs_gradient(tokenizer, aggr
         ref = TokenScorer(build_model(MICRO, tokenizer, seed=1), chunk_tokens=8)
 
     def micro(idx):
-        return collate_rollouts([prompts[i] for i in idx], [completions[i] for i in idx], 0, packed=False), idx
+        return collate_rollouts([prompts[i] for i in idx], [completions[i] for i in idx], 0, layout="padded"), idx
 
     def loss_fn(model, item):
         mb, idx = item
@@ -167,8 +167,8 @@ def test_accumulated_grpo_micro_batches_give_one_batchs_gradient(tokenizer, aggr
 def test_packed_and_padded_rollouts_give_the_same_logprobs(tokenizer):
     scorer = TokenScorer(build_model(MICRO, tokenizer, seed=0), chunk_tokens=16)
     prompts, completions = _rollouts(n=9, seed=3)
-    padded = collate_rollouts(prompts, completions, tokenizer.pad_token_id, packed=False)
-    packed = collate_rollouts(prompts, completions, tokenizer.pad_token_id, packed=True)
+    padded = collate_rollouts(prompts, completions, tokenizer.pad_token_id, layout="padded")
+    packed = collate_rollouts(prompts, completions, tokenizer.pad_token_id, layout="packed")
     assert packed.attention_mask is None and packed.input_ids.numel() < padded.input_ids.numel()
     with torch.no_grad():
         a, _ = padded.scored(scorer)
@@ -524,7 +524,7 @@ def test_fsdp_on_gpu_computes_in_bf16_and_keeps_fp32_master_weights(tokenizer):
         compute = TrainComputeConfig(use_gpu=True, bf16=True, strategy="fsdp", logits_chunk_tokens=16)
         model = parallel.wrap(TokenScorer(build_model(MICRO, tokenizer, seed=0), 16), compute, torch.device("cuda"))
         prompts, completions = _rollouts(n=4)
-        mb = collate_rollouts(prompts, completions, 0, packed=False).to("cuda")
+        mb = collate_rollouts(prompts, completions, 0, layout="padded").to("cuda")
         seen = []
         handle = model.lm.get_decoder().layers[0].register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
         logp, _ = mb.scored(model)

@@ -73,7 +73,7 @@ def test_synced_engine_samples_with_the_trainers_log_probs(ray_up, tokenizer, ro
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logp, _ = collate_rollouts([ids[r.prompt_index] for r in got], [r.completion_ids for r in got],
-                                   tokenizer.pad_token_id, packed=False).scored(TokenScorer(policy, 1024))
+                                   tokenizer.pad_token_id, layout="padded").scored(TokenScorer(policy, 1024))
     diffs = [abs(a - b) for r, row in zip(got, logp.tolist(), strict=True)
              for a, b in zip(r.logprobs, row[: len(r.completion_ids)], strict=True)]
     assert sum(diffs) / len(diffs) < 1e-3 and max(diffs) < 2e-2, (sum(diffs) / len(diffs), max(diffs))
