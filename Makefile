@@ -76,7 +76,7 @@ lint: setup
 	$(BIN)/ruff check r1core tasks flows tests bench
 
 bench: setup
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench]"
 	$(BIN)/python bench/grpo_vs_trl.py
 
 # 600k synthetic candidates: verify + filter + dedupe + write, Ray Data vs a single-process loop

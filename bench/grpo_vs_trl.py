@@ -1,8 +1,12 @@
 """Our GRPO step vs TRL's GRPOTrainer, side by side in one process (CPU, no vLLM).
 
-Same tiny model, prompts, group size, prompts per step, completion length, learning rate,
-clip range, KL coefficient and rewards; the same number of steps. Prints seconds per step for
-each, their ratio, and the reward reached. TRL is a benchmark-only extra (`pip install -e .[bench]`).
+Same tiny model, group size, prompts per step, completion length, learning rate, clip range, KL
+coefficient and rewards; the same number of steps, and the same prompts in the same order: one
+schedule of each step's prompts is drawn first, our trainer takes its steps' prompts from it
+(`sample_rows`) and TRL's dataset is that schedule, unshuffled. Each step is timed whole, from
+its start to the next (sampling, rewards, update); the first is left out as warm-up. Prints
+seconds per step for each, their ratio, and the reward reached. TRL is a benchmark-only extra
+(`make bench` installs it, with constraints.txt).
 
     python bench/grpo_vs_trl.py [--model DIR] [--steps N] [--threads T]
 
@@ -14,6 +18,7 @@ import argparse
 import copy
 import glob
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -34,7 +39,13 @@ def default_model() -> str:
     return os.path.dirname(found[-1])
 
 
-def run_ours(cfg, model_dir: str, rows: list[dict]) -> tuple[list[float], list[float]]:
+def prompt_schedule(cfg, rows: list[dict], seed: int = 0) -> list[list[int]]:
+    """Each step's prompts (row indices), drawn once for both trainers."""
+    rng = random.Random(seed)
+    return [rng.sample(range(len(rows)), cfg.prompts_per_step) for _ in range(cfg.steps)]
+
+
+def run_ours(cfg, model_dir: str, rows: list[dict], schedule: list[list[int]]) -> tuple[list[float], list[float]]:
     policy, tokenizer = load_pretrained(model_dir)
     reference = copy.deepcopy(policy)
     times, rewards, last = [], [], [time.perf_counter()]
@@ -49,11 +60,13 @@ def run_ours(cfg, model_dir: str, rows: list[dict]) -> tuple[list[float], list[f
         ctx = TrainContext(ckdir, log_fn=log)
         cfg = cfg.model_copy(update={"checkpoint_every": 10**6})  # time the steps, not checkpoint writes
         last[0] = time.perf_counter()
-        grpo_train(cfg, policy, reference, tokenizer, rows, ctx, seed=0, batch_size=256)
+        steps = iter(schedule)
+        grpo_train(cfg, policy, reference, tokenizer, rows, ctx, seed=0, batch_size=256,
+                   sample_rows=lambda rng, n: next(steps))
     return times, rewards
 
 
-def run_trl(cfg, model_dir: str, rows: list[dict]) -> tuple[list[float], list[float]]:
+def run_trl(cfg, model_dir: str, rows: list[dict], schedule: list[list[int]]) -> tuple[list[float], list[float]]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -76,8 +89,8 @@ def run_trl(cfg, model_dir: str, rows: list[dict]) -> tuple[list[float], list[fl
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - last[0])
 
-    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "task": r["task"],
-                               "numbers": r["numbers"]} for r in rows])
+    data = Dataset.from_list([{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"], "task": rows[i]["task"],
+                               "numbers": rows[i]["numbers"]} for step in schedule for i in step])
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
             output_dir=out, max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="constant",
@@ -87,6 +100,7 @@ def run_trl(cfg, model_dir: str, rows: list[dict]) -> tuple[list[float], list[fl
             epsilon=cfg.clip_low, epsilon_high=cfg.clip_high, loss_type="dapo", num_iterations=cfg.inner_epochs,
             reward_weights=weights, logging_steps=1, report_to="none", save_strategy="no",
             use_cpu=True, seed=0, max_grad_norm=1.0, adam_beta2=0.99, weight_decay=0.0,
+            shuffle_dataset=False,  # the schedule's order
         )
         trainer = GRPOTrainer(model=policy, reward_funcs=funcs, args=args, train_dataset=data,
                               processing_class=tokenizer, callbacks=[StepTimer()])
@@ -105,10 +119,11 @@ def main() -> None:
     model_dir = args.model or default_model()
     cfg = load_config(overrides=[f"r1_zero.steps={args.steps}"])
     train, _ = generate_split(cfg.data)
+    schedule = prompt_schedule(cfg.r1_zero, train)
     results = {}
     for name, fn in (("r1-factory", run_ours), ("trl", run_trl)):
         t0 = time.perf_counter()
-        times, rewards = fn(cfg.r1_zero, model_dir, train)
+        times, rewards = fn(cfg.r1_zero, model_dir, train, schedule)
         results[name] = (times, rewards, time.perf_counter() - t0)
 
     g = cfg.r1_zero

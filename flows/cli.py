@@ -411,19 +411,21 @@ def quiet_temporary_prefect_server() -> None:
 
 def print_summary(cfg, results, title: str = "r1_pipeline") -> None:
     from tasks.console import say
-    from tasks.report import comparison_rows, markdown
+    from tasks.report import comparison_rows, finding_rows, markdown
     from tasks.tracking import experiment_url, tracking_uri
 
     say(f"\n=== {title} finished: held-out evaluation of every model "
           f"(k = {cfg.eval.k}, T {cfg.eval.sampling.temperature}, top-p {cfg.eval.sampling.top_p}) ===\n")
     say(markdown(comparison_rows(results, cfg.eval.k)))
+    # the paper's findings: in the log and the run's artifacts (comparison/findings.md), not on the quiet console
+    print(f"\nThe paper's findings on this run (paired, 95%):\n{markdown(finding_rows(results))}", flush=True)
     for name, r in results.items():
         if "pairwise_accuracy" in r.metrics:
             say(f"{name}: held-out pairwise accuracy {r.metrics['pairwise_accuracy']:.3f}  -> {r.registered}")
     uri = tracking_uri(cfg.runtime)
     say(f"\nOutputs:  {cfg.run_dir()}")
-    say(f"MLflow:   {uri}  (experiment '{cfg.runtime.experiment}'; the comparison table and chart are in the "
-          "r1_pipeline run's artifacts, comparison/)")
+    say(f"MLflow:   {uri}  (experiment '{cfg.runtime.experiment}'; the comparison table, its chart and the "
+          "paper's findings are in the r1_pipeline run's artifacts, comparison/)")
     say(f"          its runs: {experiment_url(cfg.runtime)}" + ("  (after `make ui`)" if uri.startswith("sqlite") else ""))
     say(f"Prefect:  flow runs in {os.environ.get('PREFECT_API_URL') or os.environ['PREFECT_HOME']}"
           " (`make ui` shows them)")

@@ -7,7 +7,9 @@
   mean_length (completion tokens), and pass@1 per task;
 - language_consistency (mean share of CoT words in the prompt's language), language_mixing_rate
   (share of completions whose CoT has a word in another language) and readability (share that
-  is well-formed with a summary and no mixing).
+  is well-formed with a summary and no mixing);
+- reflection_rate: share of completions that re-check or revise their reasoning (the paper's
+  "aha moment", r1core/reflection.py).
 
 Two models are compared on the same prompts: `paired_difference` of their per-prompt scores
 (`evaluate(..., per_prompt=True)`), with a bootstrap interval over prompts. At 200 prompts x 4
@@ -21,6 +23,7 @@ from collections import Counter, defaultdict
 
 from r1core.engine import RolloutEngine, Sampling
 from r1core.language import language_consistency
+from r1core.reflection import reflection_rate
 from r1core.rewards import (
     answer_accuracy_any,
     cot_text,
@@ -86,6 +89,7 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
         "language_consistency": _mean(consistency),
         "language_mixing_rate": _mean(c < 1.0 for c in consistency),
         "readability": _mean(readable),
+        "reflection_rate": reflection_rate([r.text for r in rollouts]),
         "num_prompts": len(rows),
         "num_scorable": scorable,
         "k": k,

@@ -29,6 +29,7 @@ from r1core.engine import Sampling, TorchEngine
 from r1core.grpo import GRPOLoss, group_advantages, grpo_loss
 from r1core.logprobs import TokenScorer, next_token_targets
 from r1core.problems import GENERATORS
+from r1core.reflection import reflection_rate
 from r1core.rewards import format_reward, mixes_languages, score, unscored_counts
 from r1core.rollout_sources import (
     InProcessRollouts,
@@ -484,6 +485,7 @@ def grpo_train(cfg, policy, reference, tokenizer, rows: list[dict], ctx: TrainCo
             "language_mixing_rate": _mean(mixes_languages(t, r["language"]) for t, r in zip(texts, rollout_rows,
                                                                                              strict=True)),
             "response_length": n_tokens / len(rollouts),
+            "reflection_rate": reflection_rate(texts),  # the "aha moment" (r1core/reflection.py)
             "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
             **update,
             "zero_variance_frac": float(zero_variance.float().mean()),

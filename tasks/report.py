@@ -15,7 +15,8 @@ from r1core.evaluation import paired_difference
 from tasks import console, tracking
 from tasks.training_stages import IDEMPOTENT, StageResult
 
-COLUMNS = ("pass@1", "cons@{k}", "format_rate", "language_consistency", "readability", "mean_length")
+COLUMNS = ("pass@1", "cons@{k}", "format_rate", "language_consistency", "readability", "reflection_rate",
+           "mean_length")
 PAIRED = ("pass@1", "readability")  # compared with the parent model prompt by prompt
 
 
@@ -46,6 +47,39 @@ def comparison_rows(results: dict[str, StageResult], k: int) -> list[dict]:
                 if parent else "-"
         row["stage_seconds"] = round(r.seconds)
         rows.append(row)
+    return rows
+
+
+# The paper's findings as paired comparisons on the same held-out prompts: (finding, baseline
+# stage, model stage, metric); each student adds "distilled above its RL-only twin".
+FINDINGS = (
+    ("R1-Zero above the base", "pretrain_base", "r1_zero", "pass@1"),
+    ("cold start more readable than R1-Zero", "r1_zero", "cold_start_sft", "readability"),
+    ("reasoning RL above its cold-start model", "cold_start_sft", "reasoning_rl", "pass@1"),
+    ("SFT on the rejection-sampled set above reasoning RL", "reasoning_rl", "sft", "pass@1"),
+    ("general RL at least matching SFT", "sft", "general_rl", "pass@1"),
+)
+
+
+def finding_rows(results: dict[str, StageResult]) -> list[dict]:
+    """Each of the paper's findings this run can test: the difference (model - baseline) with its
+    95% paired bootstrap interval, and whether that interval excludes zero."""
+    students = sorted({s.split("/")[1] for s in results if s.startswith("distill/")})
+    findings = [*FINDINGS, *((f"distilled student {name} above its RL-only twin", f"distill/{name}/rl_only",
+                              f"distill/{name}/sft", "pass@1") for name in students)]
+    rows = []
+    for finding, baseline, model, metric in findings:
+        if baseline not in results or model not in results:
+            continue
+        before, after = results[baseline].per_prompt.get(metric), results[model].per_prompt.get(metric)
+        try:
+            d = paired_difference(before or [], after or [])
+        except ValueError:
+            continue
+        verdict = "above zero" if d["low"] > 0 else "below zero" if d["high"] < 0 else "within noise"
+        rows.append({"finding": finding, "metric": metric, "baseline": baseline, "model": model,
+                     "difference (95%)": f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
+                     "interval": verdict})
     return rows
 
 
@@ -98,16 +132,23 @@ def compare_models(cfg: PipelineConfig, results: dict[str, StageResult], parent_
     k = cfg.eval.k
     rows = comparison_rows(results, k)
     client = tracking.client_for(cfg.runtime)
+    findings = finding_rows(results)
     client.log_table(parent_run_id, data={c: [r[c] for r in rows] for c in rows[0]} if rows else {},
                      artifact_file="comparison/models.json")
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(parent_run_id, str(chart(rows, k, Path(tmp) / "models.png")), "comparison")
         (Path(tmp) / "models.md").write_text(markdown(rows) + "\n")
+        (Path(tmp) / "findings.md").write_text(markdown(findings) + "\n")
         client.log_artifact(parent_run_id, str(Path(tmp) / "models.md"), "comparison")
+        client.log_artifact(parent_run_id, str(Path(tmp) / "findings.md"), "comparison")
     create_table_artifact(rows, key="r1-model-comparison",
                           description=f"Held-out evaluation of every model of run {cfg.resolved_run_name()} "
                                       f"(k = {k}, temperature {cfg.eval.sampling.temperature}, "
                                       f"top-p {cfg.eval.sampling.top_p}).")
+    if findings:
+        create_table_artifact(findings, key="r1-paper-findings",
+                              description="The paper's findings on this run: paired differences on the same "
+                                          "held-out prompts with 95% bootstrap intervals.")
     return rows
 
 

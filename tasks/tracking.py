@@ -380,7 +380,8 @@ def run_url(runtime: RuntimeConfig, run_id: str) -> str:
 
 # title -> the metrics it plots: the first key (drawn bold) and every key under the other prefixes
 CURVE_PANELS = (("reward", ("reward",)), ("accuracy", ("reward/accuracy", "accuracy_by_task")),
-                ("response length (tokens)", ("response_length",)), ("loss", ("loss",)))
+                ("response length (tokens)", ("response_length",)),
+                ("reflection (share of completions)", ("reflection_rate",)), ("loss", ("loss",)))
 HEADLINE_CURVES = {prefixes[0] for _, prefixes in CURVE_PANELS}
 
 

@@ -1,5 +1,5 @@
 """The pipeline's comparison table: each model against the model it trained from, prompt by prompt."""
-from tasks.report import comparison_rows, markdown
+from tasks.report import comparison_rows, finding_rows, markdown
 from tasks.training_stages import StageResult
 
 
@@ -30,3 +30,29 @@ def test_each_model_is_compared_with_the_model_it_trained_from(tmp_path):
         assert by_stage[stage]["pass@1 change (95%)"] == by_stage[stage]["readability change (95%)"] == "-"
     assert "trained_from" in markdown(rows).splitlines()[0]
 
+
+
+def test_the_papers_findings_are_paired_comparisons_with_a_verdict(tmp_path):
+    up, same, down = [0.5] * 8, [0.25] * 8, [0.0] * 8
+    results = {
+        "pretrain_base": _result(tmp_path, "pretrain_base", None, same, same),
+        "r1_zero": _result(tmp_path, "r1_zero", None, up, down),
+        "cold_start_sft": _result(tmp_path, "cold_start_sft", None, same, up),
+        "reasoning_rl": _result(tmp_path, "reasoning_rl", None, [0.25, 0.5] * 4, up),  # noisy: within it
+        "distill/small/sft": _result(tmp_path, "distill/small/sft", None, down, up),
+        "distill/small/rl_only": _result(tmp_path, "distill/small/rl_only", None, same, down),
+        "distill/tiny/sft": _result(tmp_path, "distill/tiny/sft", None, up, up),  # its twin did not run
+    }
+    rows = {r["finding"]: r for r in finding_rows(results)}
+    assert rows["R1-Zero above the base"]["difference (95%)"] == "+0.250 [+0.250, +0.250]"
+    assert rows["R1-Zero above the base"]["interval"] == "above zero"
+    assert rows["cold start more readable than R1-Zero"]["metric"] == "readability"
+    assert rows["cold start more readable than R1-Zero"]["interval"] == "above zero"
+    assert rows["reasoning RL above its cold-start model"]["interval"] == "above zero"  # +0.125 on every prompt pair
+    assert rows["distilled student small above its RL-only twin"]["interval"] == "below zero"
+    # stages this run lacks (sft, general_rl, the tiny student's twin) give no row
+    assert set(rows) == {"R1-Zero above the base", "cold start more readable than R1-Zero",
+                         "reasoning RL above its cold-start model", "distilled student small above its RL-only twin"}
+    noisy = {**results, "reasoning_rl": _result(tmp_path, "reasoning_rl", None, [0.0, 0.5] * 4, up)}
+    assert {r["finding"]: r for r in finding_rows(noisy)}["reasoning RL above its cold-start model"]["interval"] \
+        == "within noise"
