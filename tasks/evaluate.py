@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -62,7 +63,10 @@ def evaluate_locally(model_dir: str, rows: list[dict], eval_cfg: EvalConfig, bat
         torch.set_num_threads(threads)
     code_rewards.configure(code)
     model, tokenizer = load_pretrained(model_dir)
-    return evaluate_heldout(TorchEngine(model, tokenizer, batch_size), rows, eval_cfg, per_prompt)
+    t0 = time.perf_counter()
+    out = evaluate_heldout(TorchEngine(model, tokenizer, batch_size), rows, eval_cfg, per_prompt)
+    (out[0] if per_prompt else out)["compute_s"] = time.perf_counter() - t0  # sampling and scoring, model loaded
+    return out
 
 
 @ray.remote

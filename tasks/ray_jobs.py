@@ -147,8 +147,15 @@ class RayContext(TrainContext):
                 log.warning("[%s] resumed from step %d; tags not recorded (%s)", self.stage, step, e)
 
     def finish(self) -> None:
-        """Everything still buffered reaches the tracking server (or the outage budget ends)."""
+        """The job's time in its training loop and on its worker (bench/orchestration.py splits a
+        stage's time with them); then everything still buffered reaches the tracking server (or
+        the outage budget ends)."""
         if self.tracking is not None:
+            now = time.perf_counter()
+            timing = {"time/worker_s": time.time() - self.started}
+            if self.progress is not None:  # the loop ran from `begin` (a resumed job: its remaining steps)
+                timing["time/loop_s"] = now - self.progress[2]
+            self.tracking.log_metrics(timing, self.progress[1] if self.progress else 0)
             self.tracking.close()
 
     def checkpoints(self) -> list[Path]:

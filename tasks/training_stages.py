@@ -349,7 +349,9 @@ def evaluate_stage(cfg: PipelineConfig, stage: StageResult, heldout_file: str) -
 
     from tasks.evaluate import evaluate_on_ray
 
+    t0 = time.time()
     metrics, per_prompt = evaluate_on_ray(cfg, stage.model_dir, heldout_file)
+    metrics["wall_s"] = time.time() - t0  # with the Ray task's start-up and the model's load (compute_s: without)
     client = tracking.client_for(cfg.runtime)
     # how it was measured (k, prompts) as params: a one-point metric would show as a chart
     settings = {k: v for k, v in metrics.items() if k in EVAL_SETTINGS}

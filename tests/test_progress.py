@@ -58,3 +58,6 @@ def test_each_step_of_a_running_job_reaches_the_prefect_logs_and_a_progress_arti
     assert all("steps/s, ETA" in line and "loss=" in line for line in lines)
     assert artifact.type == "progress" and float(artifact.data) == 100.0
     assert f"step {STEPS}/{STEPS}" in artifact.description
+    # the job's loop and worker times, for bench/orchestration.py's split of a stage's time
+    metrics = tracking.client_for(runtime).get_run(job.run_id).data.metrics
+    assert STEPS * 0.6 <= metrics["time/loop_s"] < metrics["time/worker_s"] < 120, metrics

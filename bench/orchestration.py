@@ -1,0 +1,114 @@
+"""Where a pipeline run's time goes: training loops, evaluation compute, and orchestration.
+
+Read from the run's MLflow store (the parent `r1_pipeline` run and its stage runs, as the
+pipeline logged them; the stage runs' times match their Prefect flow runs'):
+
+- **wall**: the stage run's start to end (the pipeline's: its parent run's);
+- **loop**: time in the training loop, from its first step's start to its end, on the worker
+  (`time/loop_s`, checkpoints included);
+- **eval**: the held-out evaluation's sampling and scoring, the model loaded (`eval/compute_s`);
+  `eval/wall_s` adds the Ray task's start-up and the model's load;
+- **data**: a data stage's whole time (cold_start_data, rejection_sampling: sampling,
+  verification and Ray Data's own set-up, not split here);
+- **orchestration**: the rest (Ray Train's job start-up and worker set-up, data loading, model
+  writing and registration, Prefect and MLflow calls, evaluation start-up, time between stages).
+
+Stages whose runs overlap in time (the two reward models) are one row: their wall is the span,
+their loop the longest one. The orchestration share is given with data stages counted as compute
+(a lower bound: their Ray Data set-up is orchestration too).
+
+    python bench/orchestration.py [--config configs/tiny.yaml] [--run-id ID] [--set KEY=VALUE ...]
+
+Default: the newest finished pipeline run of the profile's MLflow store (after `make demo`).
+"""
+from __future__ import annotations
+
+import argparse
+
+from r1core.config import load_config
+
+DATA_STAGES = ("cold_start_data", "rejection_sampling")
+
+
+def stage_runs(client, parent_id: str) -> list:
+    """Every run under the pipeline run (stage runs and their own children), oldest first."""
+    parent = client.get_run(parent_id)
+    found, frontier = [], [parent_id]
+    while frontier:
+        ids = " , ".join(f"'{i}'" for i in frontier)
+        children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId IN ({ids})",
+                                      max_results=1000)
+        found += children
+        frontier = [r.info.run_id for r in children]
+    return sorted(found, key=lambda r: r.info.start_time)
+
+
+def timings(run) -> dict:
+    m = run.data.metrics
+    stage = run.data.tags.get("stage", run.info.run_name)
+    wall = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
+    data = wall if stage.split("/")[0] in DATA_STAGES else 0.0
+    return {"stage": stage, "start": run.info.start_time / 1000, "end": (run.info.end_time or 0) / 1000,
+            "wall": wall, "loop": m.get("time/loop_s", 0.0), "eval": m.get("eval/compute_s", 0.0),
+            "eval_wall": m.get("eval/wall_s", 0.0), "data": data}
+
+
+def merge_overlapping(rows: list[dict]) -> list[dict]:
+    """Leaf stage runs that ran at the same time as one row (span, longest loop)."""
+    merged: list[dict] = []
+    for r in rows:
+        last = merged[-1] if merged else None
+        if last is not None and r["start"] < last["end"] - 1:
+            last.update(stage=f"{last['stage']} + {r['stage']}", end=max(last["end"], r["end"]),
+                        loop=max(last["loop"], r["loop"]), eval=max(last["eval"], r["eval"]),
+                        eval_wall=max(last["eval_wall"], r["eval_wall"]), data=max(last["data"], r["data"]))
+            last["wall"] = last["end"] - last["start"]
+        else:
+            merged.append(dict(r))
+    return merged
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--run-id", help="the r1_pipeline parent run (default: the newest finished one)")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.set)
+    from tasks.tracking import client_for, experiment_id
+
+    client = client_for(cfg.runtime)
+    if args.run_id:
+        parent = client.get_run(args.run_id)
+    else:
+        found = client.search_runs([experiment_id(cfg.runtime)], "tags.stage = 'pipeline' and attributes.status = 'FINISHED'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            raise SystemExit("no finished pipeline run in this store: run `make demo` first or pass --run-id")
+        parent = found[0]
+    runs = stage_runs(client, parent.info.run_id)
+    has_children = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+    leaves = merge_overlapping([timings(r) for r in runs if r.info.run_id not in has_children])
+    total = (parent.info.end_time - parent.info.start_time) / 1000
+    print(f"pipeline run {parent.info.run_id} ({parent.data.tags.get('run_name')}): {total:.0f} s wall")
+    print(f"{'stage':<44} {'wall s':>7} {'loop s':>7} {'eval s':>7} {'eval+start s':>12} {'data s':>7} {'orch. s':>8}")
+    sums = dict.fromkeys(("wall", "loop", "eval", "eval_wall", "data"), 0.0)
+    for r in leaves:
+        orchestration = r["wall"] - r["loop"] - r["eval"] - r["data"]
+        print(f"{r['stage'][:44]:<44} {r['wall']:>7.0f} {r['loop']:>7.0f} {r['eval']:>7.0f} {r['eval_wall']:>12.0f} "
+              f"{r['data']:>7.0f} {orchestration:>8.0f}")
+        for k in sums:
+            sums[k] += r[k]
+    between = total - sums["wall"]
+    compute = sums["loop"] + sums["eval"] + sums["data"]
+    print(f"{'between stages (Prefect, registration, report)':<44} {between:>7.0f} {'':>7} {'':>7} {'':>12} {'':>7} "
+          f"{between:>8.0f}")
+    print(f"{'total':<44} {total:>7.0f} {sums['loop']:>7.0f} {sums['eval']:>7.0f} {sums['eval_wall']:>12.0f} "
+          f"{sums['data']:>7.0f} {total - compute:>8.0f}")
+    print(f"orchestration: {total - compute:.0f} s of {total:.0f} s = {(total - compute) / total:.1%} "
+          f"(data stages counted as compute); evaluation start-up and model load: "
+          f"{sums['eval_wall'] - sums['eval']:.0f} s of it")
+
+
+if __name__ == "__main__":
+    main()
