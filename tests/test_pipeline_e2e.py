@@ -509,7 +509,8 @@ def test_final_stages_carry_lineage_pass_the_gate_and_are_compared(pipeline_resu
     # one comparison of every evaluated model: MLflow table, chart and markdown, Prefect artifact
     parent = client.get_run(client.get_run(rl_run).data.tags["mlflow.parentRunId"])
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    assert files == {"comparison/models.json", "comparison/models.png", "comparison/models.md"}
+    assert files == {"comparison/models.json", "comparison/models.png", "comparison/models.md",
+                     "comparison/findings.md"}
     evaluated = [k for k, v in r.items() if "pass@1" in v.metrics]
     assert len(evaluated) == 9
 
