@@ -65,15 +65,7 @@ def split_rollouts(prompts: list[list[int]], completions: list[list[int]], max_t
     if layout != "shared_prompt":
         return split_by_tokens([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)],
                                max_tokens, packed=layout == "packed")
-    rows: list[list[int]] = []
-    widths: list[int] = []
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        if rows and prompts[rows[-1][0]] == p and (max_tokens is None or widths[-1] + len(c) <= max_tokens):
-            rows[-1].append(i)
-            widths[-1] += len(c)
-        else:
-            rows.append([i])
-            widths.append(len(p) + len(c))
+    rows, widths = _shared_rows(prompts, completions, max_tokens)
     groups: list[list[int]] = []
     for members in split_by_tokens(widths, max_tokens, packed=False):
         group: list[int] = []
@@ -84,6 +76,22 @@ def split_rollouts(prompts: list[list[int]], completions: list[list[int]], max_t
             group.extend(rows[r])
         groups.append(group)
     return groups
+
+
+def _shared_rows(prompts: list[list[int]], completions: list[list[int]],
+                 max_tokens: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """Rows of the shared_prompt layout: runs of consecutive rollouts with the same prompt (a new
+    row where the next completion would overflow `max_tokens`), and each row's width."""
+    rows: list[list[int]] = []
+    widths: list[int] = []
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        if rows and prompts[rows[-1][0]] == p and (max_tokens is None or widths[-1] + len(c) <= max_tokens):
+            rows[-1].append(i)
+            widths[-1] += len(c)
+        else:
+            rows.append([i])
+            widths.append(len(p) + len(c))
+    return rows, widths
 
 
 def pad_groups(groups: list[list[int]], n: int) -> list[list[int]]:
@@ -186,13 +194,7 @@ def collate_rollouts(prompts: list[list[int]], completions: list[list[int]], pad
 
 
 def _collate_shared_prompt(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> TokenBatch:
-    rows: list[list[int]] = []  # consecutive rollouts with the same prompt share a row
-    for i, p in enumerate(prompts):
-        if rows and prompts[rows[-1][0]] == p:
-            rows[-1].append(i)
-        else:
-            rows.append([i])
-    widths = [len(prompts[r[0]]) + sum(len(completions[i]) for i in r) for r in rows]
+    rows, widths = _shared_rows(prompts, completions)  # consecutive rollouts with the same prompt share a row
     row_width = max(widths)
     input_ids = torch.full((len(rows), row_width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), row_width), dtype=torch.long)
