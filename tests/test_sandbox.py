@@ -25,15 +25,22 @@ ECHO_ROW = {"task": "code", "answer": "", "id": "sums",
 
 
 @pytest.fixture(scope="module")
-def sandbox():
-    os.environ["R1_TEST_SECRET"] = SECRET  # must not reach any program
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{SECRET}.db")
+def sandbox(tmp_path_factory):
+    # Secrets in the host's environment must not reach any program: one of our own and one in
+    # a variable MLflow reads, set only for this module (a later test must not write to it)
+    saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["R1_TEST_SECRET"] = SECRET
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/{SECRET}.db"
     code_rewards.configure(CodeRewardConfig(sandbox=LIMITS))
     box = code_rewards.sandbox()
     box.run("pass")  # start the workers
     yield box
     code_rewards.configure(None)
     os.environ.pop("R1_TEST_SECRET")
+    if saved_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
 def code_tests_reward(program: str, row: dict = ADD_ROW) -> float | None:
