@@ -60,9 +60,14 @@ def run_ours(cfg, model_dir: str, rows: list[dict], schedule: list[list[int]]) -
         ctx = TrainContext(ckdir, log_fn=log)
         cfg = cfg.model_copy(update={"checkpoint_every": 10**6})  # time the steps, not checkpoint writes
         last[0] = time.perf_counter()
-        steps = iter(schedule)
-        grpo_train(cfg, policy, reference, tokenizer, rows, ctx, seed=0, batch_size=256,
-                   sample_rows=lambda rng, n: next(steps))
+        # the trainer asks for a step's prompts more than once (when it submits the step's sampling
+        # and when it trains on it), each step with its own seeded rng: the n-th new rng is step n
+        step_of: dict = {}
+
+        def sample_rows(rng, n):
+            return schedule[step_of.setdefault(rng.getstate(), len(step_of))]
+
+        grpo_train(cfg, policy, reference, tokenizer, rows, ctx, seed=0, batch_size=256, sample_rows=sample_rows)
     return times, rewards
 
 

@@ -7,7 +7,9 @@ pipeline logged them; the stage runs' times match their Prefect flow runs'):
 - **loop**: time in the training loop, from its first step's start to its end, on the worker
   (`time/loop_s`, checkpoints included);
 - **eval**: the held-out evaluation's sampling and scoring, the model loaded (`eval/compute_s`);
-  `eval/wall_s` adds the Ray task's start-up and the model's load;
+  `eval/wall_s` adds the model's load and, for an evaluation run as its own Ray task after the
+  job, the task's start-up; with `eval.in_training_job` (`eval/in_job`) it runs inside the job,
+  at its end, so its time is within the stage run's wall;
 - **data**: a data stage's whole time (cold_start_data, rejection_sampling: sampling,
   verification and Ray Data's own set-up, not split here);
 - **orchestration**: the rest (Ray Train's job start-up and worker set-up, data loading, model
@@ -49,7 +51,7 @@ def timings(run) -> dict:
     data = wall if stage.split("/")[0] in DATA_STAGES else 0.0
     return {"stage": stage, "start": run.info.start_time / 1000, "end": (run.info.end_time or 0) / 1000,
             "wall": wall, "loop": m.get("time/loop_s", 0.0), "eval": m.get("eval/compute_s", 0.0),
-            "eval_wall": m.get("eval/wall_s", 0.0), "data": data}
+            "eval_wall": m.get("eval/wall_s", 0.0), "data": data, "in_job": m.get("eval/in_job", 0.0) > 0}
 
 
 def merge_overlapping(rows: list[dict]) -> list[dict]:
@@ -60,7 +62,8 @@ def merge_overlapping(rows: list[dict]) -> list[dict]:
         if last is not None and r["start"] < last["end"] - 1:
             last.update(stage=f"{last['stage']} + {r['stage']}", end=max(last["end"], r["end"]),
                         loop=max(last["loop"], r["loop"]), eval=max(last["eval"], r["eval"]),
-                        eval_wall=max(last["eval_wall"], r["eval_wall"]), data=max(last["data"], r["data"]))
+                        eval_wall=max(last["eval_wall"], r["eval_wall"]), data=max(last["data"], r["data"]),
+                        in_job=last["in_job"] or r["in_job"])
             last["wall"] = last["end"] - last["start"]
         else:
             merged.append(dict(r))
@@ -90,23 +93,27 @@ def main() -> None:
     leaves = merge_overlapping([timings(r) for r in runs if r.info.run_id not in has_children])
     total = (parent.info.end_time - parent.info.start_time) / 1000
     print(f"pipeline run {parent.info.run_id} ({parent.data.tags.get('run_name')}): {total:.0f} s wall")
-    # a stage run spans its job (or data pipeline); its evaluation runs after it, between stages
+    # a stage run spans its job (or data pipeline) and, with eval.in_training_job, the job's
+    # evaluation; otherwise the evaluation runs after it, between stage runs
     print(f"{'stage':<46} {'wall s':>7} {'loop s':>7} {'data s':>7} {'orch. s':>8} {'eval s':>7} {'eval start s':>12}")
     sums = dict.fromkeys(("wall", "loop", "eval", "eval_wall", "data"), 0.0)
+    eval_between = 0.0  # the compute of evaluations run after their jobs
     for r in leaves:
+        in_run = r["eval"] if r["in_job"] else 0.0
+        eval_between += r["eval"] - in_run
         print(f"{r['stage'][:46]:<46} {r['wall']:>7.0f} {r['loop']:>7.0f} {r['data']:>7.0f} "
-              f"{r['wall'] - r['loop'] - r['data']:>8.0f} {r['eval']:>7.0f} {r['eval_wall'] - r['eval']:>12.0f}")
+              f"{r['wall'] - r['loop'] - r['data'] - in_run:>8.0f} {r['eval']:>7.0f} {r['eval_wall'] - r['eval']:>12.0f}"
+              f"{'  (in job)' if r['in_job'] else ''}")
         for k in sums:
             sums[k] += r[k]
     between = total - sums["wall"]
     print(f"{'between stage runs (evaluations, Prefect, ...)':<46} {between:>7.0f} {'':>7} {'':>7} "
-          f"{between - sums['eval']:>8.0f}")
+          f"{between - eval_between:>8.0f}")
     orchestration = total - sums["loop"] - sums["data"] - sums["eval"]
     print(f"{'total':<46} {total:>7.0f} {sums['loop']:>7.0f} {sums['data']:>7.0f} {orchestration:>8.0f} "
           f"{sums['eval']:>7.0f} {sums['eval_wall'] - sums['eval']:>12.0f}")
     print(f"orchestration: {orchestration:.0f} s of {total:.0f} s = {orchestration / total:.1%} (data stages counted "
-          f"as compute; evaluations' Ray task start-up and model load, {sums['eval_wall'] - sums['eval']:.0f} s, "
-          f"included)")
+          f"as compute; evaluations' start-up and model load, {sums['eval_wall'] - sums['eval']:.0f} s, included)")
 
 if __name__ == "__main__":
     main()

@@ -121,7 +121,7 @@ def sft_stage_flow(name: str, default_dataset):
                   data: DataPaths | None = None, register_model: bool = True) -> StageResult:
         s = stage(name)
         result = sft(config, s.name, s.section, s.description, init_model, dataset or str(default_dataset(config)),
-                     parent_run_id)
+                     parent_run_id, data.heldout_file)
         return evaluate_and_register(config, result, data, register_model)
 
     return sft_stage
@@ -207,7 +207,7 @@ def distill_flow(config: PipelineConfig = DEFAULT_CONFIG, dataset: str | None = 
             results[f"{name}/base"] = base
         distilled = sft(config, f"{name}/sft", "distill.sft",
                         "Stage 9: distillation, SFT of a smaller student on the stage-6 set (no RL).",
-                        base.model_dir, dataset, parent_run_id)
+                        base.model_dir, dataset, parent_run_id, data.heldout_file)
         results[f"{name}/sft"] = evaluate_and_register(config, distilled, data)
         if config.distill.rl_only:
             rl = grpo(config, f"{name}/rl_only", "distill.rl",

@@ -102,6 +102,12 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def fingerprint(path: Path) -> str:
+    """The identity of a complete directory's contents: the SHA-256 of its manifest, which holds
+    every file's name, size and SHA-256 (the same files give the same fingerprint)."""
+    return hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
+
+
 def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / COMPLETE).read_text())
 

@@ -655,6 +655,10 @@ class EvalConfig(Strict):
     num_prompts: PositiveInt = Field(200, description="held-out prompts evaluated (first N)")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64), description="how evaluation samples are drawn")
+    in_training_job: bool = Field(
+        True, description="evaluate a trained model inside its Ray Train job, on rank 0 once the model is "
+                          "written (no Ray task to start, no process to import torch again); off: a separate "
+                          "Ray task after the job, e.g. where rank 0 cannot hold a second copy of the model")
 
 
 class RetrainConfig(Strict):
@@ -684,6 +688,10 @@ class RuntimeConfig(Strict):
                                              "while the MLflow server is unreachable before the stage fails")
     max_failures: NonNegativeInt = Field(3, description="times Ray Train restarts a stage's worker group after a "
                                          "worker dies (each restart resumes from the newest verified checkpoint)")
+    train_poll_interval_s: PositiveFloat = Field(0.25, description="how often Ray Train's controller polls a "
+                                                 "job's workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): Ray's default, "
+                                                 "2 s, adds up to 2 s to every job's start and end; raise it for "
+                                                 "jobs of many workers")
     log_dir: str | None = Field(None, description="where `r1 run` writes the full log of its process (Prefect, "
                                 "Ray's forwarded worker output, libraries) while the console stays quiet; "
                                 "default: <run folder>/logs")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import ray
 
+from r1core import checkpoint as ckpt
 from r1core.config import CodeRewardConfig, EvalConfig, PipelineConfig
+from tasks.jobs import HeldoutEvaluation
 from tasks.ray_jobs import ensure_ray
 
 REGISTRY_FILE = "registry.json"  # next to a model downloaded from the registry: which version it is
@@ -67,6 +69,40 @@ def evaluate_locally(model_dir: str, rows: list[dict], eval_cfg: EvalConfig, bat
     out = evaluate_heldout(TorchEngine(model, tokenizer, batch_size), rows, eval_cfg, per_prompt)
     (out[0] if per_prompt else out)["compute_s"] = time.perf_counter() - t0  # sampling and scoring, model loaded
     return out
+
+
+def evaluate_written_model(model_dir: str, evaluation: HeldoutEvaluation) -> None:
+    """A training job's last act (rank 0, `eval.in_training_job`): the held-out evaluation of the
+    model it wrote, saved atomically with what it measured (the rows file, the settings, the
+    model's fingerprint) so that the stage takes it only for that model and those settings."""
+    from r1core.problems import read_rows
+
+    t0 = time.perf_counter()
+    metrics, per_prompt = evaluate_locally(model_dir, read_rows(evaluation.heldout_file), evaluation.eval,
+                                           evaluation.batch_size, code=evaluation.code, per_prompt=True)
+    metrics["wall_s"] = time.perf_counter() - t0  # with the model's load; no task to start
+
+    def write(d: Path) -> None:
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        (d / "per_prompt.json").write_text(json.dumps(per_prompt))
+
+    ckpt.write_atomically(Path(evaluation.output_dir), write, meta=_measured_on(model_dir, evaluation))
+
+
+def _measured_on(model_dir: str, evaluation: HeldoutEvaluation) -> dict:
+    return {"model": ckpt.fingerprint(Path(model_dir)), "heldout_file": str(Path(evaluation.heldout_file).resolve()),
+            "eval": evaluation.eval.model_dump(mode="json")}
+
+
+def job_evaluation(model_dir: str, evaluation: HeldoutEvaluation) -> tuple[dict[str, float], dict] | None:
+    """The evaluation a training job wrote (`evaluate_written_model`), when it is complete and
+    measured this model on these rows with these settings; else None (evaluate again)."""
+    out = Path(evaluation.output_dir)
+    if not (ckpt.is_complete(out) and ckpt.is_complete(Path(model_dir))) or ckpt.verify(out) is not None:
+        return None
+    if ckpt.read_meta(out) != _measured_on(model_dir, evaluation):
+        return None
+    return json.loads((out / "metrics.json").read_text()), json.loads((out / "per_prompt.json").read_text())
 
 
 @ray.remote

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from r1core.config import (
     CodeRewardConfig,
+    EvalConfig,
     GeneralRLConfig,
     GRPOConfig,
     ModelConfig,
@@ -18,6 +19,17 @@ from r1core.config import (
     TrainComputeConfig,
 )
 from r1core.schema import Strict
+
+
+class HeldoutEvaluation(Strict):
+    """The held-out evaluation rank 0 runs on the job's written model before the job ends
+    (`eval.in_training_job`); the stage reads it back instead of starting a Ray task."""
+
+    heldout_file: str  # the held-out rows (jsonl)
+    eval: EvalConfig
+    code: CodeRewardConfig  # the sandbox limits, for code rows
+    batch_size: int  # rollout.batch_size: sequences sampled at once
+    output_dir: str  # where its metrics and per-prompt scores are written (atomically)
 
 
 class TrainJob(Strict):
@@ -31,6 +43,7 @@ class TrainJob(Strict):
     output_dir: str  # where rank 0 writes the final HF model directory
     compute: TrainComputeConfig  # workers, sharding and memory
     seed: int  # runtime.seed: data order, sampling and initialisation
+    evaluation: HeldoutEvaluation | None = None  # the written model's held-out evaluation, in the job
 
 
 class PretrainJob(TrainJob):

@@ -25,7 +25,7 @@ from r1core import parallel
 from r1core.config import RuntimeConfig
 from r1core.training import TrainContext
 from tasks import console, lifecycle
-from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob, TrainJob
+from tasks.jobs import GeneralRLJob, GRPOJob, HeldoutEvaluation, PretrainJob, RewardModelJob, SFTJob, TrainJob
 
 # Ray Train routes worker logging to the driver; print() there is both logged and teed (twice).
 log = logging.getLogger("r1.train")
@@ -254,6 +254,8 @@ def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(runtime)
+    # read by Ray Train when the job starts and passed on to its controller
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(runtime.train_poll_interval_s)
     compute = job.compute
     progress = StageProgress(job.stage)
     trainer = TorchTrainer(
@@ -305,9 +307,12 @@ def worker_setup(config: dict, job_type: type[TrainJob]):
     return job, RayContext(job, config.get("progress"))
 
 
-def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str) -> None:
+def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str,
+                      evaluation: HeldoutEvaluation | None = None) -> None:
     """The trained model as a plain HF directory (loadable by transformers and vLLM), written
-    atomically by rank 0; a sharded model's weights are gathered first (every rank takes part)."""
+    atomically by rank 0; a sharded model's weights are gathered first (every rank takes part).
+    Then, given the job's `evaluation`, rank 0 evaluates the written model on the held-out rows
+    while its worker is up (`eval.in_training_job`)."""
     weights = parallel.full_state_dict(model, everywhere=False)
     if ctx.rank != 0:
         return
@@ -318,6 +323,11 @@ def write_final_model(ctx: TrainContext, model, tokenizer, output_dir: str) -> N
         tokenizer.save_pretrained(d)
 
     ckpt.write_atomically(Path(output_dir), save, meta={"stage": getattr(ctx, "stage", "")})
+    if evaluation is not None:
+        from tasks.evaluate import evaluate_written_model
+
+        del weights  # a full copy of the weights, no longer needed
+        evaluate_written_model(output_dir, evaluation)
 
 
 # ---------------------------------------------------------------- per-worker loops of each stage
@@ -332,7 +342,7 @@ def pretrain_loop(config: dict) -> None:
     blocks = torch.load(Path(job.prepared_dir) / "blocks.pt")
     model = build_model(job.model, tokenizer, seed=job.seed)
     pretrain(job.recipe, model, blocks, ctx, seed=job.seed)
-    write_final_model(ctx, model, tokenizer, job.output_dir)
+    write_final_model(ctx, model, tokenizer, job.output_dir, job.evaluation)
 
 
 def train_policy(job: GRPOJob, ctx: RayContext, rows: list[dict], **routing) -> None:
@@ -357,7 +367,7 @@ def train_policy(job: GRPOJob, ctx: RayContext, rows: list[dict], **routing) -> 
     finally:
         if source is not None:
             source.close()
-    write_final_model(ctx, policy, tokenizer, job.output_dir)
+    write_final_model(ctx, policy, tokenizer, job.output_dir, job.evaluation)
 
 
 def grpo_loop(config: dict) -> None:
@@ -398,7 +408,7 @@ def reward_model_loop(config: dict) -> None:
     reward_model_train(job.recipe, model, pairs(job.train_file), ctx, seed=job.seed)
     # every worker scores the held-out pairs (under FSDP each forward gathers shards collectively)
     ctx.log({"eval/pairwise_accuracy": pairwise_accuracy(model, pairs(job.heldout_file))}, 0)
-    write_final_model(ctx, model, tokenizer, job.output_dir)
+    write_final_model(ctx, model, tokenizer, job.output_dir, job.evaluation)
 
 
 def sft_loop(config: dict) -> None:
@@ -410,4 +420,4 @@ def sft_loop(config: dict) -> None:
     model, tokenizer = load_pretrained(job.init_model)
     packed = pack_examples(tokenizer, read_rows(job.train_file), job.recipe.seq_len)
     sft_train(job.recipe, model, packed, ctx, seed=job.seed)
-    write_final_model(ctx, model, tokenizer, job.output_dir)
+    write_final_model(ctx, model, tokenizer, job.output_dir, job.evaluation)

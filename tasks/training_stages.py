@@ -27,7 +27,7 @@ from r1core.validation import DataError, read_data_file, write_quarantine
 from tasks import lifecycle, ray_jobs, tracking
 from tasks.environments import check_vllm_environment
 from tasks.evaluate import REGISTRY_FILE
-from tasks.jobs import GeneralRLJob, GRPOJob, PretrainJob, RewardModelJob, SFTJob
+from tasks.jobs import GeneralRLJob, GRPOJob, HeldoutEvaluation, PretrainJob, RewardModelJob, SFTJob
 
 # Tasks that only read files or write idempotently to MLflow, Prefect artifacts or atomic files
 # are retried on a transient error (a busy SQLite store, a restarting tracking server); the
@@ -189,11 +189,12 @@ def log_dataset(cfg: PipelineConfig, run_id: str, path: str, context: str, tags:
 
 
 def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, parent_run_id: str | None,
-                       recipe, make_job) -> StageResult:
+                       recipe, make_job, heldout_file: str | None = None) -> StageResult:
     """The shape every training stage shares: return the earlier result if the stage is complete;
     otherwise open its MLflow run, build its typed job with `make_job(run_id, stage_dir, common)`
     (`common`: the fields every job carries, `recipe` and its compute among them), run the Ray
-    Train job and record the result."""
+    Train job and record the result. With `heldout_file` (and `eval.in_training_job`) the job
+    also evaluates its model on those rows before it ends (`evaluate_stage` takes that result)."""
     logger = get_run_logger()
     cache = StageCache(cfg, stage)
     if (cached := cache.load(StageResult)) is not None:
@@ -207,7 +208,9 @@ def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, 
         common = {"stage": stage, "tracking_uri": tracking.tracking_uri(cfg.runtime), "run_id": run_id,
                   "tracking_outage_s": cfg.runtime.tracking_outage_s,
                   "checkpoint_dir": str(cache.dir / "checkpoints"), "output_dir": str(cache.output),
-                  "seed": cfg.runtime.seed, "recipe": recipe, "compute": recipe.compute}
+                  "seed": cfg.runtime.seed, "recipe": recipe, "compute": recipe.compute,
+                  "evaluation": heldout_evaluation(cfg, stage, heldout_file)
+                  if heldout_file and cfg.eval.in_training_job else None}
         job = make_job(run_id, cache.dir, common)
         logger.info("%s: Ray Train job on %d worker(s)", stage, job.compute.num_workers)
         ray_jobs.fit(loop, job, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{stage}")
@@ -257,7 +260,8 @@ def pretrain(cfg: PipelineConfig, data: DataPaths, stage: str, description: str,
             tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"student": student.name})
         return PretrainJob(**common, model=model, prepared_dir=str(prepared))
 
-    return run_training_stage(cfg, stage, description, ray_jobs.pretrain_loop, parent_run_id, recipe, make_job)
+    return run_training_stage(cfg, stage, description, ray_jobs.pretrain_loop, parent_run_id, recipe, make_job,
+                              data.heldout_file)
 
 
 @task(name="grpo", task_run_name="grpo-{stage}", cache_policy=NO_CACHE)
@@ -285,21 +289,23 @@ def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_m
         return GRPOJob(**common)
 
     loop = ray_jobs.general_rl_loop if reward_model_dirs else ray_jobs.grpo_loop
-    return run_training_stage(cfg, stage, description, loop, parent_run_id, recipe, make_job)
+    return run_training_stage(cfg, stage, description, loop, parent_run_id, recipe, make_job, data.heldout_file)
 
 
 @task(name="sft", task_run_name="sft-{stage}", cache_policy=NO_CACHE)
 def sft(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, dataset: str,
-        parent_run_id: str | None = None) -> StageResult:
+        parent_run_id: str | None = None, heldout_file: str | None = None) -> StageResult:
     """An SFT stage (cold start, the rejection-sampled set, a student's distillation) of
-    `init_model` on `dataset` (a rows file or a parquet directory), as a Ray Train job."""
+    `init_model` on `dataset` (a rows file or a parquet directory), as a Ray Train job; with
+    `heldout_file`, the job evaluates its model on it."""
     recipe = cfg.section(section)
 
     def make_job(run_id: str, stage_dir: Path, common: dict) -> SFTJob:
         _log_training_inputs(cfg, run_id, init_model, dataset)
         return SFTJob(**common, init_model=init_model, train_file=dataset)
 
-    return run_training_stage(cfg, stage, description, ray_jobs.sft_loop, parent_run_id, recipe, make_job)
+    return run_training_stage(cfg, stage, description, ray_jobs.sft_loop, parent_run_id, recipe, make_job,
+                              heldout_file)
 
 
 @task(name="reward-model", task_run_name="reward-model-{model}", cache_policy=NO_CACHE)
@@ -341,17 +347,28 @@ def _log_training_inputs(cfg: PipelineConfig, run_id: str, init_model: str, trai
 EVAL_SETTINGS = ("k", "num_prompts")  # of an evaluation's results: what it measured on, not a score
 
 
+def heldout_evaluation(cfg: PipelineConfig, stage: str, heldout_file: str) -> HeldoutEvaluation:
+    """What a stage's evaluation measures and where its job writes it (`eval.in_training_job`)."""
+    return HeldoutEvaluation(heldout_file=heldout_file, eval=cfg.eval, code=cfg.code, batch_size=cfg.rollout.batch_size,
+                             output_dir=str(StageCache(cfg, stage).dir / "heldout_eval"))
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_stage(cfg: PipelineConfig, stage: StageResult, heldout_file: str) -> tuple[dict[str, float], dict]:
     """Held-out pass@1 / cons@k / format rate / length of a stage's model, logged to its run
     (with each prompt's scores as `eval/per_prompt.json`); returns the metrics and those scores."""
     from mlflow.entities import Param
 
-    from tasks.evaluate import evaluate_on_ray
+    from tasks.evaluate import evaluate_on_ray, job_evaluation
 
-    t0 = time.time()
-    metrics, per_prompt = evaluate_on_ray(cfg, stage.model_dir, heldout_file)
-    metrics["wall_s"] = time.time() - t0  # with the Ray task's start-up and the model's load (compute_s: without)
+    in_job = job_evaluation(stage.model_dir, heldout_evaluation(cfg, stage.stage, heldout_file))
+    if in_job is not None:
+        metrics, per_prompt = in_job
+        metrics["in_job"] = 1.0  # bench/orchestration.py: its time is inside the job's
+    else:
+        t0 = time.time()
+        metrics, per_prompt = evaluate_on_ray(cfg, stage.model_dir, heldout_file)
+        metrics["wall_s"] = time.time() - t0  # with the Ray task's start-up and the model's load (compute_s: without)
     client = tracking.client_for(cfg.runtime)
     # how it was measured (k, prompts) as params: a one-point metric would show as a chart
     settings = {k: v for k, v in metrics.items() if k in EVAL_SETTINGS}

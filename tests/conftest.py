@@ -78,8 +78,9 @@ def prefect_harness():
 
 # ----------------------------------------------------------------- no store outside temporary dirs
 # What a run leaves where its workdir is: MLflow's database and artifacts, Ray's results, Prefect's
-# database, the runs' outputs. Tests keep them in their tmp_path; the demo's `.r1/` is left alone.
-STORE_GLOBS = ("mlflow.db", "mlruns", "ray_results", "runs/*", "prefect/*.db", ".r1/mlflow.db", ".r1/mlruns",
+# database, the runs' outputs (any SQLite file at the top: a test's tracking URI names its own). Tests
+# keep them in their tmp_path; the demo's `.r1/` is left alone.
+STORE_GLOBS = ("*.db", "mlruns", "ray_results", "runs/*", "prefect/*.db", ".r1/mlflow.db", ".r1/mlruns",
                ".r1/ray_results/*", ".r1/runs/*", ".r1/prefect/*.db")
 
 

@@ -409,6 +409,7 @@ def test_pipeline_registers_models_and_logs_metrics(pipeline_results, micro):
         assert run.data.tags["mlflow.parentRunId"]
         assert {"eval/pass_at_1", "eval/format_rate", "eval/mean_length", "eval/cons_at_2", "eval/language_consistency",
                 "eval/language_mixing_rate", "eval/readability"} <= set(run.data.metrics)
+        assert run.data.metrics["eval/in_job"] == 1.0  # evaluated inside its training job (eval.in_training_job)
         assert (pipeline_results[stage].model_dir and
                 os.path.isfile(os.path.join(pipeline_results[stage].model_dir, "config.json")))
     zero_run = pipeline_results["r1_zero"].mlflow_run_id
