@@ -752,9 +752,11 @@ class PipelineConfig(Strict):
         return node
 
     def digest(self) -> str:
-        """Hash of everything that changes the pipeline's results (run_name, runtime and the
-        retrain schedule excluded)."""
+        """Hash of everything that changes the pipeline's results: run_name, where things run
+        (runtime) and the retrain schedule excluded, but the seed (`runtime.seed`) included, so
+        that another seed's run trains anew instead of finding this one's stages complete."""
         payload = self.model_dump(mode="json", exclude={"run_name", "runtime", "retrain"})
+        payload["seed"] = self.runtime.seed
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
     def resolved_run_name(self) -> str:

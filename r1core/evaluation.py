@@ -115,6 +115,32 @@ def paired_difference(baseline: list, other: list, level: float = 0.95, resample
             "high": means[round((1 - tail) * (resamples - 1))], "level": level, "prompts": len(diffs)}
 
 
+def paired_difference_over_runs(baselines: list[list], others: list[list], level: float = 0.95,
+                                resamples: int = 2000, seed: int = 0) -> dict:
+    """`paired_difference` pooled over independent runs (seeds) of the same comparison: the mean
+    of the runs' mean differences, and a bootstrap interval that resamples prompts within each
+    run (each run keeps its own prompts' pairs) and averages the runs; `runs_above` counts the
+    runs whose own difference is above zero. The interval is of the prompt sampling within the
+    runs, given these runs: with a few seeds, their spread is reported, not estimated."""
+    if not baselines or len(baselines) != len(others):
+        raise ValueError(f"pooled paired scores need the same runs on both sides: {len(baselines)} vs {len(others)}")
+    diffs = []
+    for i, (base, other) in enumerate(zip(baselines, others, strict=True)):
+        if len(base) != len(other):
+            raise ValueError(f"run {i}: paired scores need the same prompts: {len(base)} vs {len(other)} rows")
+        d = [b - a for a, b in zip(base, other, strict=True) if a is not None and b is not None]
+        if not d:
+            raise ValueError(f"run {i}: no prompt is scored for both models")
+        diffs.append(d)
+    rng = random.Random(seed)
+    means = sorted(_mean(_mean(rng.choices(d, k=len(d))) for d in diffs) for _ in range(resamples))
+    tail = (1 - level) / 2
+    per_run = [_mean(d) for d in diffs]
+    return {"difference": _mean(per_run), "low": means[int(tail * (resamples - 1))],
+            "high": means[round((1 - tail) * (resamples - 1))], "level": level, "runs": len(diffs),
+            "per_run": per_run, "runs_above": sum(x > 0 for x in per_run)}
+
+
 EVAL_SEED = 1234
 
 

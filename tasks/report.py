@@ -61,25 +61,32 @@ FINDINGS = (
 )
 
 
-def finding_rows(results: dict[str, StageResult]) -> list[dict]:
-    """Each of the paper's findings this run can test: the difference (model - baseline) with its
-    95% paired bootstrap interval, and whether that interval excludes zero."""
+def findings_of(results: dict[str, StageResult]) -> list[tuple[str, str, str, str]]:
+    """The findings these results can test, as (finding, baseline stage, model stage, metric):
+    FINDINGS, and for each student "distilled above its RL-only twin"."""
     students = sorted({s.split("/")[1] for s in results if s.startswith("distill/")})
     findings = [*FINDINGS, *((f"distilled student {name} above its RL-only twin", f"distill/{name}/rl_only",
                               f"distill/{name}/sft", "pass@1") for name in students)]
+    return [f for f in findings if f[1] in results and f[2] in results]
+
+
+def verdict(low: float, high: float) -> str:
+    return "above zero" if low > 0 else "below zero" if high < 0 else "within noise"
+
+
+def finding_rows(results: dict[str, StageResult]) -> list[dict]:
+    """Each of the paper's findings this run can test: the difference (model - baseline) with its
+    95% paired bootstrap interval, and whether that interval excludes zero."""
     rows = []
-    for finding, baseline, model, metric in findings:
-        if baseline not in results or model not in results:
-            continue
+    for finding, baseline, model, metric in findings_of(results):
         before, after = results[baseline].per_prompt.get(metric), results[model].per_prompt.get(metric)
         try:
             d = paired_difference(before or [], after or [])
         except ValueError:
             continue
-        verdict = "above zero" if d["low"] > 0 else "below zero" if d["high"] < 0 else "within noise"
         rows.append({"finding": finding, "metric": metric, "baseline": baseline, "model": model,
                      "difference (95%)": f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
-                     "interval": verdict})
+                     "interval": verdict(d["low"], d["high"])})
     return rows
 
 

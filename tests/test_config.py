@@ -41,10 +41,12 @@ def test_missing_file_and_bad_override_syntax():
         load_config(overrides=["r1_zero.steps"])
 
 
-def test_digest_ignores_runtime_but_not_science():
+def test_digest_ignores_where_it_runs_but_not_science_nor_seed():
     a = validate_config({})
     assert a.digest() == validate_config({"runtime": {"workdir": "/elsewhere"}}).digest()
     assert a.digest() != validate_config({"r1_zero": {"lr": 0.5}}).digest()
+    # the seed changes every result: another seed's run must not find this one's stages complete
+    assert a.digest() != validate_config({"runtime": {"seed": 1}}).digest()
 
 
 def test_cli_rejects_bad_config_before_any_training(tmp_path):

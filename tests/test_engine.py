@@ -213,6 +213,30 @@ def test_paired_difference_keeps_each_prompts_scores_together():
         paired_difference([0.1, 0.2], [0.1, 0.2, 0.3])
 
 
+def test_a_difference_pooled_over_seeds_keeps_each_runs_prompts_together():
+    from r1core.evaluation import paired_difference, paired_difference_over_runs
+
+    base = [0.9, 0.1, 0.8, 0.0, 0.5, None]
+    shifted = [None if x is None else x + 0.1 for x in base]
+    one = paired_difference_over_runs([base], [shifted])
+    assert one["low"] == pytest.approx(0.1) == one["high"] and one["runs_above"] == 1
+    # three seeds, one of them worse: the pooled mean is the mean of the runs' means
+    noisy = [[0.5] * 40, [0.5] * 30, [0.5] * 50]
+    after = [[0.5 + (0.2 if i % 2 else -0.1) for i in range(40)], [0.55] * 30, [0.45] * 50]
+    pooled = paired_difference_over_runs(noisy, after)
+    assert pooled["per_run"] == pytest.approx([0.05, 0.05, -0.05]) and pooled["runs_above"] == 2
+    assert pooled["difference"] == pytest.approx(0.05 / 3) and pooled["low"] < pooled["difference"] < pooled["high"]
+    # pooling narrows the interval of one run's prompts: the others' constant shifts add no noise
+    alone = paired_difference(noisy[0], after[0])
+    assert pooled["high"] - pooled["low"] < alone["high"] - alone["low"]
+    with pytest.raises(ValueError, match="run 1: paired scores need the same prompts: 30 vs 29"):
+        paired_difference_over_runs(noisy, [after[0], after[1][:29], after[2]])
+    with pytest.raises(ValueError, match="run 0: no prompt is scored"):
+        paired_difference_over_runs([[None]], [[0.5]])
+    with pytest.raises(ValueError, match="same runs on both sides"):
+        paired_difference_over_runs(noisy, after[:2])
+
+
 class _Scripted:
     """An engine that returns fixed completions (to check the metric arithmetic)."""
 
