@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup constraints vllm-env doctor demo ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory bench-generation clean
+.PHONY: setup constraints vllm-env doctor demo demo-seeds ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory bench-generation clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,14 @@ doctor: setup
 
 demo: setup
 	$(BIN)/r1 run pipeline $(ARGS)
+
+# The README's results over seeds: the pipeline once per seed (each seed its own run folder; a
+# finished seed is skipped), then every stage and finding per seed and pooled (bench/seeds.py;
+# ARGS go to the pipeline only: bench/seeds.py looks for the default profile's runs)
+SEEDS ?= 0 1 2
+demo-seeds: setup
+	for seed in $(SEEDS); do $(BIN)/r1 run pipeline --set runtime.seed=$$seed $(ARGS) || exit 1; done
+	$(BIN)/python bench/seeds.py --seeds $(SEEDS)
 
 # After `make demo`: reasoning RL again from the same cold-start model with the language-
 # consistency reward weighted 0 (still logged); compare `eval/language_mixing_rate` in MLflow.
