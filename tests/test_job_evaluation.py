@@ -162,3 +162,22 @@ def test_the_stage_takes_its_jobs_evaluation_and_evaluates_on_ray_without_one(se
     logged = MlflowClient(tracking.tracking_uri(cfg.runtime)).get_run(in_job_run).data.metrics
     assert logged["eval/in_job"] == 1.0 and logged["eval/pass_at_1"] == on_ray["pass@1"]
     assert per_prompt == json.loads((Path(stage_evaluation.output_dir) / "per_prompt.json").read_text())
+
+
+def test_an_evaluation_that_fails_in_the_job_leaves_the_model_and_no_result(setting, tmp_path, caplog):
+    """The trained model is not lost to its evaluation: the job ends, the model is written, and
+    the stage (finding no result) evaluates it as a Ray task, which reports the error itself."""
+    from r1core.modeling import load_pretrained
+    from r1core.training import TrainContext
+    from tasks import ray_jobs
+
+    _, evaluation, model_dir = setting
+    model, tokenizer = load_pretrained(model_dir)
+    broken = evaluation.model_copy(update={"heldout_file": str(tmp_path / "gone.jsonl"),
+                                           "output_dir": str(tmp_path / "trained" / "heldout_eval")})
+    output_dir = tmp_path / "trained" / "model"
+    with caplog.at_level("WARNING", logger="r1.train"):
+        ray_jobs.write_final_model(TrainContext(str(tmp_path / "ckpt")), model, tokenizer, str(output_dir), broken)
+    assert ckpt.is_complete(output_dir) and ckpt.verify(output_dir) is None
+    assert job_evaluation(str(output_dir), broken) is None
+    assert "held-out evaluation in the job failed" in caplog.text and "gone.jsonl" in caplog.text
