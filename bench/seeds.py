@@ -18,7 +18,7 @@ from pathlib import Path
 
 from r1core.config import load_config
 from r1core.evaluation import paired_difference, paired_difference_over_runs
-from tasks.report import findings_of, markdown, verdict
+from tasks.report import findings_of, interval, markdown, verdict
 from tasks.training_stages import StageResult
 
 
@@ -31,10 +31,6 @@ def stage_results(run_dir: Path) -> dict[str, StageResult]:
         if "model_dir" in saved:
             results[f.parent.relative_to(run_dir).as_posix()] = StageResult(**saved)
     return results
-
-
-def interval(d: dict) -> str:
-    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
 def stage_table(runs: dict[int, dict[str, StageResult]]) -> list[dict]:

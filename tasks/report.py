@@ -70,6 +70,11 @@ def findings_of(results: dict[str, StageResult]) -> list[tuple[str, str, str, st
     return [f for f in findings if f[1] in results and f[2] in results]
 
 
+def interval(d: dict) -> str:
+    """A paired difference as the tables show it: `+0.123 [+0.045, +0.201]`."""
+    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
 def verdict(low: float, high: float) -> str:
     return "above zero" if low > 0 else "below zero" if high < 0 else "within noise"
 
@@ -85,7 +90,7 @@ def finding_rows(results: dict[str, StageResult]) -> list[dict]:
         except ValueError:
             continue
         rows.append({"finding": finding, "metric": metric, "baseline": baseline, "model": model,
-                     "difference (95%)": f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
+                     "difference (95%)": interval(d),
                      "interval": verdict(d["low"], d["high"])})
     return rows
 
@@ -99,7 +104,7 @@ def _change(before: list | None, after: list | None) -> str:
         d = paired_difference(before, after)
     except ValueError:
         return "-"
-    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+    return interval(d)
 
 
 def markdown(rows: list[dict]) -> str:
