@@ -44,7 +44,7 @@ def main() -> None:
                            checkpoint_dir=f"{d}/ckpt{i}", output_dir=f"{d}/out{i}", compute=TrainComputeConfig(), seed=0)
             marks = Path(d) / f"marks{i}.json"
             t0 = time.time()
-            ray_jobs.fit(lambda config, _m=str(marks): empty_loop({**config, "marks": _m}), job, runtime, f"startup-{i}")
+            ray_jobs.fit([(lambda config, _m=str(marks): empty_loop({**config, "marks": _m}), job)], runtime, f"startup-{i}")
             t1 = time.time()
             m = json.loads(marks.read_text())
             print(f"{i:>3} {m['started'] - t0:>14.1f} {m['ready'] - m['started']:>16.1f} {t1 - m['ended']:>21.1f} "

@@ -289,15 +289,13 @@ def run_flows(cfg, args, flow_kwargs: dict) -> int:
     """`r1 run`: the pipeline or one stage as Prefect flows in this process, holding the workdir,
     with SIGTERM / SIGINT stopping it cleanly and a watchdog that kills whatever it started if
     it is killed itself."""
-    from prefect import tags
-
     from tasks import console, lifecycle
 
     log_dir = Path(cfg.runtime.log_dir) if cfg.runtime.log_dir else cfg.run_dir() / "logs"
     with lifecycle.workdir_lock(cfg.runtime.workdir, " ".join(["r1", *sys.argv[1:]])), lifecycle.handle_signals(), \
             console.attach(log_dir, verbose=getattr(args, "verbose", False)):
         lifecycle.start_watchdog()
-        with tags(*catalog.owner_tags()), contextlib.ExitStack() as at_end:
+        with contextlib.ExitStack() as at_end:
             at_end.callback(console.link_ray_logs, log_dir)
             at_end.callback(quiet_temporary_prefect_server)
             if args.what == "pipeline":

@@ -27,6 +27,7 @@ from tasks.training_stages import (
     reward_model,
     sft,
     stage_run,
+    train_student,
     use_pretrained_base,
 )
 
@@ -192,26 +193,11 @@ def reward_models_flow(config: PipelineConfig = DEFAULT_CONFIG, init_model: str 
 @stage_flow("distill")
 def distill_flow(config: PipelineConfig = DEFAULT_CONFIG, dataset: str | None = None,
                  parent_run_id: str | None = None, data: DataPaths | None = None) -> dict[str, StageResult]:
+    """Each student in one Ray Train job (`train_student`: its base, its SFT, its RL-only twin),
+    then each model evaluated (in the job, as it was written) and registered, base first."""
     dataset = dataset or str(rejection_sampling.dataset_dir(config))
     results = {}
     for student in config.distill.students:
-        name = f"distill/{student.name}"
-        if student.model.pretrained_path:
-            base = StageResult(stage=f"{name}/base", model_dir=student.model.pretrained_path, mlflow_run_id="",
-                               seconds=0.0)
-        else:
-            base = evaluate_and_register(config, pretrain(
-                config, data, f"{name}/base",
-                f"Stage 9: pretraining of student '{student.name}' (its own base) on the same corpus.",
-                parent_run_id, student), data)
-            results[f"{name}/base"] = base
-        distilled = sft(config, f"{name}/sft", "distill.sft",
-                        "Stage 9: distillation, SFT of a smaller student on the stage-6 set (no RL).",
-                        base.model_dir, dataset, parent_run_id, data.heldout_file)
-        results[f"{name}/sft"] = evaluate_and_register(config, distilled, data)
-        if config.distill.rl_only:
-            rl = grpo(config, f"{name}/rl_only", "distill.rl",
-                      "Stage 9 (comparison): R1-Zero-style GRPO of the student from its own base, no distillation.",
-                      base.model_dir, data, parent_run_id)
-            results[f"{name}/rl_only"] = evaluate_and_register(config, rl, data)
+        for name, trained in train_student(config, student, dataset, data, parent_run_id).items():
+            results[name] = evaluate_and_register(config, trained, data)
     return results

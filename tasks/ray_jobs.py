@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -96,6 +97,7 @@ class RayContext(TrainContext):
         self.device = ray.train.torch.get_device()
         self.bf16 = job.compute.bf16
         self.stage = job.stage
+        self._slug = "".join(c if c.isalnum() else "-" for c in job.stage)
         self.run_id = job.run_id
         self.client = self.tracking = None
         if self.rank == 0:
@@ -123,8 +125,8 @@ class RayContext(TrainContext):
             total = self.progress[1] if self.progress else None
             headline = next((f"{k} {metrics[k]:.4g}" for k in HEADLINE_METRICS if k in metrics), "")
             with contextlib.suppress(Exception):  # a full queue or a driver gone: training goes on
-                self.progress_queue.put_nowait({"step": step, "total": total, "line": line, "shown": shown,
-                                                "headline": headline})
+                self.progress_queue.put_nowait({"stage": self.stage, "step": step, "total": total, "line": line,
+                                                "shown": shown, "headline": headline})
 
     def _logged_through(self) -> dict[str, int]:
         """Metric -> the last step the run already has of it (a run continued after a kill)."""
@@ -166,8 +168,8 @@ class RayContext(TrainContext):
 
         local = super().checkpoints()
         reported = ray.train.get_checkpoint()
-        if reported is None:
-            return local
+        if reported is None or f"_{self._slug}_step_" not in Path(reported.path).name:
+            return local  # none, or another part's of a job of several (`fit`)
         restored = self.checkpoint_dir.parent / f"restored_checkpoint_rank{self.rank}"  # ranks share a node
         shutil.rmtree(restored, ignore_errors=True)
         reported.to_directory(str(restored))
@@ -182,7 +184,9 @@ class RayContext(TrainContext):
         # Named here (unique, as Ray's own timestamped names) so that a failed upload can be
         # removed: pyarrow copies files in parallel and leaves the ones that fit (a full disk
         # leaves COMPLETE next to a truncated shard), which Ray never registers but never deletes.
-        name = f"checkpoint_{time.strftime('%Y-%m-%d_%H-%M-%S')}.{time.time_ns() % 10**9:09d}_{path.name}" if path else None
+        # The stage in the name tells a job's parts' checkpoints apart (`checkpoints`).
+        name = (f"checkpoint_{time.strftime('%Y-%m-%d_%H-%M-%S')}.{time.time_ns() % 10**9:09d}_{self._slug}_{path.name}"
+                if path else None)
         try:
             ray.train.report({**metrics, "step": step}, checkpoint=checkpoint, checkpoint_dir_name=name)
         except BaseException:
@@ -206,7 +210,7 @@ class StageProgress:
 
         self.stage = stage
         self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})  # never waits for a CPU
-        self.artifact = None
+        self.artifacts: dict[str, object] = {}  # stage -> its progress artifact
 
     def drain(self) -> None:
         try:
@@ -220,20 +224,21 @@ class StageProgress:
     def _show(self, record: dict) -> None:
         from prefect import get_run_logger
 
+        stage = record.get("stage", self.stage)  # a job of several parts: the part that logged it
         in_prefect = _in_prefect_run()
-        (get_run_logger() if in_prefect else log).info("[%s] %s  %s", self.stage, record["line"], record["shown"])
-        console.progress(self.stage, record["step"], record.get("total"), record["line"], record.get("headline", ""))
+        (get_run_logger() if in_prefect else log).info("[%s] %s  %s", stage, record["line"], record["shown"])
+        console.progress(stage, record["step"], record.get("total"), record["line"], record.get("headline", ""))
         if not in_prefect or not record.get("total"):
             return
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
         percent = min(100.0, 100.0 * record["step"] / record["total"])
-        text = f"{self.stage}: {record['line']}; {record['shown']}"
-        if self.artifact is None:
-            key = "".join(c if c.isalnum() else "-" for c in f"{self.stage}-progress".lower())
-            self.artifact = create_progress_artifact(percent, key=key, description=text)
+        text = f"{stage}: {record['line']}; {record['shown']}"
+        if stage not in self.artifacts:
+            key = "".join(c if c.isalnum() else "-" for c in f"{stage}-progress".lower())
+            self.artifacts[stage] = create_progress_artifact(percent, key=key, description=text)
         else:
-            update_progress_artifact(self.artifact, percent, description=text)
+            update_progress_artifact(self.artifacts[stage], percent, description=text)
 
 
 def _in_prefect_run() -> bool:
@@ -247,20 +252,31 @@ def _in_prefect_run() -> bool:
         return False
 
 
-def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
-    """Run one Ray Train job of `loop` on `job`; raises with the worker's error if it fails.
-    `run_name` names it in Ray's storage (a re-run of the same name resumes from it)."""
+def fit(parts: list[tuple[Callable[[dict], None], TrainJob]], runtime: RuntimeConfig, run_name: str) -> None:
+    """Run one Ray Train job of each `(loop, job)` part, one after another on the same workers;
+    raises with the worker's error if it fails. A stage is one part; a stage that trains
+    several models on one worker-group shape (a student's base, SFT and RL) is several, so that
+    it pays Ray Train's start-up once. `run_name` names it in Ray's storage (a re-run of the
+    same name resumes from it: parts whose model is written are not trained again)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    shapes = {(j.compute.num_workers, j.compute.cpus_per_worker, j.compute.use_gpu) for _, j in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"one Ray Train job runs parts of one worker-group shape; got {sorted(shapes)} "
+                         f"for {[j.stage for _, j in parts]}")
     ensure_ray(runtime)
     # read by Ray Train when the job starts and passed on to its controller
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(runtime.train_poll_interval_s)
-    compute = job.compute
-    progress = StageProgress(job.stage)
+    compute = parts[0][1].compute
+    progress = StageProgress(" + ".join(j.stage for _, j in parts))
+    if len(parts) == 1:
+        loop, config = parts[0][0], {"job": parts[0][1].model_dump(mode="json")}
+    else:
+        loop, config = stages_loop, {"parts": [(part_loop, j.model_dump(mode="json")) for part_loop, j in parts]}
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"job": job.model_dump(mode="json"), "progress": progress.queue},
+        train_loop_config={**config, "progress": progress.queue},
         torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker={"CPU": compute.cpus_per_worker}),
@@ -273,7 +289,27 @@ def fit(loop, job: TrainJob, runtime: RuntimeConfig, run_name: str) -> None:
     )
     result = _fit_off_the_main_thread(trainer, run_name, progress)
     if result.error:
-        raise RuntimeError(f"stage {job.stage}: Ray Train job failed: {result.error}") from result.error
+        stages = ", ".join(j.stage for _, j in parts)
+        raise RuntimeError(f"stage {stages}: Ray Train job failed: {result.error}") from result.error
+
+
+def stages_loop(config: dict) -> None:
+    """The loop of a job of several parts: each part's own loop on its own job, in order. A part
+    whose model is already written (a job restarted after a failure, or re-run) is not trained
+    again; its held-out evaluation is run if the job was to run one and it is missing."""
+    for loop, job in config["parts"]:
+        done = TrainJob.model_validate({k: v for k, v in job.items() if k in TrainJob.model_fields})
+        if not ckpt.is_complete(Path(done.output_dir)):
+            loop({"job": job, "progress": config.get("progress")})
+            continue
+        import ray.train
+
+        if done.evaluation is not None and ray.train.get_context().get_world_rank() == 0:
+            from tasks.evaluate import evaluate_written_model, job_evaluation
+
+            if job_evaluation(done.output_dir, done.evaluation) is None:
+                evaluate_written_model(done.output_dir, done.evaluation)
+        log.info("[%s] model already written at %s: not trained again", done.stage, done.output_dir)
 
 
 def _fit_off_the_main_thread(trainer, run_name: str, progress: StageProgress):

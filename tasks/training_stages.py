@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from r1core.validation import DataError, read_data_file, write_quarantine
 from tasks import lifecycle, ray_jobs, tracking
 from tasks.environments import check_vllm_environment
 from tasks.evaluate import REGISTRY_FILE
-from tasks.jobs import GeneralRLJob, GRPOJob, HeldoutEvaluation, PretrainJob, RewardModelJob, SFTJob
+from tasks.jobs import GeneralRLJob, GRPOJob, HeldoutEvaluation, PretrainJob, RewardModelJob, SFTJob, TrainJob
 
 # Tasks that only read files or write idempotently to MLflow, Prefect artifacts or atomic files
 # are retried on a transient error (a busy SQLite store, a restarting tracking server); the
@@ -188,38 +190,69 @@ def log_dataset(cfg: PipelineConfig, run_id: str, path: str, context: str, tags:
     tracking.client_for(cfg.runtime).log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=input_tags)])
 
 
-def run_training_stage(cfg: PipelineConfig, stage: str, description: str, loop, parent_run_id: str | None,
-                       recipe, make_job, heldout_file: str | None = None) -> StageResult:
-    """The shape every training stage shares: return the earlier result if the stage is complete;
-    otherwise open its MLflow run, build its typed job with `make_job(run_id, stage_dir, common)`
-    (`common`: the fields every job carries, `recipe` and its compute among them), run the Ray
-    Train job and record the result. With `heldout_file` (and `eval.in_training_job`) the job
-    also evaluates its model on those rows before it ends (`evaluate_stage` takes that result)."""
-    logger = get_run_logger()
-    cache = StageCache(cfg, stage)
-    if (cached := cache.load(StageResult)) is not None:
-        logger.info("%s: complete model found at %s, not training again", stage, cached.model_dir)
-        return cached
-    from flows.plan import check as check_memory_plan
+@dataclass(frozen=True)
+class TrainingPart:
+    """One training stage as a part of a Ray Train job: its loop (`tasks.ray_jobs`), its config
+    section (`recipe`) and `make_job(run_id, stage_dir, common)`, which builds its typed job once
+    its MLflow run is open (`common`: the fields every job carries, `recipe` and its compute
+    among them). With `heldout_file` (and `eval.in_training_job`) the job also evaluates the
+    part's model on those rows before it ends (`evaluate_stage` takes that result)."""
 
-    check_memory_plan(cfg, stage=stage)  # before the run opens and any worker starts
-    t0 = time.time()
-    with stage_run(cfg, stage, parent_run_id, description) as run_id:
-        common = {"stage": stage, "tracking_uri": tracking.tracking_uri(cfg.runtime), "run_id": run_id,
-                  "tracking_outage_s": cfg.runtime.tracking_outage_s,
-                  "checkpoint_dir": str(cache.dir / "checkpoints"), "output_dir": str(cache.output),
-                  "seed": cfg.runtime.seed, "recipe": recipe, "compute": recipe.compute,
-                  "evaluation": heldout_evaluation(cfg, stage, heldout_file)
-                  if heldout_file and cfg.eval.in_training_job else None}
-        job = make_job(run_id, cache.dir, common)
-        logger.info("%s: Ray Train job on %d worker(s)", stage, job.compute.num_workers)
-        ray_jobs.fit(loop, job, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{stage}")
-        result = StageResult(stage=stage, model_dir=job.output_dir, mlflow_run_id=run_id,
-                             seconds=time.time() - t0, init_model_dir=getattr(job, "init_model", None))
-        tracking.log_metrics(tracking.client_for(cfg.runtime), run_id, {"stage_seconds": result.seconds})
-        tracking.log_curves(cfg.runtime, run_id)
-    cache.save(result)
-    return result
+    stage: str
+    description: str
+    loop: Callable[[dict], None]
+    recipe: BaseModel
+    make_job: Callable[[str, Path, dict], TrainJob]
+    heldout_file: str | None = None
+
+
+def run_training_stages(cfg: PipelineConfig, parts: list[TrainingPart], parent_run_id: str | None) -> list[StageResult]:
+    """The shape every training stage shares: each part whose stage is complete returns its
+    earlier result; the others get their MLflow runs opened and their typed jobs built, and run
+    as one Ray Train job (in order, on one worker group: Ray Train's start-up is paid once), then
+    each result is recorded. A stage is usually one part; a student's base, SFT and RL are three."""
+    logger = get_run_logger()
+    results: dict[str, StageResult] = {}
+    pending: list[tuple[TrainingPart, StageCache]] = []
+    for part in parts:
+        cache = StageCache(cfg, part.stage)
+        if (cached := cache.load(StageResult)) is not None:
+            logger.info("%s: complete model found at %s, not training again", part.stage, cached.model_dir)
+            results[part.stage] = cached
+        else:
+            pending.append((part, cache))
+    if pending:
+        from flows.plan import check as check_memory_plan
+
+        for part, _ in pending:
+            check_memory_plan(cfg, stage=part.stage)  # before any run opens and any worker starts
+        t0 = time.time()
+        with ExitStack() as runs:
+            jobs = []
+            for part, cache in pending:
+                run_id = runs.enter_context(stage_run(cfg, part.stage, parent_run_id, part.description))
+                common = {"stage": part.stage, "tracking_uri": tracking.tracking_uri(cfg.runtime), "run_id": run_id,
+                          "tracking_outage_s": cfg.runtime.tracking_outage_s,
+                          "checkpoint_dir": str(cache.dir / "checkpoints"), "output_dir": str(cache.output),
+                          "seed": cfg.runtime.seed, "recipe": part.recipe, "compute": part.recipe.compute,
+                          "evaluation": heldout_evaluation(cfg, part.stage, part.heldout_file)
+                          if part.heldout_file and cfg.eval.in_training_job else None}
+                jobs.append((part.loop, part.make_job(run_id, cache.dir, common)))
+            names = " + ".join(j.stage for _, j in jobs)
+            logger.info("%s: Ray Train job on %d worker(s)", names, jobs[0][1].compute.num_workers)
+            ray_jobs.fit(jobs, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{'+'.join(j.stage for _, j in jobs)}")
+            client = tracking.client_for(cfg.runtime)
+            # each part's own time on the worker; the first also carries the job's start-up
+            own = [client.get_run(j.run_id).data.metrics.get("time/worker_s", 0.0) for _, j in jobs]
+            seconds = [time.time() - t0 - sum(own[1:]), *own[1:]]
+            for (_, job), (part, _), s in zip(jobs, pending, seconds, strict=True):
+                results[part.stage] = StageResult(stage=part.stage, model_dir=job.output_dir, mlflow_run_id=job.run_id,
+                                                  seconds=s, init_model_dir=getattr(job, "init_model", None))
+                tracking.log_metrics(client, job.run_id, {"stage_seconds": s})
+                tracking.log_curves(cfg.runtime, job.run_id)
+        for part, cache in pending:
+            cache.save(results[part.stage])
+    return [results[part.stage] for part in parts]
 
 
 def prepared_corpus(cfg: PipelineConfig, data: DataPaths) -> Path:
@@ -242,11 +275,10 @@ def prepared_corpus(cfg: PipelineConfig, data: DataPaths) -> Path:
     return prepared
 
 
-@task(name="pretrain", task_run_name="pretrain-{stage}", cache_policy=NO_CACHE)
-def pretrain(cfg: PipelineConfig, data: DataPaths, stage: str, description: str, parent_run_id: str | None = None,
-             student: StudentConfig | None = None) -> StageResult:
-    """Stage 0: build the tokenizer and corpus, then pretrain the tiny base as a Ray Train job;
-    with `student`, that student's own (smaller) base on the same corpus and tokenizer."""
+def pretrain_part(cfg: PipelineConfig, data: DataPaths, stage: str, description: str,
+                  student: StudentConfig | None = None) -> TrainingPart:
+    """Stage 0: build the tokenizer and corpus, then pretrain the tiny base; with `student`,
+    that student's own (smaller) base on the same corpus and tokenizer."""
     model, recipe = cfg.model, cfg.pretrain
     if student is not None:
         model, recipe = student.model, recipe.model_copy(update={"steps": student.pretrain_steps})
@@ -260,16 +292,14 @@ def pretrain(cfg: PipelineConfig, data: DataPaths, stage: str, description: str,
             tracking.set_tags(tracking.client_for(cfg.runtime), run_id, {"student": student.name})
         return PretrainJob(**common, model=model, prepared_dir=str(prepared))
 
-    return run_training_stage(cfg, stage, description, ray_jobs.pretrain_loop, parent_run_id, recipe, make_job,
-                              data.heldout_file)
+    return TrainingPart(stage, description, ray_jobs.pretrain_loop, recipe, make_job, data.heldout_file)
 
 
-@task(name="grpo", task_run_name="grpo-{stage}", cache_policy=NO_CACHE)
-def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, data: DataPaths,
-         parent_run_id: str | None = None, reward_model_dirs: dict[str, str] | None = None) -> StageResult:
-    """A GRPO stage (R1-Zero, reasoning RL, general RL, a student's RL) from `init_model`, as a
-    Ray Train job on the config `section`. With `reward_model_dirs`, general prompts join the
-    reasoning ones and are scored by those reward models."""
+def grpo_part(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, data: DataPaths,
+              reward_model_dirs: dict[str, str] | None = None) -> TrainingPart:
+    """A GRPO stage (R1-Zero, reasoning RL, general RL, a student's RL) from `init_model` on the
+    config `section`. With `reward_model_dirs`, general prompts join the reasoning ones and are
+    scored by those reward models."""
     recipe = cfg.section(section)
     tags = {"rewards": json.dumps({k: f"v{REWARD_VERSIONS[k]} x{w:g}" for k, w in recipe.rewards.items()})}
     if reward_model_dirs:
@@ -289,23 +319,66 @@ def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_m
         return GRPOJob(**common)
 
     loop = ray_jobs.general_rl_loop if reward_model_dirs else ray_jobs.grpo_loop
-    return run_training_stage(cfg, stage, description, loop, parent_run_id, recipe, make_job, data.heldout_file)
+    return TrainingPart(stage, description, loop, recipe, make_job, data.heldout_file)
 
 
-@task(name="sft", task_run_name="sft-{stage}", cache_policy=NO_CACHE)
-def sft(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, dataset: str,
-        parent_run_id: str | None = None, heldout_file: str | None = None) -> StageResult:
+def sft_part(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, dataset: str,
+             heldout_file: str | None = None) -> TrainingPart:
     """An SFT stage (cold start, the rejection-sampled set, a student's distillation) of
-    `init_model` on `dataset` (a rows file or a parquet directory), as a Ray Train job; with
-    `heldout_file`, the job evaluates its model on it."""
+    `init_model` on `dataset` (a rows file or a parquet directory); with `heldout_file`, the
+    job evaluates its model on it."""
     recipe = cfg.section(section)
 
     def make_job(run_id: str, stage_dir: Path, common: dict) -> SFTJob:
         _log_training_inputs(cfg, run_id, init_model, dataset)
         return SFTJob(**common, init_model=init_model, train_file=dataset)
 
-    return run_training_stage(cfg, stage, description, ray_jobs.sft_loop, parent_run_id, recipe, make_job,
-                              heldout_file)
+    return TrainingPart(stage, description, ray_jobs.sft_loop, recipe, make_job, heldout_file)
+
+
+@task(name="pretrain", task_run_name="pretrain-{stage}", cache_policy=NO_CACHE)
+def pretrain(cfg: PipelineConfig, data: DataPaths, stage: str, description: str, parent_run_id: str | None = None,
+             student: StudentConfig | None = None) -> StageResult:
+    """Stage 0 (or a student's base) as a Ray Train job (`pretrain_part`)."""
+    return run_training_stages(cfg, [pretrain_part(cfg, data, stage, description, student)], parent_run_id)[0]
+
+
+@task(name="grpo", task_run_name="grpo-{stage}", cache_policy=NO_CACHE)
+def grpo(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, data: DataPaths,
+         parent_run_id: str | None = None, reward_model_dirs: dict[str, str] | None = None) -> StageResult:
+    """A GRPO stage as a Ray Train job (`grpo_part`)."""
+    part = grpo_part(cfg, stage, section, description, init_model, data, reward_model_dirs)
+    return run_training_stages(cfg, [part], parent_run_id)[0]
+
+
+@task(name="sft", task_run_name="sft-{stage}", cache_policy=NO_CACHE)
+def sft(cfg: PipelineConfig, stage: str, section: str, description: str, init_model: str, dataset: str,
+        parent_run_id: str | None = None, heldout_file: str | None = None) -> StageResult:
+    """An SFT stage as a Ray Train job (`sft_part`)."""
+    part = sft_part(cfg, stage, section, description, init_model, dataset, heldout_file)
+    return run_training_stages(cfg, [part], parent_run_id)[0]
+
+
+@task(name="train-student", task_run_name="train-student-{student.name}", cache_policy=NO_CACHE)
+def train_student(cfg: PipelineConfig, student: StudentConfig, dataset: str, data: DataPaths,
+                  parent_run_id: str | None = None) -> dict[str, StageResult]:
+    """Stage 9 for one student, as one Ray Train job of up to three parts: its own base (unless
+    `model.pretrained_path` gives one), SFT of that base on the stage-6 set (distillation, no
+    RL) and, for the paper's comparison, R1-Zero-style GRPO of the same base (`distill.rl_only`)."""
+    name = f"distill/{student.name}"
+    parts = []
+    if student.model.pretrained_path:
+        base_dir = student.model.pretrained_path
+    else:
+        parts.append(pretrain_part(cfg, data, f"{name}/base", "Stage 9: pretraining of student "
+                                   f"'{student.name}' (its own base) on the same corpus.", student))
+        base_dir = str(StageCache(cfg, f"{name}/base").output)
+    parts.append(sft_part(cfg, f"{name}/sft", "distill.sft", "Stage 9: distillation, SFT of a smaller student on "
+                          "the stage-6 set (no RL).", base_dir, dataset, data.heldout_file))
+    if cfg.distill.rl_only:
+        parts.append(grpo_part(cfg, f"{name}/rl_only", "distill.rl", "Stage 9 (comparison): R1-Zero-style GRPO of "
+                               "the student from its own base, no distillation.", base_dir, data))
+    return {r.stage: r for r in run_training_stages(cfg, parts, parent_run_id)}
 
 
 @task(name="reward-model", task_run_name="reward-model-{model}", cache_policy=NO_CACHE)
@@ -328,8 +401,8 @@ def reward_model(cfg: PipelineConfig, model: str, description: str, init_model: 
         _log_training_inputs(cfg, run_id, init_model, files["train_file"], {"reward_model": model})
         return RewardModelJob(**common, init_model=init_model, reward_model=model, **files)
 
-    result = run_training_stage(cfg, f"reward_models/{model}", description, ray_jobs.reward_model_loop,
-                                parent_run_id, recipe, make_job)
+    part = TrainingPart(f"reward_models/{model}", description, ray_jobs.reward_model_loop, recipe, make_job)
+    result = run_training_stages(cfg, [part], parent_run_id)[0]
     if result.skipped:
         return result
     run = tracking.client_for(cfg.runtime).get_run(result.mlflow_run_id)

@@ -41,7 +41,7 @@ def test_each_step_of_a_running_job_reaches_the_prefect_logs_and_a_progress_arti
 
     @task
     def train() -> str:
-        ray_jobs.fit(four_steps, job, runtime, "progress-test")
+        ray_jobs.fit([(four_steps, job)], runtime, "progress-test")
         return task_run.get_id()
 
     @flow

@@ -249,7 +249,7 @@ def test_grpo_with_rollout_workers_through_its_ray_train_loop(tokenizer, rows, t
                   output_dir=str(tmp_path / "model"), compute=compute, seed=0,
                   recipe=GRPO.model_copy(update={"steps": 3, "compute": compute}), init_model=str(base),
                   train_file=str(tmp_path / "train.jsonl"), rollout=rollout, code=CodeRewardConfig())
-    ray_jobs.fit(ray_jobs.grpo_loop, job, RuntimeConfig(workdir=str(tmp_path), num_cpus=2), run_name="grpo-workers")
+    ray_jobs.fit([(ray_jobs.grpo_loop, job)], RuntimeConfig(workdir=str(tmp_path), num_cpus=2), run_name="grpo-workers")
     assert [m.step for m in client.get_metric_history(run_id, "reward")] == [1, 2, 3]
     staleness = [m.value for m in client.get_metric_history(run_id, "rollout/max_staleness")]
     assert staleness == [0.0, 1.0, 1.0], staleness

@@ -498,7 +498,7 @@ def test_a_reward_model_trains_sharded_through_its_ray_train_loop(tokenizer, tmp
                                                           compute=compute),
                          init_model=str(base), train_file=str(tmp_path / "train.jsonl"), reward_model="helpfulness",
                          heldout_file=str(tmp_path / "heldout.jsonl"))
-    ray_jobs.fit(ray_jobs.reward_model_loop, job, RuntimeConfig(workdir=str(tmp_path), num_cpus=2), run_name="rm-fsdp")
+    ray_jobs.fit([(ray_jobs.reward_model_loop, job)], RuntimeConfig(workdir=str(tmp_path), num_cpus=2), run_name="rm-fsdp")
     losses = client.get_metric_history(run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3]
     assert 0.0 <= client.get_metric_history(run_id, "eval/pairwise_accuracy")[0].value <= 1.0
