@@ -252,6 +252,11 @@ def _in_prefect_run() -> bool:
         return False
 
 
+def worker_group_shape(job: TrainJob) -> tuple[int, int, bool]:
+    """What one Ray Train job's parts must share: workers, CPUs per worker, a GPU each."""
+    return job.compute.num_workers, job.compute.cpus_per_worker, job.compute.use_gpu
+
+
 def fit(parts: list[tuple[Callable[[dict], None], TrainJob]], runtime: RuntimeConfig, run_name: str) -> None:
     """Run one Ray Train job of each `(loop, job)` part, one after another on the same workers;
     raises with the worker's error if it fails. A stage is one part; a stage that trains
@@ -261,7 +266,7 @@ def fit(parts: list[tuple[Callable[[dict], None], TrainJob]], runtime: RuntimeCo
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    shapes = {(j.compute.num_workers, j.compute.cpus_per_worker, j.compute.use_gpu) for _, j in parts}
+    shapes = {worker_group_shape(j) for _, j in parts}
     if len(shapes) != 1:
         raise ValueError(f"one Ray Train job runs parts of one worker-group shape; got {sorted(shapes)} "
                          f"for {[j.stage for _, j in parts]}")
@@ -328,7 +333,7 @@ def _fit_off_the_main_thread(trainer, run_name: str, progress: StageProgress):
     thread = threading.Thread(target=run, name=f"ray-train {run_name}", daemon=True)
     thread.start()
     while thread.is_alive():
-        thread.join(0.5)
+        thread.join(0.1)  # how soon a finished job returns (the progress queue is read as often)
         progress.drain()
     progress.drain()
     if "error" in outcome:

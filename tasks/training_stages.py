@@ -8,6 +8,7 @@ an interrupted stage resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -209,8 +210,9 @@ class TrainingPart:
 def run_training_stages(cfg: PipelineConfig, parts: list[TrainingPart], parent_run_id: str | None) -> list[StageResult]:
     """The shape every training stage shares: each part whose stage is complete returns its
     earlier result; the others get their MLflow runs opened and their typed jobs built, and run
-    as one Ray Train job (in order, on one worker group: Ray Train's start-up is paid once), then
-    each result is recorded. A stage is usually one part; a student's base, SFT and RL are three."""
+    in order, consecutive parts of one worker-group shape as one Ray Train job (its start-up paid
+    once), then each result is recorded. A stage is usually one part; a student's base, SFT and
+    RL are three."""
     logger = get_run_logger()
     results: dict[str, StageResult] = {}
     pending: list[tuple[TrainingPart, StageCache]] = []
@@ -238,9 +240,12 @@ def run_training_stages(cfg: PipelineConfig, parts: list[TrainingPart], parent_r
                           "evaluation": heldout_evaluation(cfg, part.stage, part.heldout_file)
                           if part.heldout_file and cfg.eval.in_training_job else None}
                 jobs.append((part.loop, part.make_job(run_id, cache.dir, common)))
-            names = " + ".join(j.stage for _, j in jobs)
-            logger.info("%s: Ray Train job on %d worker(s)", names, jobs[0][1].compute.num_workers)
-            ray_jobs.fit(jobs, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{'+'.join(j.stage for _, j in jobs)}")
+            # consecutive parts of one worker-group shape share a job (one per shape otherwise)
+            for _, same_shape in itertools.groupby(jobs, key=lambda lj: ray_jobs.worker_group_shape(lj[1])):
+                group = list(same_shape)
+                names = [j.stage for _, j in group]
+                logger.info("%s: Ray Train job on %d worker(s)", " + ".join(names), group[0][1].compute.num_workers)
+                ray_jobs.fit(group, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{'+'.join(names)}")
             client = tracking.client_for(cfg.runtime)
             # each part's own time on the worker; the first also carries the job's start-up
             own = [client.get_run(j.run_id).data.metrics.get("time/worker_s", 0.0) for _, j in jobs]

@@ -92,8 +92,12 @@ def test_a_declared_stage_runs_from_the_cli_and_is_in_the_report(eval_only_stage
     assert len(row.split("|")) > 8  # pass@1, cons@k, ... of the model, in the report's table
     assert (micro.run_dir() / "data" / "heldout.jsonl").is_file()  # `data` was prepared by the catalog's flow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:  # named and tagged: what tells runs apart in the UI
         (run,) = [r for r in client.read_flow_runs() if r.name == f"{micro.resolved_run_name()}/{CHECK.name}"]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
     assert {f"profile:{micro.profile}", f"config:{micro.digest()}", f"stage:{CHECK.name}"} <= set(run.tags), run.tags
     assert any(t.startswith("commit:") for t in run.tags) and any(t.startswith("r1-owner:") for t in run.tags)
+    # the tags are the flow run's alone: a tagged task run waits for the server's tag-concurrency check
+    assert tasks and all(t.tags == [] for t in tasks), [(t.name, t.tags) for t in tasks]

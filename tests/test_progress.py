@@ -35,7 +35,7 @@ def test_each_step_of_a_running_job_reaches_the_prefect_logs_and_a_progress_arti
         job, ctx = ray_jobs.worker_setup(config, TrainJob)
         ctx.begin(0, STEPS)
         for step in range(1, STEPS + 1):
-            time.sleep(0.6)  # the driver reads every 0.5 s: steps arrive while it waits
+            time.sleep(0.6)  # the driver reads every 0.1 s: steps arrive while it waits
             ctx.log({"loss": 1.0 / step}, step)
         ctx.finish()
 
