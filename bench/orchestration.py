@@ -15,9 +15,10 @@ pipeline logged them; the stage runs' times match their Prefect flow runs'):
 - **orchestration**: the rest (Ray Train's job start-up and worker set-up, data loading, model
   writing and registration, Prefect and MLflow calls, evaluation start-up, time between stages).
 
-Stages whose runs overlap in time (the two reward models) are one row: their wall is the span,
-their loop the longest one. The orchestration share is given with data stages counted as compute
-(a lower bound: their Ray Data set-up is orchestration too).
+Stages whose runs overlap in time are one row, their wall the span: the two reward models (two
+jobs at once: the longest loop counts) and a distill student's three stages (one Ray Train job
+of three parts, run one after another: their loops add up). The orchestration share is given
+with data stages counted as compute (a lower bound: their Ray Data set-up is orchestration too).
 
     python bench/orchestration.py [--config configs/tiny.yaml] [--run-id ID] [--set KEY=VALUE ...]
 
@@ -51,22 +52,31 @@ def timings(run) -> dict:
     data = wall if stage.split("/")[0] in DATA_STAGES else 0.0
     return {"stage": stage, "start": run.info.start_time / 1000, "end": (run.info.end_time or 0) / 1000,
             "wall": wall, "loop": m.get("time/loop_s", 0.0), "eval": m.get("eval/compute_s", 0.0),
-            "eval_wall": m.get("eval/wall_s", 0.0), "data": data, "in_job": m.get("eval/in_job", 0.0) > 0}
+            "eval_wall": m.get("eval/wall_s", 0.0), "data": data, "in_job": m.get("eval/in_job", 0.0) > 0,
+            "job": run.data.tags.get("r1.ray_train_job")}
 
 
 def merge_overlapping(rows: list[dict]) -> list[dict]:
-    """Leaf stage runs that ran at the same time as one row (span, longest loop)."""
+    """Leaf stage runs that ran at the same time as one row (their span). The parts of one Ray
+    Train job (the same `r1.ray_train_job` tag: a student's base, SFT and RL) ran one after
+    another, so their loops and evaluations add up; separate jobs at the same time (the two
+    reward models) overlap, so the longest counts."""
     merged: list[dict] = []
     for r in rows:
         last = merged[-1] if merged else None
         if last is not None and r["start"] < last["end"] - 1:
             last.update(stage=f"{last['stage']} + {r['stage']}", end=max(last["end"], r["end"]),
-                        loop=max(last["loop"], r["loop"]), eval=max(last["eval"], r["eval"]),
-                        eval_wall=max(last["eval_wall"], r["eval_wall"]), data=max(last["data"], r["data"]),
                         in_job=last["in_job"] or r["in_job"])
-            last["wall"] = last["end"] - last["start"]
+            last["parts"].append(r)
         else:
-            merged.append(dict(r))
+            merged.append({**r, "parts": [r]})
+    for row in merged:
+        by_job: dict[str, list[dict]] = {}
+        for i, part in enumerate(row["parts"]):
+            by_job.setdefault(part["job"] or f"run {i}", []).append(part)
+        for k in ("loop", "eval", "eval_wall", "data"):
+            row[k] = max(sum(part[k] for part in parts) for parts in by_job.values())
+        row["wall"] = row["end"] - row["start"]
     return merged
 
 

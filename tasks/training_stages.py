@@ -245,7 +245,10 @@ def run_training_stages(cfg: PipelineConfig, parts: list[TrainingPart], parent_r
                 group = list(same_shape)
                 names = [j.stage for _, j in group]
                 logger.info("%s: Ray Train job on %d worker(s)", " + ".join(names), group[0][1].compute.num_workers)
-                ray_jobs.fit(group, cfg.runtime, run_name=f"{cfg.resolved_run_name()}-{'+'.join(names)}")
+                job_name = f"{cfg.resolved_run_name()}-{'+'.join(names)}"
+                for _, job in group:  # which runs were one job's parts (bench/orchestration.py adds their loops)
+                    tracking.set_tags(tracking.client_for(cfg.runtime), job.run_id, {"r1.ray_train_job": job_name})
+                ray_jobs.fit(group, cfg.runtime, run_name=job_name)
             client = tracking.client_for(cfg.runtime)
             # each part's own time on the worker; the first also carries the job's start-up
             own = [client.get_run(j.run_id).data.metrics.get("time/worker_s", 0.0) for _, j in jobs]
