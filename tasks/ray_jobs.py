@@ -262,7 +262,7 @@ def fit(parts: list[tuple[Callable[[dict], None], TrainJob]], runtime: RuntimeCo
     raises with the worker's error if it fails. A stage is one part; a stage that trains
     several models on one worker-group shape (a student's base, SFT and RL) is several, so that
     it pays Ray Train's start-up once. `run_name` names it in Ray's storage (a re-run of the
-    same name resumes from it: parts whose model is written are not trained again)."""
+    same name resumes from it; of several parts, those whose model is written are passed over)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -303,18 +303,20 @@ def stages_loop(config: dict) -> None:
     whose model is already written (a job restarted after a failure, or re-run) is not trained
     again; its held-out evaluation is run if the job was to run one and it is missing."""
     for loop, job in config["parts"]:
-        done = TrainJob.model_validate({k: v for k, v in job.items() if k in TrainJob.model_fields})
-        if not ckpt.is_complete(Path(done.output_dir)):
+        common = TrainJob.model_validate(  # the fields every job carries
+            {k: v for k, v in job.items() if k in TrainJob.model_fields})
+        if not ckpt.is_complete(Path(common.output_dir)):
             loop({"job": job, "progress": config.get("progress")})
             continue
         import ray.train
 
-        if done.evaluation is not None and ray.train.get_context().get_world_rank() == 0:
+        evaluation = common.evaluation
+        if evaluation is not None and ray.train.get_context().get_world_rank() == 0:
             from tasks.evaluate import evaluate_written_model, job_evaluation
 
-            if job_evaluation(done.output_dir, done.evaluation) is None:
-                evaluate_written_model(done.output_dir, done.evaluation)
-        log.info("[%s] model already written at %s: not trained again", done.stage, done.output_dir)
+            if job_evaluation(common.output_dir, evaluation) is None:
+                evaluate_written_model(common.output_dir, evaluation)
+        log.info("[%s] model already written at %s: not trained again", common.stage, common.output_dir)
 
 
 def _fit_off_the_main_thread(trainer, run_name: str, progress: StageProgress):
