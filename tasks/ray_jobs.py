@@ -302,14 +302,14 @@ def stages_loop(config: dict) -> None:
     """The loop of a job of several parts: each part's own loop on its own job, in order. A part
     whose model is already written (a job restarted after a failure, or re-run) is not trained
     again; its held-out evaluation is run if the job was to run one and it is missing."""
+    import ray.train
+
     for loop, job in config["parts"]:
         common = TrainJob.model_validate(  # the fields every job carries
             {k: v for k, v in job.items() if k in TrainJob.model_fields})
         if not ckpt.is_complete(Path(common.output_dir)):
             loop({"job": job, "progress": config.get("progress")})
             continue
-        import ray.train
-
         evaluation = common.evaluation
         if evaluation is not None and ray.train.get_context().get_world_rank() == 0:
             from tasks.evaluate import evaluate_written_model, job_evaluation

@@ -240,6 +240,7 @@ def run_training_stages(cfg: PipelineConfig, parts: list[TrainingPart], parent_r
                           "evaluation": heldout_evaluation(cfg, part.stage, part.heldout_file)
                           if part.heldout_file and cfg.eval.in_training_job else None}
                 jobs.append((part.loop, part.make_job(run_id, cache.dir, common)))
+            client = tracking.client_for(cfg.runtime)
             # consecutive parts of one worker-group shape share a job (one per shape otherwise)
             for _, same_shape in itertools.groupby(jobs, key=lambda lj: ray_jobs.worker_group_shape(lj[1])):
                 group = list(same_shape)
@@ -247,9 +248,8 @@ def run_training_stages(cfg: PipelineConfig, parts: list[TrainingPart], parent_r
                 logger.info("%s: Ray Train job on %d worker(s)", " + ".join(names), group[0][1].compute.num_workers)
                 job_name = f"{cfg.resolved_run_name()}-{'+'.join(names)}"
                 for _, job in group:  # which runs were one job's parts (bench/orchestration.py adds their loops)
-                    tracking.set_tags(tracking.client_for(cfg.runtime), job.run_id, {"r1.ray_train_job": job_name})
+                    tracking.set_tags(client, job.run_id, {"r1.ray_train_job": job_name})
                 ray_jobs.fit(group, cfg.runtime, run_name=job_name)
-            client = tracking.client_for(cfg.runtime)
             # each part's own time on the worker; the first also carries the job's start-up
             own = [client.get_run(j.run_id).data.metrics.get("time/worker_s", 0.0) for _, j in jobs]
             seconds = [time.time() - t0 - sum(own[1:]), *own[1:]]
