@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath $(WORKDIR))/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup constraints vllm-env doctor demo demo-seeds ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-memory bench-generation clean
+.PHONY: setup constraints vllm-env doctor demo demo-seeds ablation-lc test test-slow test-all ui ui-stop lint bench bench-rs bench-sandbox bench-rewards bench-rl bench-tune bench-memory bench-generation clean
 
 setup: $(STAMP)
 
@@ -102,6 +102,11 @@ bench-rewards: setup
 # GRPO after SFT: accuracy on the problems it trains on vs unseen ones (needs a `make demo` run)
 bench-rl: setup
 	$(BIN)/python bench/rl_generalisation.py $(ARGS)
+
+# a stage's settings chosen on a validation split of train prompts (needs a `make demo` run),
+# e.g. ARGS="--section distill.sft"; the held-out set is never used
+bench-tune: setup
+	$(BIN)/python bench/tune.py $(ARGS)
 
 # peak memory per worker of one GRPO update: micro-batches, chunked log-probs, DDP vs FSDP, vs `r1 plan`
 # (`ARGS=--gpu` on a GPU machine: a ~1B model in bf16, with MFU)
