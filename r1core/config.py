@@ -408,9 +408,9 @@ class SamplingConfig(Strict):
     max_new_tokens: PositiveInt = Field(48, description="longest completion, in tokens")
 
 
-def _shared_prompt_compute() -> TrainComputeConfig:
+def _shared_prompt_compute(max_tokens_per_microbatch: int | None = None) -> TrainComputeConfig:
     """The tiny profile's GRPO stages: short completions after long prompts (r1core/batching.py)."""
-    return TrainComputeConfig(rollout_layout="shared_prompt")
+    return TrainComputeConfig(rollout_layout="shared_prompt", max_tokens_per_microbatch=max_tokens_per_microbatch)
 
 
 class GRPOConfig(OptimizerConfig):
@@ -454,7 +454,12 @@ class ReasoningRLConfig(GRPOConfig):
     """Stage 4: reasoning-oriented GRPO from the cold-start model. The language-consistency
     reward (share of CoT words in the prompt's language) is added to the accuracy reward."""
 
-    steps: PositiveInt = Field(16, description="optimizer steps (one batch of rollouts each)")
+    # batch shape and flat-group skipping chosen on a validation split of train prompts
+    # (bench/tune.py): small batches lost accuracy on prompts the stage did not train on
+    steps: PositiveInt = Field(4, description="optimizer steps (one batch of rollouts each)")
+    prompts_per_step: PositiveInt = Field(64, description="prompts per step (all workers)")
+    skip_flat_groups: bool = Field(True, description="leave groups whose rewards are all equal (no "
+                                   "policy gradient) out of the update, as DAPO's dynamic sampling does")
     # RL after SFT: at R1-Zero's 1e-4 with std-scaled advantages the tiny models lost held-out
     # accuracy (0.201 -> 0.133); a smaller step without std scaling (Dr. GRPO) kept or gained it
     lr: PositiveFloat = Field(3e-5, description="learning rate (AdamW, constant)")
@@ -601,7 +606,11 @@ class GeneralRLConfig(ReasoningRLConfig):
     rule rewards (`rewards`), general prompts by the reward models (`model_rewards`): helpfulness
     on the final summary and answer, harmlessness on the whole response."""
 
+    # not tuned with reasoning RL (its reward models are outside bench/tune.py): as measured before
     steps: PositiveInt = Field(16, description="optimizer steps (one batch of rollouts each)")
+    prompts_per_step: PositiveInt = Field(16, description="prompts per step (all workers)")
+    skip_flat_groups: bool = Field(False, description="leave groups whose rewards are all equal (no "
+                                   "policy gradient) out of the update, as DAPO's dynamic sampling does")
     model_rewards: ModelRewardWeights = Field(
         default_factory=lambda: {"helpfulness": 1.0, "harmlessness": 1.0},
         description="reward model -> weight, for general prompts")
@@ -634,9 +643,11 @@ class DistillConfig(Strict):
     paper's comparison the same student is also trained by R1-Zero-style RL alone (`rl`)."""
 
     students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()], description="the students, each pretrained on its own and then distilled")
-    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2), description="the students' SFT on the stage-6 set")
+    # both sides of the distilled-vs-RL-only comparison chosen on a validation split (bench/tune.py)
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=4, lr=1e-3), description="the students' SFT on the stage-6 set")
     rl_only: bool = Field(True, description="also train each student by RL alone from its own base")
-    rl: GRPOConfig = Field(default_factory=lambda: GRPOConfig(compute=_shared_prompt_compute()),
+    rl: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=4, prompts_per_step=64,
+                                                              compute=_shared_prompt_compute(40960)),
                            description="the RL-only student's GRPO (R1-Zero rewards)")
 
     @field_validator("students")
@@ -724,7 +735,7 @@ class PipelineConfig(Strict):
     r1_zero: GRPOConfig = Field(default_factory=lambda: GRPOConfig(steps=16, compute=_shared_prompt_compute()), description="stage 1: R1-Zero, GRPO from the base with rule rewards")
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig, description="stage 2: cold-start data")
     cold_start_sft: SFTConfig = Field(default_factory=SFTConfig, description="stage 3: SFT of the base on the cold-start data")
-    reasoning_rl: ReasoningRLConfig = Field(default_factory=lambda: ReasoningRLConfig(compute=_shared_prompt_compute()), description="stage 4: reasoning-oriented GRPO from the cold-start model")
+    reasoning_rl: ReasoningRLConfig = Field(default_factory=lambda: ReasoningRLConfig(compute=_shared_prompt_compute(40960)), description="stage 4: reasoning-oriented GRPO from the cold-start model")
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig, description="stage 5: rejection sampling from the reasoning-RL model")
     sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=2),
                            description="stage 6: SFT of the base on the rejection-sampled set")

@@ -119,7 +119,7 @@ def test_every_config_field_has_a_description():
 
 def test_a_partial_section_keeps_the_fields_own_defaults():
     """A profile that sets a few fields of a section keeps the rest of *that field's* defaults
-    (the pipeline's R1-Zero has 16 steps and samples at 0.8; SFT of stage 6 runs 2 epochs), at
+    (the pipeline's R1-Zero has 16 steps and samples at 0.8; SFT of stage 6 runs 2 epochs, the student's 4), at
     every depth; dict-valued fields (reward weights) are replaced whole; typos still fail."""
     from pydantic import ValidationError
 
@@ -130,7 +130,7 @@ def test_a_partial_section_keeps_the_fields_own_defaults():
                                          "reasoning_rl": {"rewards": {"accuracy": 1.0}}})
     assert (cfg.r1_zero.steps, cfg.r1_zero.lr) == (DEFAULT_CONFIG.r1_zero.steps, 3e-4) == (16, 3e-4)
     assert cfg.r1_zero.sampling.temperature == 0.8 and cfg.r1_zero.sampling.max_new_tokens == 8
-    assert cfg.sft.epochs == DEFAULT_CONFIG.sft.epochs == 2 and cfg.distill.sft.epochs == 2
+    assert cfg.sft.epochs == DEFAULT_CONFIG.sft.epochs == 2 and cfg.distill.sft.epochs == DEFAULT_CONFIG.distill.sft.epochs == 4
     assert cfg.reasoning_rl.rewards == {"accuracy": 1.0}
     assert cfg.rejection_sampling.sampling == DEFAULT_CONFIG.rejection_sampling.sampling
     with pytest.raises(ValidationError, match="r1_zero.sampling.temprature"):
