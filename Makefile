@@ -49,18 +49,21 @@ demo: setup
 	$(BIN)/r1 run pipeline $(ARGS)
 
 # The README's results over seeds: the pipeline once per seed (each seed its own run folder; a
-# finished seed is skipped), then every stage and finding per seed and pooled (bench/seeds.py;
-# ARGS go to the pipeline only: bench/seeds.py looks for the default profile's runs)
+# finished seed is skipped) and the language-consistency ablation from that seed's cold start,
+# then every stage and finding per seed and pooled (bench/seeds.py; ARGS go to the pipeline
+# only: bench/seeds.py looks for the default profile's runs)
 SEEDS ?= 0 1 2
+LC_ABLATION = --set reasoning_rl.rewards.language_consistency=0
 demo-seeds: setup
-	for seed in $(SEEDS); do $(BIN)/r1 run pipeline --set runtime.seed=$$seed $(ARGS) || exit 1; done
+	for seed in $(SEEDS); do $(BIN)/r1 run pipeline --set runtime.seed=$$seed $(ARGS) || exit 1; \
+		$(BIN)/r1 run stage reasoning_rl --init-model "$$($(BIN)/python bench/seeds.py --cold-start-of $$seed)" \
+			--no-register $(LC_ABLATION) --set runtime.seed=$$seed || exit 1; done
 	$(BIN)/python bench/seeds.py --seeds $(SEEDS)
 
 # After `make demo`: reasoning RL again from the same cold-start model with the language-
 # consistency reward weighted 0 (still logged); compare `eval/language_mixing_rate` in MLflow.
 ablation-lc: setup
-	$(BIN)/r1 run stage reasoning_rl --init-model models:/r1-cold-start@newest --no-register \
-		--set reasoning_rl.rewards.language_consistency=0 $(ARGS)
+	$(BIN)/r1 run stage reasoning_rl --init-model models:/r1-cold-start@newest --no-register $(LC_ABLATION) $(ARGS)
 
 # `make test`: every test but the slow-marked end-to-end ones (real pipelines, fault drills);
 # `make test-slow` runs those; CI (.ci/run) runs both, so nothing is left untested

@@ -6,9 +6,13 @@ and so on): the seed is part of the configuration's digest, so each seed's run h
 folder. This reads the stage results those runs saved (`<run folder>/<stage>/result.json`: the
 held-out metrics and each prompt's scores) and prints markdown tables: pass@1 per seed with the
 mean and range, the reward models' held-out pairwise accuracy per seed, and each finding's paired
-difference per seed and pooled (`r1core.evaluation.paired_difference_over_runs`).
+difference per seed and pooled (`r1core.evaluation.paired_difference_over_runs`). Where a seed
+also has `make ablation-lc`'s model (reasoning RL from that seed's cold start with the
+language-consistency reward weighted 0: `make demo-seeds` runs it), the reward's cut in language
+mixing is one more finding.
 
     python bench/seeds.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
+    python bench/seeds.py --cold-start-of SEED   (that seed's cold-start model: the ablation's start)
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from r1core.config import load_config
 from r1core.evaluation import paired_difference, paired_difference_over_runs
-from tasks.report import findings_of, interval, markdown, verdict
+from tasks.report import LC_ABLATION, findings_of, interval, markdown, verdict
 from tasks.training_stages import StageResult
 
 
@@ -31,6 +35,9 @@ def stage_results(run_dir: Path) -> dict[str, StageResult]:
         if "model_dir" in saved:
             results[f.parent.relative_to(run_dir).as_posix()] = StageResult(**saved)
     return results
+
+
+LC_ABLATION_SET = "reasoning_rl.rewards.language_consistency=0"  # as `make ablation-lc` runs the stage
 
 
 def stage_table(runs: dict[int, dict[str, StageResult]]) -> list[dict]:
@@ -79,11 +86,19 @@ def main() -> None:
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--cold-start-of", type=int, metavar="SEED", help="print the seed's cold-start model dir and exit")
     args = ap.parse_args()
+    if args.cold_start_of is not None:
+        print(load_config(args.config, [*args.set, f"runtime.seed={args.cold_start_of}"]).run_dir()
+              / "cold_start_sft" / "model")
+        return
     runs, missing = {}, []
     for seed in args.seeds:
         cfg = load_config(args.config, [*args.set, f"runtime.seed={seed}"])
         found = stage_results(cfg.run_dir())
+        ablation = load_config(args.config, [*args.set, f"runtime.seed={seed}", LC_ABLATION_SET]).run_dir()
+        if found and (ablation / "reasoning_rl" / "result.json").is_file():
+            found[LC_ABLATION] = stage_results(ablation)["reasoning_rl"]
         if found:
             runs[seed] = found
         else:

@@ -6,7 +6,8 @@ profile's section: its rewards, KL, sampling, schedule; only the fields a candid
 change) in this process, on one worker:
 
 - a GRPO stage (`r1_zero`, `reasoning_rl`, `distill.rl`: a student's RL-only twin) on the other
-  train rows;
+  train rows; `general_rl` on those and its synthesised general prompts, scored by the run's
+  reward models (the table adds their mean reward on the first and last steps' general prompts);
 - an SFT stage (`distill.sft`: the student's distillation) on the run's rejection-sampled set,
   less the examples whose prompt is a validation row.
 
@@ -35,10 +36,12 @@ from r1core.engine import TorchEngine
 from r1core.evaluation import evaluate_heldout, paired_difference
 from r1core.modeling import load_pretrained
 from r1core.problems import read_rows
+from r1core.reward_model import general_rl_inputs
 from r1core.training import TrainContext, grpo_train, pack_examples, sft_train
 
 START_MODEL = {"r1_zero": "pretrain_base/model", "reasoning_rl": "cold_start_sft/model",
-               "distill.rl": "distill/small/base/model", "distill.sft": "distill/small/base/model"}
+               "distill.rl": "distill/small/base/model", "distill.sft": "distill/small/base/model",
+               "general_rl": "sft/model"}
 GRPO_CANDIDATES = {  # name -> the section's fields it changes
     "profile": {},
     "4 x 64": {"prompts_per_step": 64, "steps": 4},
@@ -57,6 +60,15 @@ GRPO_CANDIDATES = {  # name -> the section's fields it changes
     "8 x 64, lr 1e-4 (2x)": {"prompts_per_step": 64, "steps": 8, "lr": 1e-4},
     "16 x 64 (4x)": {"prompts_per_step": 64, "steps": 16},
 }
+GENERAL_RL_CANDIDATES = {
+    "profile": {},
+    "8 x 16": {"steps": 8, "prompts_per_step": 16},
+    "16 x 16, lr 1e-5": {"steps": 16, "prompts_per_step": 16, "lr": 1e-5},
+    "4 x 64": {"prompts_per_step": 64, "steps": 4},
+    "4 x 64, flat groups skipped": {"prompts_per_step": 64, "steps": 4, "skip_flat_groups": True},
+    "16 x 16, flat groups skipped": {"steps": 16, "prompts_per_step": 16, "skip_flat_groups": True},
+    "16 x 16, beta 0.1": {"steps": 16, "prompts_per_step": 16, "beta": 0.1},
+}
 SFT_CANDIDATES = {
     "profile": {},
     "4 epochs": {"epochs": 4},
@@ -64,6 +76,10 @@ SFT_CANDIDATES = {
     "2 epochs, lr 1e-3": {"epochs": 2, "lr": 1e-3},
     "4 epochs, lr 1e-3": {"epochs": 4, "lr": 1e-3},
 }
+
+
+def candidates_of(section: str) -> dict[str, dict]:
+    return {"distill.sft": SFT_CANDIDATES, "general_rl": GENERAL_RL_CANDIDATES}.get(section, GRPO_CANDIDATES)
 
 
 def candidate_recipe(section, change: dict):
@@ -90,8 +106,9 @@ def outside(examples: list[dict], validation: list[dict]) -> list[dict]:
 
 
 def train(section: str, recipe, start: str, run: str, train_rows: list[dict], validation: list[dict], seed: int,
-          batch_size: int):
-    """The stage's recipe from `start`, as its worker runs it; the trained model and tokenizer."""
+          batch_size: int, languages: dict[str, float]):
+    """The stage's recipe from `start`, as its worker runs it; the trained model, its tokenizer
+    and the logged metrics (`[(step, metrics)]`)."""
     model, tokenizer = load_pretrained(start)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = TrainContext(tmp)
@@ -99,9 +116,23 @@ def train(section: str, recipe, start: str, run: str, train_rows: list[dict], va
             examples = outside(read_rows(f"{run}/rejection_sampling/dataset"), validation)
             sft_train(recipe, model, pack_examples(tokenizer, examples, recipe.seq_len), ctx, seed=seed)
         else:
+            routing = {}
+            if section == "general_rl":
+                dirs = {name: f"{run}/reward_models/{name}/model" for name in recipe.model_rewards}
+                train_rows, routing["reward_fn"], routing["sample_rows"] = general_rl_inputs(
+                    recipe, train_rows, languages, seed, dirs)
             reference, _ = load_pretrained(start)
-            grpo_train(recipe, model, reference, tokenizer, train_rows, ctx, seed=seed, batch_size=batch_size)
-    return model, tokenizer
+            grpo_train(recipe, model, reference, tokenizer, train_rows, ctx, seed=seed, batch_size=batch_size, **routing)
+    return model, tokenizer, ctx.history
+
+
+def model_rewards(section: str, recipe, history: list[tuple[int, dict]]) -> str:
+    """General RL: each reward model's mean score on the first and the last step's general prompts."""
+    if section != "general_rl" or not history:
+        return ""
+    first, last = history[0][1], history[-1][1]
+    return ", ".join(f"{name} {first.get(f'reward/{name}', float('nan')):.2f} -> {last.get(f'reward/{name}', float('nan')):.2f}"
+                     for name in recipe.model_rewards)
 
 
 def describe(section: str, recipe) -> str:
@@ -121,7 +152,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    candidates = SFT_CANDIDATES if args.section == "distill.sft" else GRPO_CANDIDATES
+    candidates = candidates_of(args.section)
     unknown = set(args.only or ()) - set(candidates)
     if unknown:
         raise SystemExit(f"--only: no candidate {sorted(unknown)} for {args.section}; candidates: {list(candidates)}")
@@ -142,22 +173,25 @@ def main() -> None:
             continue
         recipe = candidate_recipe(cfg.section(args.section), change)
         t0 = time.perf_counter()
-        model, tokenizer = train(args.section, recipe, start, run, train_rows, validation, cfg.runtime.seed,
-                                 cfg.rollout.batch_size)
+        model, tokenizer, history = train(args.section, recipe, start, run, train_rows, validation, cfg.runtime.seed,
+                                          cfg.rollout.batch_size, cfg.data.languages)
         seconds = time.perf_counter() - t0
         metrics, scores = scored(model, tokenizer)
         d = paired_difference(start_scores, scores)
-        table.append((name, describe(args.section, recipe), metrics, d, seconds))
+        rewards = model_rewards(args.section, recipe, history)
+        table.append((name, describe(args.section, recipe), metrics, d, seconds, rewards))
         print(f"{name}: validation pass@1 {metrics['pass@1']:.3f} ({d['difference']:+.3f} "
-              f"[{d['low']:+.3f}, {d['high']:+.3f}]), {seconds:.0f} s", flush=True)
+              f"[{d['low']:+.3f}, {d['high']:+.3f}]), {seconds:.0f} s {rewards}", flush=True)
     print(f"\n{args.section} from {start}; {len(train_rows)} train rows, {len(validation)} validation rows "
           f"(k = {eval_cfg.k}); the starting model: pass@1 {start_metrics['pass@1']:.3f}, "
           f"readability {start_metrics['readability']:.3f}\n")
-    print("| candidate | setting | validation pass@1 | vs start (95%) | readability | training s |")
-    print("|---|---|---|---|---|---|")
-    for name, setting, metrics, d, seconds in table:
+    extra = args.section == "general_rl"
+    print("| candidate | setting | validation pass@1 | vs start (95%) | readability | training s |"
+          + (" reward models, first -> last step |" if extra else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if extra else ""))
+    for name, setting, metrics, d, seconds, rewards in table:
         print(f"| {name} | {setting} | {metrics['pass@1']:.3f} | {d['difference']:+.3f} [{d['low']:+.3f}, "
-              f"{d['high']:+.3f}] | {metrics['readability']:.3f} | {seconds:.0f} |")
+              f"{d['high']:+.3f}] | {metrics['readability']:.3f} | {seconds:.0f} |" + (f" {rewards} |" if extra else ""))
 
 
 if __name__ == "__main__":

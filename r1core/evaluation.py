@@ -39,14 +39,15 @@ def _vote_key(answer: str) -> str:
 
 
 def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling, per_prompt: bool = False):
-    """The metrics; with `per_prompt`, also {"pass@1": [...], "readability": [...]}: each row's
-    share of its k samples (pass@1: None for a row whose reference cannot be scored)."""
+    """The metrics; with `per_prompt`, also {"pass@1": [...], "readability": [...],
+    "language_mixing": [...]}: each row's share of its k samples that are correct, readable, or
+    whose chain of thought mixes languages (pass@1: None for a row whose reference cannot be scored)."""
     prompts = [r["prompt"] for r in rows]
     rollouts = engine.generate(prompts, k, sampling)
     per_task: dict[str, list[float]] = defaultdict(list)
     cons, formatted, lengths, scorable = [], [], [], 0
     consistency, readable = [], []
-    scores: dict[str, list] = {"pass@1": [], "readability": []}
+    scores: dict[str, list] = {"pass@1": [], "readability": [], "language_mixing": []}
     loose = answer_accuracy_any(
         [r.text for r in rollouts],
         [rows[r.prompt_index]["answer"] for r in rollouts],
@@ -70,6 +71,7 @@ def evaluate(engine: RolloutEngine, rows: list[dict], k: int, sampling: Sampling
             if pred is not None:
                 votes[_vote_key(pred)] += 1
         scores["readability"].append(_mean(readable[-k:]))
+        scores["language_mixing"].append(_mean(c < 1.0 for c in consistency[-k:]))
         if any(c is None for c in correct):  # unscorable reference: excluded, counted
             scores["pass@1"].append(None)
             continue

@@ -274,3 +274,14 @@ def routed_rewards(rule_weights: dict[str, float], model_weights: dict[str, floa
 
     return reward
 
+
+
+def general_rl_inputs(recipe, reasoning_rows: list[dict], languages: dict[str, float], seed: int,
+                      reward_model_dirs: dict[str, str], device: torch.device | str = "cpu"):
+    """What general RL trains on (`recipe`: a `GeneralRLConfig`): the reasoning rows followed by
+    synthesised general prompts, the routed reward, and the sampler that draws each step's
+    `prompt_mix` of both. Returns `(rows, reward_fn, sample_rows)` for `grpo_train`."""
+    general = general_prompts(recipe.general_prompts, recipe.general_mix, languages, seed=seed)
+    scorers = {name: RewardModel(name, reward_model_dirs[name], device) for name in recipe.model_rewards}
+    return (reasoning_rows + general, routed_rewards(recipe.rewards, recipe.model_rewards, scorers),
+            prompt_sampler(len(reasoning_rows), len(general), recipe.prompt_mix))

@@ -428,15 +428,12 @@ def grpo_loop(config: dict) -> None:
 def general_rl_loop(config: dict) -> None:
     """General RL: reasoning rows scored by the rule rewards, general prompts by the reward models."""
     from r1core.problems import read_rows
-    from r1core.reward_model import RewardModel, general_prompts, prompt_sampler, routed_rewards
+    from r1core.reward_model import general_rl_inputs
 
     job, ctx = worker_setup(config, GeneralRLJob)
-    recipe = job.recipe
-    rows = read_rows(job.train_file)
-    general = general_prompts(recipe.general_prompts, recipe.general_mix, job.languages, seed=job.seed)
-    scorers = {name: RewardModel(name, path, ctx.device) for name, path in job.reward_models.items()}
-    train_policy(job, ctx, rows + general, reward_fn=routed_rewards(recipe.rewards, recipe.model_rewards, scorers),
-                 sample_rows=prompt_sampler(len(rows), len(general), recipe.prompt_mix))
+    rows, reward_fn, sample_rows = general_rl_inputs(job.recipe, read_rows(job.train_file), job.languages, job.seed,
+                                                     job.reward_models, ctx.device)
+    train_policy(job, ctx, rows, reward_fn=reward_fn, sample_rows=sample_rows)
 
 
 def reward_model_loop(config: dict) -> None:

@@ -61,12 +61,21 @@ FINDINGS = (
 )
 
 
+# `make ablation-lc`'s model (reasoning RL with the language-consistency reward weighted 0), where
+# results include it (bench/seeds.py adds each seed's)
+LC_ABLATION = "reasoning_rl without language consistency"
+
+
 def findings_of(results: dict[str, StageResult]) -> list[tuple[str, str, str, str]]:
     """The findings these results can test, as (finding, baseline stage, model stage, metric):
-    FINDINGS, and for each student "distilled above its RL-only twin"."""
+    FINDINGS, for each student "distilled above its RL-only twin", and with the ablation the
+    language-consistency reward's cut in mixing (the share of chains of thought that mix
+    languages without it minus with it: above zero where the reward cuts mixing)."""
     students = sorted({s.split("/")[1] for s in results if s.startswith("distill/")})
     findings = [*FINDINGS, *((f"distilled student {name} above its RL-only twin", f"distill/{name}/rl_only",
-                              f"distill/{name}/sft", "pass@1") for name in students)]
+                              f"distill/{name}/sft", "pass@1") for name in students),
+                ("language-consistency reward cuts mixing (mixing without it - with it)", "reasoning_rl",
+                 LC_ABLATION, "language_mixing")]
     return [f for f in findings if f[1] in results and f[2] in results]
 
 

@@ -256,6 +256,7 @@ def test_pass_at_1_and_cons_at_k_arithmetic():
     texts = [ok5, bad, ok5, "5", bad, bad, ok7, "7"]  # row 1: 2/4 correct, majority 5; row 2: 1/4, majority 1
     m, per_prompt = evaluate(_Scripted(texts), rows, k=4, sampling=Sampling(), per_prompt=True)
     assert per_prompt["pass@1"] == [2 / 4, 1 / 4] and len(per_prompt["readability"]) == 2
+    assert per_prompt["language_mixing"] == [0.0, 0.0]
     assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert m["cons@4"] == pytest.approx(0.5)
     assert m["format_rate"] == pytest.approx(6 / 8)
@@ -341,3 +342,14 @@ def test_openai_judge_against_a_real_local_server(served_model):
     verdicts = OpenAIJudge(url, model_dir, concurrency=2).judge([JudgeItem("Compute 1 + 1.", "2", "2"),
                                                                  JudgeItem("Compute 1 + 2.", "3", "4")])
     assert len(verdicts) == 2 and all(isinstance(v, bool) for v in verdicts)  # an untrained model: any verdict
+
+
+def test_per_prompt_language_mixing_is_the_share_of_mixed_chains():
+    rows = [{"prompt": "p1", "answer": "5", "task": "chain_sum", "language": "en"},
+            {"prompt": "p2", "answer": "7", "task": "chain_sum", "language": "zh"}]
+    en, mixed_en = "<think> add two </think> <answer> 5 </answer>", "<think> add 加 two </think> <answer> 5 </answer>"
+    zh, mixed_zh = "<think> 加 二 </think> <answer> 7 </answer>", "<think> 加 add </think> <answer> 7 </answer>"
+    texts = [en, mixed_en, mixed_en, en, zh, zh, zh, mixed_zh]
+    m, per_prompt = evaluate(_Scripted(texts), rows, k=4, sampling=Sampling(), per_prompt=True)
+    assert per_prompt["language_mixing"] == [2 / 4, 1 / 4]
+    assert m["language_mixing_rate"] == pytest.approx(3 / 8)  # the pooled rate is their mean

@@ -56,3 +56,21 @@ def test_the_papers_findings_are_paired_comparisons_with_a_verdict(tmp_path):
     noisy = {**results, "reasoning_rl": _result(tmp_path, "reasoning_rl", None, [0.0, 0.5] * 4, up)}
     assert {r["finding"]: r for r in finding_rows(noisy)}["reasoning RL above its cold-start model"]["interval"] \
         == "within noise"
+
+
+def test_the_language_consistency_ablation_is_a_finding_on_mixing_where_it_ran(tmp_path):
+    from tasks.report import LC_ABLATION
+
+    def with_mixing(stage, mixing):
+        r = _result(tmp_path, stage, None, [0.25] * 8, [1.0] * 8)
+        return r.model_copy(update={"per_prompt": {**r.per_prompt, "language_mixing": mixing}})
+
+    results = {"reasoning_rl": with_mixing("reasoning_rl", [0.0] * 6 + [0.25] * 2)}
+    assert finding_rows(results) == []  # no ablation in this run: no row
+    finding = "language-consistency reward cuts mixing (mixing without it - with it)"
+    mixes_more = {**results, LC_ABLATION: with_mixing("reasoning_rl", [0.5, 0.25] * 4)}
+    row = {r["finding"]: r for r in finding_rows(mixes_more)}[finding]
+    assert row["metric"] == "language_mixing" and row["interval"] == "above zero"
+    assert row["difference (95%)"].startswith("+0.312 [")
+    mixes_less = {"reasoning_rl": with_mixing("reasoning_rl", [0.25] * 8), LC_ABLATION: with_mixing("reasoning_rl", [0.0] * 8)}
+    assert {r["finding"]: r for r in finding_rows(mixes_less)}[finding]["interval"] == "below zero"

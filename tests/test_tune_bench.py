@@ -18,9 +18,8 @@ CFG = load_config(PROJECT_ROOT / "configs" / "tiny.yaml")
 
 @pytest.mark.parametrize("section", list(bench.START_MODEL))
 def test_every_candidate_is_a_valid_config_of_its_section(section):
-    candidates = bench.SFT_CANDIDATES if section == "distill.sft" else bench.GRPO_CANDIDATES
     base = CFG.section(section)
-    for name, change in candidates.items():
+    for name, change in bench.candidates_of(section).items():
         recipe = bench.candidate_recipe(base, change)
         assert type(recipe) is type(base)
         assert all(getattr(recipe, k) == getattr(type(base).model_validate({**base.model_dump(), k: v}), k)
@@ -44,3 +43,12 @@ def test_sft_examples_of_validation_prompts_are_left_out():
     examples = [{"prompt": p, "completion": c} for p, c in [("p1", "a"), ("p2", "b"), ("p3", "c"), ("p2", "d")]]
     assert [e["completion"] for e in bench.outside(examples, validation)] == ["b", "d"]
     assert bench.outside(examples, []) == examples
+
+
+def test_general_rl_candidates_report_the_reward_models_first_and_last_step():
+    recipe = CFG.section("general_rl")
+    history = [(1, {"reward/helpfulness": -2.5, "reward/harmlessness": 0.5, "loss": 1.0}),
+               (2, {"reward/helpfulness": -1.0, "loss": 0.5})]  # a step without harmlessness rows
+    assert bench.model_rewards("general_rl", recipe, history) == "helpfulness -2.50 -> -1.00, harmlessness 0.50 -> nan"
+    assert bench.model_rewards("reasoning_rl", CFG.section("reasoning_rl"), history) == ""
+    assert bench.model_rewards("general_rl", recipe, []) == ""
