@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    BaseModel,
     ConfigDict,
     Field,
     NonNegativeFloat,
@@ -450,20 +451,24 @@ class GRPOConfig(OptimizerConfig):
                                              "(default: the pipeline's rollout section)")
 
 
+def _redefault(config: type[BaseModel], field: str, default):
+    """A subclass's own default for a field it inherits from `config`, described as there."""
+    return Field(default, description=config.model_fields[field].description)
+
+
 class ReasoningRLConfig(GRPOConfig):
     """Stage 4: reasoning-oriented GRPO from the cold-start model. The language-consistency
     reward (share of CoT words in the prompt's language) is added to the accuracy reward."""
 
     # batch shape and flat-group skipping chosen on a validation split of train prompts
     # (bench/tune.py): small batches lost accuracy on prompts the stage did not train on
-    steps: PositiveInt = Field(4, description="optimizer steps (one batch of rollouts each)")
-    prompts_per_step: PositiveInt = Field(64, description="prompts per step (all workers)")
-    skip_flat_groups: bool = Field(True, description="leave groups whose rewards are all equal (no "
-                                   "policy gradient) out of the update, as DAPO's dynamic sampling does")
+    steps: PositiveInt = _redefault(GRPOConfig, "steps", 4)
+    prompts_per_step: PositiveInt = _redefault(GRPOConfig, "prompts_per_step", 64)
+    skip_flat_groups: bool = _redefault(GRPOConfig, "skip_flat_groups", True)
     # RL after SFT: at R1-Zero's 1e-4 with std-scaled advantages the tiny models lost held-out
     # accuracy (0.201 -> 0.133); a smaller step without std scaling (Dr. GRPO) kept or gained it
-    lr: PositiveFloat = Field(3e-5, description="learning rate (AdamW, constant)")
-    scale_rewards: bool = Field(False, description="divide advantages by the group std")
+    lr: PositiveFloat = _redefault(GRPOConfig, "lr", 3e-5)
+    scale_rewards: bool = _redefault(GRPOConfig, "scale_rewards", False)
     rewards: RewardWeights = Field(
         default_factory=lambda: {"accuracy": 1.0, "readable_format": 0.5, "language_consistency": 1.0,
                                  "code_exec": 0.25},
@@ -608,10 +613,9 @@ class GeneralRLConfig(ReasoningRLConfig):
 
     # chosen on a validation split (bench/tune.py --section general_rl): 8 x 16 kept the SFT model's
     # accuracy while both reward models' scores rose; 16 x 16 lost some
-    steps: PositiveInt = Field(8, description="optimizer steps (one batch of rollouts each)")
-    prompts_per_step: PositiveInt = Field(16, description="prompts per step (all workers)")
-    skip_flat_groups: bool = Field(False, description="leave groups whose rewards are all equal (no "
-                                   "policy gradient) out of the update, as DAPO's dynamic sampling does")
+    steps: PositiveInt = _redefault(GRPOConfig, "steps", 8)
+    prompts_per_step: PositiveInt = _redefault(GRPOConfig, "prompts_per_step", 16)
+    skip_flat_groups: bool = _redefault(GRPOConfig, "skip_flat_groups", False)
     model_rewards: ModelRewardWeights = Field(
         default_factory=lambda: {"helpfulness": 1.0, "harmlessness": 1.0},
         description="reward model -> weight, for general prompts")
