@@ -15,7 +15,7 @@ Each trained model is scored on the validation rows as the pipeline scores the h
 (`eval.k` samples at `eval.sampling`), paired with the starting model's scores on the same rows
 (95% bootstrap interval over prompts).
 
-    python bench/tune.py [--section reasoning_rl] [--run DIR] [--validation 400] [--only NAME ...]
+    python bench/tune.py [--section reasoning_rl] [--run DIR] [--validation 400] [--only NAME ...] [--student NAME]
 
 --run defaults to the newest `make demo` run (.r1/runs/*). Candidate names give steps x prompts
 per step (GRPO) or epochs (SFT); GRPO candidates sample the profile's 16 x 16 = 256 groups
@@ -40,7 +40,7 @@ from r1core.reward_model import general_rl_inputs
 from r1core.training import TrainContext, grpo_train, pack_examples, sft_train
 
 START_MODEL = {"r1_zero": "pretrain_base/model", "reasoning_rl": "cold_start_sft/model",
-               "distill.rl": "distill/small/base/model", "distill.sft": "distill/small/base/model",
+               "distill.rl": "distill/{student}/base/model", "distill.sft": "distill/{student}/base/model",
                "general_rl": "sft/model"}
 GRPO_CANDIDATES = {  # name -> the section's fields it changes
     "profile": {},
@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--run", default=None)
     ap.add_argument("--validation", type=int, default=400, help="train rows set aside (the last ones)")
     ap.add_argument("--only", nargs="*", default=None, help="candidate names (default: all of the stage's kind)")
+    ap.add_argument("--student", default=None, help="distill sections: the student (default: the profile's first)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,7 +158,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--only: no candidate {sorted(unknown)} for {args.section}; candidates: {list(candidates)}")
     run = args.run or default_run()
-    start = f"{run}/{START_MODEL[args.section]}"
+    start = f"{run}/{START_MODEL[args.section].format(student=args.student or cfg.distill.students[0].name)}"
     rows = read_rows(f"{run}/data/train.jsonl")
     train_rows, validation = rows[: -args.validation], rows[-args.validation:]
     eval_cfg = cfg.eval.model_copy(update={"num_prompts": len(validation)})
