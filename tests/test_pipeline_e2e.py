@@ -562,8 +562,9 @@ def test_r1_eval_cli_on_a_registered_model(pipeline_results, micro, stack, capsy
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (difference,) = out["minus models:/r1@champion"].values()
-    assert set(difference) == {"pass@1", "readability"}
-    assert difference["pass@1"]["difference"] == difference["pass@1"]["low"] == difference["pass@1"]["high"] == 0
+    assert set(difference) == {"pass@1", "readability", "language_mixing"}
+    for metric in difference.values():
+        assert metric["difference"] == metric["low"] == metric["high"] == 0
 
 
 def test_scheduled_retrain_deployment_retrains_from_the_champion_on_new_data(stack, pipeline_run):
