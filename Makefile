@@ -53,7 +53,8 @@ demo: setup
 # then every stage and finding per seed and pooled (bench/seeds.py; ARGS go to the pipeline
 # only: bench/seeds.py looks for the default profile's runs)
 SEEDS ?= 0 1 2
-LC_ABLATION = --set reasoning_rl.rewards.language_consistency=0
+# the ablation's override, from bench/seeds.py (which finds its runs with it); expanded where used
+LC_ABLATION = $(shell $(BIN)/python bench/seeds.py --ablation-args)
 demo-seeds: setup
 	for seed in $(SEEDS); do $(BIN)/r1 run pipeline --set runtime.seed=$$seed $(ARGS) || exit 1; \
 		$(BIN)/r1 run stage reasoning_rl --init-model "$$($(BIN)/python bench/seeds.py --cold-start-of $$seed)" \

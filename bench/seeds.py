@@ -13,6 +13,7 @@ mixing is one more finding.
 
     python bench/seeds.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
     python bench/seeds.py --cold-start-of SEED   (that seed's cold-start model: the ablation's start)
+    python bench/seeds.py --ablation-args        (the ablation's override, as the Makefile passes it)
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def stage_results(run_dir: Path) -> dict[str, StageResult]:
     return results
 
 
-LC_ABLATION_SET = "reasoning_rl.rewards.language_consistency=0"  # as `make ablation-lc` runs the stage
+# the language-consistency ablation's one override: `make ablation-lc` and `make demo-seeds` read
+# it from here (`--ablation-args`), and each seed's ablation run folder is found with it
+LC_ABLATION_SET = "reasoning_rl.rewards.language_consistency=0"
 
 
 def stage_table(runs: dict[int, dict[str, StageResult]]) -> list[dict]:
@@ -87,7 +90,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--cold-start-of", type=int, metavar="SEED", help="print the seed's cold-start model dir and exit")
+    ap.add_argument("--ablation-args", action="store_true", help="print the ablation's `r1 run` override and exit")
     args = ap.parse_args()
+    if args.ablation_args:
+        print(f"--set {LC_ABLATION_SET}")
+        return
     if args.cold_start_of is not None:
         print(load_config(args.config, [*args.set, f"runtime.seed={args.cold_start_of}"]).run_dir()
               / "cold_start_sft" / "model")

@@ -126,9 +126,10 @@ def train(section: str, recipe, start: str, run: str, train_rows: list[dict], va
     return model, tokenizer, ctx.history
 
 
-def model_rewards(section: str, recipe, history: list[tuple[int, dict]]) -> str:
-    """General RL: each reward model's mean score on the first and the last step's general prompts."""
-    if section != "general_rl" or not history:
+def model_rewards(recipe, history: list[tuple[int, dict]]) -> str:
+    """Each reward model's mean score on the first and the last step's general prompts (general
+    RL); empty for a recipe without reward models, and then the table has no such column."""
+    if not getattr(recipe, "model_rewards", None) or not history:
         return ""
     first, last = history[0][1], history[-1][1]
     return ", ".join(f"{name} {first.get(f'reward/{name}', float('nan')):.2f} -> {last.get(f'reward/{name}', float('nan')):.2f}"
@@ -179,14 +180,14 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         metrics, scores = scored(model, tokenizer)
         d = paired_difference(start_scores, scores)
-        rewards = model_rewards(args.section, recipe, history)
+        rewards = model_rewards(recipe, history)
         table.append((name, describe(args.section, recipe), metrics, d, seconds, rewards))
         print(f"{name}: validation pass@1 {metrics['pass@1']:.3f} ({d['difference']:+.3f} "
               f"[{d['low']:+.3f}, {d['high']:+.3f}]), {seconds:.0f} s {rewards}", flush=True)
     print(f"\n{args.section} from {start}; {len(train_rows)} train rows, {len(validation)} validation rows "
           f"(k = {eval_cfg.k}); the starting model: pass@1 {start_metrics['pass@1']:.3f}, "
           f"readability {start_metrics['readability']:.3f}\n")
-    extra = args.section == "general_rl"
+    extra = any(row[-1] for row in table)
     print("| candidate | setting | validation pass@1 | vs start (95%) | readability | training s |"
           + (" reward models, first -> last step |" if extra else ""))
     print("|---|---|---|---|---|---|" + ("---|" if extra else ""))

@@ -49,6 +49,6 @@ def test_general_rl_candidates_report_the_reward_models_first_and_last_step():
     recipe = CFG.section("general_rl")
     history = [(1, {"reward/helpfulness": -2.5, "reward/harmlessness": 0.5, "loss": 1.0}),
                (2, {"reward/helpfulness": -1.0, "loss": 0.5})]  # a step without harmlessness rows
-    assert bench.model_rewards("general_rl", recipe, history) == "helpfulness -2.50 -> -1.00, harmlessness 0.50 -> nan"
-    assert bench.model_rewards("reasoning_rl", CFG.section("reasoning_rl"), history) == ""
-    assert bench.model_rewards("general_rl", recipe, []) == ""
+    assert bench.model_rewards(recipe, history) == "helpfulness -2.50 -> -1.00, harmlessness 0.50 -> nan"
+    assert bench.model_rewards(CFG.section("reasoning_rl"), history) == ""
+    assert bench.model_rewards(recipe, []) == ""
