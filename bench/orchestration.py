@@ -21,12 +21,21 @@ of three parts, run one after another: their loops add up). The orchestration sh
 with data stages counted as compute (a lower bound: their Ray Data set-up is orchestration too).
 
     python bench/orchestration.py [--config configs/tiny.yaml] [--run-id ID] [--set KEY=VALUE ...]
+                                  [--vmstat FILE]
+
+With `--vmstat FILE` (`vmstat -t 1 > FILE` recorded while the pipeline ran, on its host), it also
+prints how busy the CPUs were in the compute seconds and in the orchestration seconds (those
+outside every loop, evaluation and data stage, placed by the times the worker logged them): CPUs
+busy during orchestration mean it is work (process starts, imports), not waiting, so running
+stages at once could not hide it.
 
 Default: the newest finished pipeline run of the profile's MLflow store (after `make demo`).
 """
 from __future__ import annotations
 
 import argparse
+from datetime import datetime, timezone
+from pathlib import Path
 
 from r1core.config import load_config
 
@@ -80,11 +89,41 @@ def merge_overlapping(rows: list[dict]) -> list[dict]:
     return merged
 
 
+def compute_intervals(client, runs: list) -> list[tuple[float, float]]:
+    """When each training loop, in-job evaluation and data stage ran (epoch seconds): a loop or
+    an evaluation ends when its time metric was logged, and lasted that long."""
+    intervals = []
+    for run in runs:
+        t = timings(run)
+        if t["data"]:
+            intervals.append((t["start"], t["end"]))
+        for key in ("time/loop_s", "eval/compute_s"):
+            for m in client.get_metric_history(run.info.run_id, key)[-1:]:
+                intervals.append((m.timestamp / 1000 - m.value, m.timestamp / 1000))
+    return intervals
+
+
+def cpu_busy(vmstat_file: str, start: float, end: float, intervals: list[tuple[float, float]]) -> dict[str, list[int]]:
+    """Each second's CPU use (100 - idle - iowait, % of all CPUs) from `vmstat -t 1` lines (UTC
+    timestamps), split into compute and orchestration seconds of the run's span."""
+    busy: dict[str, list[int]] = {"compute": [], "orchestration": []}
+    for line in Path(vmstat_file).read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 17 or not fields[0].isdigit():
+            continue  # a header
+        at = datetime.fromisoformat(f"{fields[-2]} {fields[-1]}").replace(tzinfo=timezone.utc).timestamp() - 0.5
+        if start <= at <= end:
+            kind = "compute" if any(a <= at <= b for a, b in intervals) else "orchestration"
+            busy[kind].append(100 - int(fields[14]) - int(fields[15]))
+    return busy
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--run-id", help="the r1_pipeline parent run (default: the newest finished one)")
+    ap.add_argument("--vmstat", help="`vmstat -t 1` output recorded during the run: CPU use in compute and orchestration")
     args = ap.parse_args()
     cfg = load_config(args.config, args.set)
     from tasks.tracking import client_for, experiment_id
@@ -124,6 +163,13 @@ def main() -> None:
           f"{sums['eval']:>7.0f} {sums['eval_wall'] - sums['eval']:>12.0f}")
     print(f"orchestration: {orchestration:.0f} s of {total:.0f} s = {orchestration / total:.1%} (data stages counted "
           f"as compute; evaluations' start-up and model load, {sums['eval_wall'] - sums['eval']:.0f} s, included)")
+    if args.vmstat:
+        busy = cpu_busy(args.vmstat, parent.info.start_time / 1000, parent.info.end_time / 1000,
+                        compute_intervals(client, runs))
+        for kind, seconds in busy.items():
+            mean = sum(seconds) / len(seconds) if seconds else float("nan")
+            print(f"CPU busy in {kind} seconds ({len(seconds)} s): mean {mean:.0f}%, under half busy: "
+                  f"{sum(b < 50 for b in seconds)} s")
 
 if __name__ == "__main__":
     main()

@@ -33,3 +33,21 @@ def test_parts_of_one_job_add_up_and_concurrent_jobs_overlap():
 def test_runs_without_a_job_tag_that_overlap_count_the_longest():
     (merged,) = bench.merge_overlapping([row("a", 0, 10, 6), row("b", 0.5, 12, 8)])
     assert (merged["loop"], merged["wall"]) == (8, 12)
+
+
+def test_cpu_use_is_split_into_compute_and_orchestration_seconds(tmp_path):
+    """`vmstat -t 1` lines (UTC): headers skipped, seconds outside the run's span left out, each
+    second's use 100 - idle - iowait, placed in a compute interval or not."""
+    from datetime import datetime, timezone
+
+    def line(second: int, idle: int, iowait: int = 0) -> str:
+        stamp = datetime.fromtimestamp(1_000 + second, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        return f" 2  0 0 100 10 100 0 0 0 0 900 2000 {90 - idle} 10 {idle} {iowait} 0 {stamp}"
+
+    log = tmp_path / "vmstat.log"
+    log.write_text("\n".join([
+        "procs -----------memory---------- ---swap-- -----io---- -system-- ------cpu----- -----timestamp-----",
+        " r  b   swpd   free   buff  cache   si   so    bi    bo   in   cs us sy id wa st                 UTC",
+        line(0, 90), line(1, 5), line(2, 10), line(3, 60, 20), line(4, 0), line(5, 0), line(9, 50)]))
+    busy = bench.cpu_busy(str(log), start=1_000.5, end=1_005.5, intervals=[(1_000.5, 1_002), (1_004, 1_005)])
+    assert busy == {"compute": [95, 90, 100], "orchestration": [20, 100]}
