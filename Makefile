@@ -56,6 +56,7 @@ SEEDS ?= 0 1 2
 # the ablation's override, from bench/seeds.py (which finds its runs with it); expanded where used
 LC_ABLATION = $(shell $(BIN)/python bench/seeds.py --ablation-args)
 demo-seeds: setup
+	@test -n "$(LC_ABLATION)" || { echo "make: bench/seeds.py --ablation-args printed nothing" >&2; exit 1; }
 	for seed in $(SEEDS); do $(BIN)/r1 run pipeline --set runtime.seed=$$seed $(ARGS) || exit 1; \
 		$(BIN)/r1 run stage reasoning_rl --init-model "$$($(BIN)/python bench/seeds.py --cold-start-of $$seed)" \
 			--no-register $(LC_ABLATION) --set runtime.seed=$$seed || exit 1; done
@@ -64,6 +65,7 @@ demo-seeds: setup
 # After `make demo`: reasoning RL again from the same cold-start model with the language-
 # consistency reward weighted 0 (still logged); compare `eval/language_mixing_rate` in MLflow.
 ablation-lc: setup
+	@test -n "$(LC_ABLATION)" || { echo "make: bench/seeds.py --ablation-args printed nothing" >&2; exit 1; }
 	$(BIN)/r1 run stage reasoning_rl --init-model models:/r1-cold-start@newest --no-register $(LC_ABLATION) $(ARGS)
 
 # `make test`: every test but the slow-marked end-to-end ones (real pipelines, fault drills);
