@@ -53,20 +53,19 @@ demo: setup
 # then every stage and finding per seed and pooled (bench/seeds.py; ARGS go to the pipeline
 # only: bench/seeds.py looks for the default profile's runs)
 SEEDS ?= 0 1 2
-# the ablation's override, from bench/seeds.py (which finds its runs with it); expanded where used
-LC_ABLATION = $(shell $(BIN)/python bench/seeds.py --ablation-args)
+# the ablation's override is bench/seeds.py's (which finds its runs with it), read once per target
+LC_ABLATION = lc=$$($(BIN)/python bench/seeds.py --ablation-args) && test -n "$$lc" ||  \
+	{ echo "make: bench/seeds.py --ablation-args printed nothing" >&2; exit 1; }
 demo-seeds: setup
-	@test -n "$(LC_ABLATION)" || { echo "make: bench/seeds.py --ablation-args printed nothing" >&2; exit 1; }
-	for seed in $(SEEDS); do $(BIN)/r1 run pipeline --set runtime.seed=$$seed $(ARGS) || exit 1; \
+	$(LC_ABLATION); for seed in $(SEEDS); do $(BIN)/r1 run pipeline --set runtime.seed=$$seed $(ARGS) || exit 1; \
 		$(BIN)/r1 run stage reasoning_rl --init-model "$$($(BIN)/python bench/seeds.py --cold-start-of $$seed)" \
-			--no-register $(LC_ABLATION) --set runtime.seed=$$seed || exit 1; done
+			--no-register $$lc --set runtime.seed=$$seed || exit 1; done
 	$(BIN)/python bench/seeds.py --seeds $(SEEDS)
 
 # After `make demo`: reasoning RL again from the same cold-start model with the language-
 # consistency reward weighted 0 (still logged); compare `eval/language_mixing_rate` in MLflow.
 ablation-lc: setup
-	@test -n "$(LC_ABLATION)" || { echo "make: bench/seeds.py --ablation-args printed nothing" >&2; exit 1; }
-	$(BIN)/r1 run stage reasoning_rl --init-model models:/r1-cold-start@newest --no-register $(LC_ABLATION) $(ARGS)
+	$(LC_ABLATION); $(BIN)/r1 run stage reasoning_rl --init-model models:/r1-cold-start@newest --no-register $$lc $(ARGS)
 
 # `make test`: every test but the slow-marked end-to-end ones (real pipelines, fault drills);
 # `make test-slow` runs those; CI (.ci/run) runs both, so nothing is left untested
